@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh Debian machine with Python 3.11:
+#   make demo   -- installs, shows Outpost serving a model end to end, stops, exits 0
+#   make test   -- the whole test suite, ruff and mypy
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: all venv sysdeps test lint typecheck pytest demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[hub,dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+# System packages the tests and the demo use (Mosquitto, systemd-analyze).
+sysdeps:
+	@bash packaging/dev/ensure-sysdeps.sh
+
+lint: venv
+	$(BIN)/ruff check agent hub tests examples
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv sysdeps
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test: lint typecheck pytest
+
+demo: venv sysdeps
+	$(BIN)/python examples/demo.py
+
+bench: venv
+	$(BIN)/python -m tests.benchmarks.run
+
+clean:
+	rm -rf $(VENV) out bench-results .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,173 @@
+"""The agent's configuration: TOML into frozen dataclasses.
+
+Unknown keys and wrong types are errors that name the key (`server.socket`),
+because a typo in a device's config must not silently fall back to a default.
+Limits (sizes, timeouts, queue bounds) are named defaults here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: str = "/run/outpost/agent.sock"
+    socket_mode: int = 0o660
+    socket_group: str = ""  # empty: the agent's own group
+    tcp: str = ""  # "HOST:PORT"; empty = off
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 1024
+    max_pipelined: int = 64  # queued requests per connection before reading pauses
+    idle_timeout_s: float = 60.0  # keep-alive connection with no request
+    request_timeout_s: float = 30.0  # from a request's first byte to its last
+    drain_timeout_s: float = 20.0  # SIGTERM: how long in-flight requests may take
+
+
+@dataclass(frozen=True)
+class ModelServingConfig:
+    """Per-model overrides under [runtime.models.NAME]."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    batching: bool | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    # The CPU arena can grow a small model's RSS to gigabytes (onnxruntime#11627).
+    cpu_mem_arena: bool = False
+    workers: int = 1  # threads running onnxruntime sessions
+    batching: bool = True
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 0.0  # extra wait to fill a batch; 0 = batch what is queued
+    models: dict[str, ModelServingConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    url: str = ""
+    trusted_root: str = "/etc/outpost/root.json"
+    poll_interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str = "dev-001"
+    group: str = "default"
+    data_dir: str = "/var/lib/outpost"
+    log_level: str = "info"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, args[0], key)
+    if origin is dict:
+        _, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table")
+        return {k: _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table")
+        return _build(tp, value, key + ".")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: Any, doc: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(doc) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in doc.items()}
+    return cls(**kwargs)
+
+
+def _validate(cfg: AgentConfig) -> None:
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level: expected one of debug, info, warning, error")
+    if not cfg.server.socket and not cfg.server.tcp:
+        raise ConfigError("server.socket and server.tcp are both empty: nothing to serve on")
+    if cfg.server.tcp:
+        host, sep, port = cfg.server.tcp.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"server.tcp: expected HOST:PORT, got {cfg.server.tcp!r}")
+    if not 0 <= cfg.server.socket_mode <= 0o777:
+        raise ConfigError("server.socket_mode: expected a file mode such as 0o660")
+    for key in ("max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined"):
+        if getattr(cfg.server, key) <= 0:
+            raise ConfigError(f"server.{key}: must be positive")
+    for key in ("idle_timeout_s", "request_timeout_s", "drain_timeout_s"):
+        if getattr(cfg.server, key) <= 0:
+            raise ConfigError(f"server.{key}: must be positive")
+    rt = cfg.runtime
+    for key in ("intra_op_threads", "inter_op_threads", "workers", "max_batch_size"):
+        if getattr(rt, key) < 1:
+            raise ConfigError(f"runtime.{key}: must be at least 1")
+    if rt.max_queue_delay_ms < 0:
+        raise ConfigError("runtime.max_queue_delay_ms: must not be negative")
+    if cfg.hub.poll_interval_s <= 0:
+        raise ConfigError("hub.poll_interval_s: must be positive")
+
+
+def parse_config(doc: dict[str, Any]) -> AgentConfig:
+    cfg: AgentConfig = _build(AgentConfig, doc)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    try:
+        return parse_config(doc)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""onnxruntime sessions, micro-batching and the set of loaded model versions."""

@@ -1,0 +1,1 @@
+"""Turns a fitted scikit-learn pipeline into an Outpost model package (int8 ONNX + manifest)."""

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that `make test` and `make demo` use, when missing.
+set -euo pipefail
+
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "outpost: missing system packages: ${need[*]}" >&2
+    echo "outpost: install them with: sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+fi
+echo "outpost: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
