@@ -119,9 +119,7 @@ def _build(cls: Any, doc: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(doc) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(names))}")
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in doc.items()}
     return cls(**kwargs)
 

@@ -101,7 +101,11 @@ def _require(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where
         raise PackageError(f"manifest: {where}{key} is missing")
     value = doc[key]
     # bool is an int in Python; a manifest that says `"version": true` is wrong.
-    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+    if (
+        isinstance(value, bool)
+        and kind is not bool
+        and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    ):
         raise PackageError(f"manifest: {where}{key} must be {_kind_name(kind)}, not a boolean")
     if not isinstance(value, kind):
         raise PackageError(f"manifest: {where}{key} must be {_kind_name(kind)}, got {type(value).__name__}")
@@ -165,9 +169,7 @@ def parse_manifest(doc: Any) -> Manifest:
         raise PackageError(f"manifest: format {fmt!r} is not supported (this agent reads {FORMAT})")
     name = _require(doc, "name", str, "")
     if not NAME_RE.match(name):
-        raise PackageError(
-            f"manifest: name {name!r} must be 1-64 characters of a-z, 0-9, '_', '.', '-'"
-        )
+        raise PackageError(f"manifest: name {name!r} must be 1-64 characters of a-z, 0-9, '_', '.', '-'")
     version = _require(doc, "version", int, "")
     if version < 1:
         raise PackageError("manifest: version must be a positive integer")

@@ -195,8 +195,12 @@ class Store:
                     log.error("skipping %s: %s", version_dir, exc)
                     continue
                 if (manifest.name, str(manifest.version)) != (model_dir.name, version_dir.name):
-                    log.error("skipping %s: its manifest says %s version %d",
-                              version_dir, manifest.name, manifest.version)
+                    log.error(
+                        "skipping %s: its manifest says %s version %d",
+                        version_dir,
+                        manifest.name,
+                        manifest.version,
+                    )
                     continue
                 found.append(InstalledVersion(manifest, version_dir))
         return found

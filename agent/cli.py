@@ -1,0 +1,154 @@
+"""`outpost-agent`: run the daemon, ask it for its status, install packages by hand.
+
+outpost-agent run --config FILE
+outpost-agent status [--config FILE] [--json]
+outpost-agent install PACKAGE [--config FILE]      (a package directory or .tar)
+outpost-agent default MODEL VERSION|latest [--config FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
+from agent.errors import AgentError
+
+log = logging.getLogger("outpost-agent")
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    return load_config(Path(args.config))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agent import daemon, logs
+
+    cfg = _config(args)
+    logs.setup(cfg.log_level)
+    return daemon.run(cfg)
+
+
+def _print_status(doc: dict[str, Any]) -> None:
+    print(f"outpost-agent {doc.get('version')}  device {doc.get('device_id')}  group {doc.get('group')}")
+    print(f"  ready: {doc.get('ready')}  uptime: {doc.get('uptime_s')} s  pid: {doc.get('pid')}")
+    server = doc.get("server", {})
+    print(
+        f"  socket: {server.get('socket')}  tcp: {server.get('tcp') or 'off'}  "
+        f"connections: {server.get('connections')}"
+    )
+    models = doc.get("models", [])
+    if not models:
+        print("  no models installed (outpost-agent install PACKAGE)")
+    for model in models:
+        pinned = " (pinned)" if model.get("pinned") is not None else ""
+        print(f"  model {model['name']}: default version {model.get('default_version')}{pinned}")
+        for v in model.get("versions", []):
+            if v.get("state") == "ready":
+                mark = "*" if v.get("default") else " "
+                print(f"   {mark} v{v['version']} ready, batching {v.get('batching')}")
+            else:
+                print(f"     v{v['version']} {v.get('state')}: {v.get('reason')}")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from agent.client import call
+
+    cfg = _config(args)
+    status, doc = call(cfg.server.socket, "GET", "/v1/status")
+    if status != 200 or not isinstance(doc, dict):
+        raise AgentError(f"the agent answered {status}: {doc}")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_status(doc)
+    return 0
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    from agent.client import call
+    from agent.package.store import Store
+
+    cfg = _config(args)
+    installed = Store(cfg.data_path).install(Path(args.package))
+    m = installed.manifest
+    print(f"installed {m.name} version {m.version} in {installed.directory}")
+    if Path(cfg.server.socket).exists():
+        try:
+            status, doc = call(cfg.server.socket, "POST", "/v1/reload", timeout=300)
+        except AgentError as exc:
+            print(f"the running agent was not told ({exc}); it loads the version at its next start")
+            return 0
+        if status == 200 and isinstance(doc, dict):
+            for item in doc.get("loaded", []):
+                print(f"the running agent now serves {item['name']} version {item['version']}")
+            for item in doc.get("failed", []):
+                print(
+                    f"the running agent could not load {item['name']} version {item['version']}: "
+                    f"{item['error']}"
+                )
+                return 1
+    return 0
+
+
+def _cmd_default(args: argparse.Namespace) -> int:
+    from agent.client import call
+
+    cfg = _config(args)
+    version = None if args.version == "latest" else int(args.version)
+    status, doc = call(cfg.server.socket, "POST", f"/v1/models/{args.model}/default", {"version": version})
+    if status != 200 or not isinstance(doc, dict):
+        raise AgentError(doc.get("error", str(doc)) if isinstance(doc, dict) else str(doc))
+    print(
+        f"{args.model}: default version {doc['default_version']}"
+        + (" (pinned)" if doc.get("pinned") is not None else " (latest)")
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="outpost-agent", description="Outpost edge inference agent")
+    parser.add_argument("--version", action="version", version=f"outpost-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="TOML config file")
+        return p
+
+    p = with_config(sub.add_parser("run", help="run the daemon in the foreground"))
+    p.set_defaults(func=_cmd_run)
+    p = with_config(sub.add_parser("status", help="ask the running agent for its state"))
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=_cmd_status)
+    p = with_config(sub.add_parser("install", help="install a model package (directory or .tar)"))
+    p.add_argument("package")
+    p.set_defaults(func=_cmd_install)
+    p = with_config(sub.add_parser("default", help="pin a model's default version, or 'latest'"))
+    p.add_argument("model")
+    p.add_argument("version", help="a version number, or 'latest' to unpin")
+    p.set_defaults(func=_cmd_default)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "default" and args.version != "latest" and not args.version.isdigit():
+        print("outpost-agent: error: VERSION must be a number or 'latest'", file=sys.stderr)
+        return 2
+    try:
+        code: int = args.func(args)
+    except AgentError as exc:
+        print(f"outpost-agent: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

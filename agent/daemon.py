@@ -1,0 +1,222 @@
+"""The agent process: wires the store, runtime, socket server and systemd together.
+
+Start-up: sweep staging, load every installed version (each failure is logged
+and recorded, never fatal), bind the sockets, tell systemd READY. SIGHUP (or
+POST /v1/reload) loads versions installed since. SIGTERM and SIGINT drain:
+listeners close, in-flight requests finish (up to `server.drain_timeout_s`),
+the socket file is removed, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.errors import AgentError, ModelLoadError, PackageError
+from agent.metrics import Metrics
+from agent.package.store import InstalledVersion, Store
+from agent.runtime.registry import ModelRegistry
+from agent.sdnotify import Notifier
+from agent.serving.app import App
+from agent.serving.http import HttpProtocol, ServerState
+from agent.serving.listen import bind_tcp, bind_unix, remove_socket_file
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 1.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier.from_environment()
+        self.store = Store(config.data_path)
+        self.metrics = Metrics()
+        # Inference and loading get separate threads: loading a large model must
+        # not stall requests to the models already serving.
+        self.infer_pool = ThreadPoolExecutor(config.runtime.workers, thread_name_prefix="infer")
+        self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
+        self.registry = ModelRegistry(config.runtime, self.infer_pool, self.metrics)
+        self.app = App(self.registry, self.metrics, status_info=self._status_info, reload=self.reload)
+        self.state = ServerState(
+            self.app.handle,
+            max_body_bytes=config.server.max_body_bytes,
+            max_header_bytes=config.server.max_header_bytes,
+            max_pipelined=config.server.max_pipelined,
+            max_connections=config.server.max_connections,
+            on_response=self.metrics.response,
+        )
+        self.started_at = time.time()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._socket_path = Path(config.server.socket) if config.server.socket else None
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _status_info(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "agent": "outpost-agent",
+            "version": __version__,
+            "device_id": cfg.device_id,
+            "group": cfg.group,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "server": {
+                "socket": cfg.server.socket,
+                "tcp": cfg.server.tcp,
+                "connections": len(self.state.connections),
+            },
+            "data_dir": cfg.data_dir,
+        }
+
+    # -- loading ------------------------------------------------------------------------------
+
+    async def _load_one(self, installed: InstalledVersion) -> str | None:
+        m = installed.manifest
+        loop = asyncio.get_running_loop()
+        try:
+            lv = await loop.run_in_executor(self.load_pool, self.registry.load, installed)
+        except (ModelLoadError, PackageError) as exc:
+            log.error("%s version %d not served: %s", m.name, m.version, exc)
+            self.registry.record_failure(m.name, m.version, str(exc))
+            return str(exc)
+        self.registry.add(lv)
+        log.info("%s version %d ready, batching %s", m.name, m.version, lv.batching_note)
+        return None
+
+    async def reload(self) -> dict[str, Any]:
+        """Load every installed version not loaded yet; report what happened."""
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            installed = await loop.run_in_executor(self.load_pool, self.store.installed)
+            loaded: list[dict[str, Any]] = []
+            failed: list[dict[str, Any]] = []
+            for item in installed:
+                m = item.manifest
+                if self.registry.is_loaded(m.name, m.version):
+                    continue
+                error = await self._load_one(item)
+                entry = {"name": m.name, "version": m.version}
+                if error is None:
+                    loaded.append(entry)
+                else:
+                    failed.append({**entry, "error": error})
+            return {"loaded": loaded, "failed": failed}
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        try:
+            self.store.prepare()
+        except OSError as exc:
+            raise AgentError(f"data_dir {cfg.data_dir}: {exc}") from exc
+        self.notifier.status("loading models")
+        result = await self.reload()
+        log.info("loaded %d model version(s), %d failed", len(result["loaded"]), len(result["failed"]))
+
+        def factory() -> HttpProtocol:
+            return HttpProtocol(self.state)
+
+        if self._socket_path is not None:
+            sock = bind_unix(self._socket_path, cfg.server.socket_mode, cfg.server.socket_group)
+            self._servers.append(await loop.create_unix_server(factory, sock=sock))
+            log.info("serving on unix:%s", self._socket_path)
+        if cfg.server.tcp:
+            tcp = bind_tcp(cfg.server.tcp)
+            self._servers.append(await loop.create_server(factory, sock=tcp))
+            log.info("serving on tcp:%s", cfg.server.tcp)
+        self.app.started = True
+        self._tasks.append(asyncio.ensure_future(self._sweeper()))
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._tasks.append(asyncio.ensure_future(self._watchdog(interval / 2)))
+        models = self.registry.ready_count()
+        self.notifier.ready(f"serving {models} model version(s)")
+
+    async def _sweeper(self) -> None:
+        s = self.config.server
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.state.sweep(s.idle_timeout_s, s.request_timeout_s)
+
+    async def _watchdog(self, every: float) -> None:
+        # Pinged from the event loop, so a wedged loop stops the pings and
+        # systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(every)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        self.notifier.stopping("draining requests")
+        log.info("stopping: draining %d busy connection(s)", self.state.busy())
+        self.state.draining = True
+        for server in self._servers:
+            server.close()
+        self.state.close_idle()
+        deadline = time.monotonic() + self.config.server.drain_timeout_s
+        while self.state.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.state.busy():
+            log.warning("drain timeout: closing %d busy connection(s)", self.state.busy())
+        self.state.close_all()
+        for task in self._tasks:
+            task.cancel()
+        if self._socket_path is not None:
+            remove_socket_file(self._socket_path)
+        self.infer_pool.shutdown(wait=False, cancel_futures=True)
+        self.load_pool.shutdown(wait=False, cancel_futures=True)
+        self.notifier.close()
+        log.info("stopped")
+
+
+async def _main(config: AgentConfig) -> None:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(agent.reload()))
+    try:
+        await agent.start()
+    except BaseException:
+        await agent.stop()
+        raise
+    await agent.wait_stopped()
+    await agent.stop()
+
+
+def run(config: AgentConfig) -> int:
+    """Run the agent until SIGTERM/SIGINT. Returns the process exit code."""
+    runner: Callable[[Coroutine[Any, Any, None]], None]
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop is optional (not on every platform)
+        runner = asyncio.run
+    try:
+        runner(_main(config))
+    except AgentError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+__all__ = ["Agent", "run"]

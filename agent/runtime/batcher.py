@@ -1,0 +1,170 @@
+"""Micro-batching of concurrent requests to one model version.
+
+Requests that arrive while the model is busy wait in a queue; when a run ends,
+everything queued (up to `max_batch_rows`) goes to onnxruntime as one call and
+the outputs are split back. With one client nothing waits: a request arriving
+at an idle model runs at once (unless `max_delay_s` asks to wait for company).
+
+Batching must never change results. The registry checks that at load (rows one
+by one against the same rows as one batch) and disables batching for a version
+whose results differ. A batch that fails is retried request by request, so one
+bad request cannot fail the others it was batched with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Tensors = dict[str, np.ndarray]
+RunFn = Callable[[Mapping[str, np.ndarray]], Tensors]
+
+
+@dataclass(slots=True)
+class _Item:
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[Tensors]
+    key: tuple[object, ...] = field(default=())
+
+
+def _compat_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
+    # Requests can share a batch only when every input has the same dtype and
+    # the same dimensions after the first.
+    return tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in inputs.items())
+
+
+def run_batch(
+    run: RunFn, batch: list[Mapping[str, np.ndarray]], rows: list[int]
+) -> list[Tensors | BaseException]:
+    """Run several requests as one onnxruntime call; fall back to one by one on failure."""
+    if len(batch) == 1:
+        try:
+            return [run(batch[0])]
+        except Exception as exc:
+            return [exc]
+    try:
+        merged = {name: np.concatenate([b[name] for b in batch]) for name in batch[0]}
+        out = run(merged)
+        total = sum(rows)
+        if all(arr.ndim > 0 and arr.shape[0] == total for arr in out.values()):
+            cuts = np.cumsum(rows)[:-1]
+            split = {name: np.split(arr, cuts) for name, arr in out.items()}
+            return [{name: parts[i] for name, parts in split.items()} for i in range(len(batch))]
+    except Exception:
+        pass
+    results: list[Tensors | BaseException] = []
+    for item in batch:
+        try:
+            results.append(run(item))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+class Batcher:
+    """Queues requests for one model version and runs them in batches on an executor."""
+
+    def __init__(
+        self,
+        run: RunFn,
+        executor: Executor,
+        *,
+        enabled: bool,
+        max_batch_rows: int,
+        max_delay_s: float = 0.0,
+        max_inflight: int = 1,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self._run = run
+        self._executor = executor
+        self.enabled = enabled
+        self.max_batch_rows = max_batch_rows
+        self.max_delay_s = max_delay_s
+        self.max_inflight = max_inflight
+        self._on_batch = on_batch
+        self._queue: deque[_Item] = deque()
+        self._queued_rows = 0
+        self._inflight = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._inflight > 0 or bool(self._queue)
+
+    def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> asyncio.Future[Tensors]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Tensors] = loop.create_future()
+        batchable = self.enabled and 0 < rows <= self.max_batch_rows
+        key = _compat_key(inputs) if batchable else ()
+        self._queue.append(_Item(inputs, rows if batchable else -1, future, key))
+        self._queued_rows += max(rows, 1)
+        if self._inflight < self.max_inflight:
+            if self.max_delay_s > 0 and batchable and self._queued_rows < self.max_batch_rows:
+                if self._timer is None:
+                    self._timer = loop.call_later(self.max_delay_s, self._on_timer)
+            else:
+                self._dispatch()
+        return future
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _take(self) -> list[_Item]:
+        first = self._queue.popleft()
+        taken = [first]
+        if first.rows > 0:
+            total = first.rows
+            while self._queue:
+                nxt = self._queue[0]
+                if nxt.rows <= 0 or nxt.key != first.key or total + nxt.rows > self.max_batch_rows:
+                    break
+                taken.append(self._queue.popleft())
+                total += nxt.rows
+        self._queued_rows -= sum(max(i.rows, 1) for i in taken)
+        return taken
+
+    def _dispatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        loop = asyncio.get_running_loop()
+        while self._queue and self._inflight < self.max_inflight:
+            items = [i for i in self._take() if not i.future.cancelled()]
+            if not items:
+                continue
+            self._inflight += 1
+            if self._on_batch is not None:
+                self._on_batch(len(items), sum(max(i.rows, 1) for i in items))
+            work = loop.run_in_executor(
+                self._executor,
+                run_batch,
+                self._run,
+                [i.inputs for i in items],
+                [i.rows for i in items],
+            )
+            work.add_done_callback(lambda w, items=items: self._finish(w, items))  # type: ignore[misc]
+
+    def _finish(self, work: asyncio.Future[list[Tensors | BaseException]], items: list[_Item]) -> None:
+        self._inflight -= 1
+        exc = work.exception()
+        outcomes: list[Tensors | BaseException] = [exc] * len(items) if exc is not None else work.result()
+        for item, outcome in zip(items, outcomes, strict=True):
+            if item.future.cancelled():
+                continue
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+        if self._queue:
+            self._dispatch()

@@ -1,0 +1,248 @@
+"""Routes of the agent's socket API: the Open Inference Protocol v2 and Outpost's additions.
+
+    GET  /v2/health/live | /v2/health/ready | /v2
+    GET  /v2/models/{m}[/versions/{v}]           model metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready     model ready
+    POST /v2/models/{m}[/versions/{v}]/infer     inference (JSON or binary tensors)
+    GET  /v1/status        agent, models, versions, connections
+    GET  /metrics          Prometheus text format
+    POST /v1/reload        load versions newly installed in the store
+    POST /v1/models/{m}/default   {"version": N} pins the default version; null unpins
+
+Access control is the socket's file mode and group: whoever may connect may use
+every route, as with the Docker socket.
+
+The infer path avoids coroutines: decoding runs at once on the event loop, the
+batcher's future gets a callback that encodes the answer, and the protocol
+writes it when that future completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import orjson
+
+from agent import __version__
+from agent.errors import AgentError, NotFound, RequestError
+from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agent.metrics import Metrics
+from agent.runtime.batcher import Tensors
+from agent.runtime.registry import LoadedVersion, ModelRegistry
+from agent.serving.http import Request, Response, error_response, json_response
+from agent.serving.oip import InferRequest, decode_infer_request, encode_infer_response
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "outpost-agent"
+EXTENSIONS = ["binary_tensor_data"]
+_OK_EMPTY_LIVE = Response(200, b'{"live":true}')
+_OK_EMPTY_READY = Response(200, b'{"ready":true}')
+_BINARY_CT = b"application/octet-stream"
+
+AdminHook = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def _runtime_status(exc: BaseException) -> tuple[int, str]:
+    """Map an onnxruntime failure to a status: its InvalidArgument is the caller's doing."""
+    name = type(exc).__name__
+    if name in ("InvalidArgument", "InvalidGraph") or "INVALID_ARGUMENT" in str(exc):
+        return 400, f"the model rejected the input: {exc}"
+    return 500, f"inference failed: {exc}"
+
+
+class App:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        *,
+        status_info: Callable[[], dict[str, Any]],
+        reload: AdminHook | None = None,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self._status_info = status_info
+        self._reload = reload
+        self.started = False  # set once start-up loading has finished
+        # Prediction ids: a random per-boot prefix and a counter, unique across
+        # restarts without the cost of a uuid per request.
+        self._id_prefix = os.urandom(4).hex() + "-"
+        self._ids = itertools.count(1)
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def handle(self, req: Request) -> Response | asyncio.Future[Response]:
+        try:
+            return self._route(req)
+        except AgentError as exc:
+            status = getattr(exc, "status", 500)
+            return error_response(status, str(exc))
+
+    def _route(self, req: Request) -> Response | asyncio.Future[Response]:
+        method = req.method
+        parts = req.path.strip("/").split("/")
+        if parts[0] == "v2":
+            if len(parts) >= 3 and parts[1] == "models":
+                return self._model_route(req, parts)
+            if len(parts) == 1:
+                self._only(method, "GET")
+                return json_response(
+                    200, {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+                )
+            if len(parts) == 3 and parts[1] == "health":
+                self._only(method, "GET")
+                if parts[2] == "live":
+                    return _OK_EMPTY_LIVE
+                if parts[2] == "ready":
+                    if self.started and self.registry.any_ready():
+                        return _OK_EMPTY_READY
+                    return Response(503, b'{"ready":false}')
+        elif parts[0] == "v1":
+            return self._outpost_route(req, parts)
+        elif parts == ["metrics"]:
+            self._only(method, "GET")
+            return Response(200, self.metrics.render(), METRICS_CONTENT_TYPE.encode())
+        raise NotFound(f"no route for {req.path}")
+
+    @staticmethod
+    def _only(method: str, *allowed: str) -> None:
+        if method not in allowed and not (method == "HEAD" and "GET" in allowed):
+            raise RequestError(f"method {method} is not allowed here; use {' or '.join(allowed)}")
+
+    def _model_route(self, req: Request, parts: list[str]) -> Response | asyncio.Future[Response]:
+        # parts: v2 models {m} [versions {v}] [ready|infer]
+        name = parts[2]
+        rest = parts[3:]
+        version: str | None = None
+        if len(rest) >= 2 and rest[0] == "versions":
+            version = rest[1]
+            rest = rest[2:]
+        if not rest:
+            self._only(req.method, "GET")
+            lv = self.registry.get(name, version)
+            return json_response(200, lv.metadata(self.registry.versions(name)))
+        if rest == ["infer"]:
+            self._only(req.method, "POST")
+            return self._infer(req, name, version)
+        if rest == ["ready"]:
+            self._only(req.method, "GET")
+            try:
+                self.registry.get(name, version)
+            except AgentError as exc:
+                if isinstance(exc, NotFound):
+                    raise
+                return Response(503, orjson.dumps({"ready": False, "error": str(exc)}))
+            return _OK_EMPTY_READY
+        raise NotFound(f"no route for {req.path}")
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def _infer(self, req: Request, name: str, version: str | None) -> Response | asyncio.Future[Response]:
+        lv = self.registry.get(name, version)
+        started = time.perf_counter()
+        header = req.headers.get("inference-header-content-length")
+        if header is not None and not header.isdigit():
+            raise RequestError("Inference-Header-Content-Length must be a non-negative integer")
+        try:
+            parsed = decode_infer_request(
+                req.body, int(header) if header is not None else None, lv.session.inputs, lv.session.outputs
+            )
+        except RequestError:
+            lv.metrics.errors.inc()
+            raise
+        lv.inflight += 1
+        work = lv.batcher.submit(parsed.inputs, parsed.rows)
+        answer: asyncio.Future[Response] = work.get_loop().create_future()
+        work.add_done_callback(partial(self._infer_done, lv, parsed, answer, started))
+        return answer
+
+    def _infer_done(
+        self,
+        lv: LoadedVersion,
+        parsed: InferRequest,
+        answer: asyncio.Future[Response],
+        started: float,
+        work: asyncio.Future[Tensors],
+    ) -> None:
+        lv.inflight -= 1
+        if answer.cancelled():
+            return
+        vm = lv.metrics
+        if work.cancelled():
+            answer.set_result(error_response(503, "request cancelled"))
+            return
+        exc = work.exception()
+        if exc is not None:
+            vm.errors.inc()
+            status, message = _runtime_status(exc)
+            if status == 500:
+                log.error("%s version %d: %s", lv.name, lv.version, message)
+            answer.set_result(error_response(status, message))
+            return
+        req_id = parsed.id if parsed.id is not None else f"{self._id_prefix}{next(self._ids):x}"
+        try:
+            body, header_len = encode_infer_response(
+                lv.name, lv.version_str, req_id, work.result(), parsed.outputs, parsed.binary_output
+            )
+        except Exception as err:
+            vm.errors.inc()
+            log.error("%s version %d: could not encode the response: %r", lv.name, lv.version, err)
+            answer.set_result(error_response(500, f"could not encode the response: {err}"))
+            return
+        vm.requests.inc()
+        vm.latency.observe(time.perf_counter() - started)
+        if header_len is None:
+            answer.set_result(Response(200, body))
+        else:
+            answer.set_result(
+                Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])
+            )
+
+    # -- Outpost additions --------------------------------------------------------------------
+
+    def _outpost_route(self, req: Request, parts: list[str]) -> Response | asyncio.Future[Response]:
+        if parts == ["v1", "status"]:
+            self._only(req.method, "GET")
+            return json_response(200, self.status())
+        if parts == ["v1", "reload"]:
+            self._only(req.method, "POST")
+            if self._reload is None:
+                raise NotFound("reload is not available")
+            return asyncio.ensure_future(self._admin(self._reload))
+        if len(parts) == 4 and parts[1] == "models" and parts[3] == "default":
+            self._only(req.method, "POST", "PUT")
+            return self._pin(parts[2], req.body)
+        raise NotFound(f"no route for {req.path}")
+
+    async def _admin(self, hook: AdminHook) -> Response:
+        try:
+            return json_response(200, await hook())
+        except AgentError as exc:
+            return error_response(getattr(exc, "status", 500), str(exc))
+
+    def _pin(self, name: str, body: bytes) -> Response:
+        try:
+            doc = orjson.loads(body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(f"body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or "version" not in doc:
+            raise RequestError('body must be {"version": N} or {"version": null}')
+        version = doc["version"]
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise RequestError("version must be an integer or null")
+        lv = self.registry.pin(name, version)
+        return json_response(200, {"name": name, "default_version": lv.version, "pinned": version})
+
+    def status(self) -> dict[str, Any]:
+        doc = self._status_info()
+        doc["ready"] = self.started and self.registry.any_ready()
+        doc["models"] = self.registry.status()
+        return doc

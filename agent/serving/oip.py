@@ -1,0 +1,342 @@
+"""The Open Inference Protocol v2 codec: request bytes in, numpy tensors out, and back.
+
+Pure: no sockets, no onnxruntime. Supports JSON tensors (flat or nested data) and
+Triton's binary tensor extension: the JSON header is followed by raw tensor
+bytes, its length given by the `Inference-Header-Content-Length` HTTP header;
+inputs carry `parameters.binary_data_size`, and outputs are returned as raw bytes
+when `parameters.binary_data` (per output) or `parameters.binary_data_output`
+(per request) is true.
+
+Every malformed request raises RequestError with a message a caller can act on.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from agent.errors import RequestError
+from agent.package.manifest import TensorSpec
+from agent.serving.datatypes import from_numpy, numpy_dtype
+
+_NUMPY_OPT = orjson.OPT_SERIALIZE_NUMPY
+_U32 = struct.Struct("<I")
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(slots=True)
+class InferRequest:
+    id: str | None
+    parameters: dict[str, Any]
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput] | None  # None: every output, in signature order
+    binary_output: bool  # request-level default for outputs not listed
+    rows: int  # size of the first dimension shared by every input (the batch)
+
+
+def _parameters(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
+    params = doc.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise RequestError(f"{where}parameters must be an object")
+    return params
+
+
+def _decode_bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
+    """BYTES in the binary encoding: each element is a 4-byte little-endian length, then the bytes."""
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(buf):
+            raise RequestError(f"input {name!r}: binary BYTES data ends inside element {i}")
+        (n,) = _U32.unpack_from(buf, pos)
+        pos += 4
+        if pos + n > len(buf):
+            raise RequestError(f"input {name!r}: binary BYTES element {i} is truncated")
+        out[i] = bytes(buf[pos : pos + n])
+        pos += n
+    if pos != len(buf):
+        raise RequestError(f"input {name!r}: {len(buf) - pos} bytes left after {count} BYTES elements")
+    return out
+
+
+def _encode_bytes_elements(arr: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for item in arr.reshape(-1):
+        raw = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(_U32.pack(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _json_array(data: Any, datatype: str, dtype: np.dtype[Any], name: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise RequestError(f"input {name!r}: data must be a list")
+    try:
+        if datatype == "BYTES":
+            flat = np.array(data, dtype=object).reshape(-1)
+            for i, item in enumerate(flat):
+                if isinstance(item, str):
+                    flat[i] = item.encode()
+                elif not isinstance(item, bytes):
+                    raise RequestError(f"input {name!r}: BYTES data must be strings")
+            return flat
+        if datatype == "BOOL":
+            arr = np.array(data)
+            if arr.dtype != np.bool_ and arr.size:
+                raise RequestError(f"input {name!r}: BOOL data must be true/false")
+            return arr.astype(np.bool_)
+        arr = np.array(data, dtype=dtype)
+    except RequestError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise RequestError(
+            f"input {name!r}: data is not a regular array of {datatype} values ({exc})"
+        ) from None
+    if arr.dtype.kind in "iu" and _has_floats(data):
+        raise RequestError(f"input {name!r}: {datatype} data must be integers")
+    return arr
+
+
+def _has_floats(data: list[Any]) -> bool:
+    # np.array(..., dtype=int) truncates 1.5 to 1 silently; an integer tensor
+    # given floats is a caller's mistake we must not hide.
+    stack: list[Any] = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float):
+            return True
+    return False
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    ):
+        raise RequestError(f"input {name!r}: shape must be a list of non-negative integers")
+    return tuple(value)
+
+
+def _check_against_spec(arr_shape: tuple[int, ...], datatype: str, spec: TensorSpec) -> None:
+    if datatype != spec.datatype:
+        raise RequestError(
+            f"input {spec.name!r}: datatype {datatype} does not match the model's {spec.datatype}"
+        )
+    if len(arr_shape) != len(spec.shape):
+        raise RequestError(
+            f"input {spec.name!r}: shape {list(arr_shape)} has {len(arr_shape)} dimensions, "
+            f"the model expects {len(spec.shape)} ({list(spec.shape)})"
+        )
+    for got, want in zip(arr_shape, spec.shape, strict=True):
+        if want >= 0 and got != want:
+            raise RequestError(
+                f"input {spec.name!r}: shape {list(arr_shape)} does not fit the model's {list(spec.shape)}"
+            )
+
+
+def _decode_input(
+    i: int,
+    item: Any,
+    specs: Mapping[str, TensorSpec],
+    binary: memoryview,
+    offset: int,
+    has_binary_header: bool,
+) -> tuple[str, np.ndarray, int]:
+    """Decode inputs[i]; returns (name, array, binary bytes consumed)."""
+    if not isinstance(item, dict):
+        raise RequestError(f"inputs[{i}] must be an object")
+    name = item.get("name")
+    if not isinstance(name, str):
+        raise RequestError(f"inputs[{i}].name must be a string")
+    spec = specs.get(name)
+    if spec is None:
+        raise RequestError(f"unknown input {name!r}; the model's inputs are: {', '.join(specs)}")
+    datatype = item.get("datatype")
+    if not isinstance(datatype, str):
+        raise RequestError(f"input {name!r}: datatype must be a string")
+    dtype = numpy_dtype(datatype)
+    shape = _shape(item.get("shape"), name)
+    _check_against_spec(shape, datatype, spec)
+    count = math.prod(shape)
+    size = _parameters(item, f"input {name!r}: ").get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            raise RequestError(f"input {name!r} has neither data nor binary_data_size")
+        arr = _json_array(item["data"], datatype, dtype, name)
+        if arr.size != count:
+            raise RequestError(f"input {name!r}: {arr.size} values given, shape {list(shape)} needs {count}")
+        return name, arr.reshape(shape), 0
+    if not has_binary_header:
+        raise RequestError(
+            f"input {name!r} has binary_data_size but the request has no "
+            "Inference-Header-Content-Length header"
+        )
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise RequestError(f"input {name!r}: binary_data_size must be a non-negative integer")
+    if offset + size > len(binary):
+        raise RequestError(
+            f"input {name!r}: binary_data_size {size} runs past the end of the body "
+            f"({len(binary) - offset} bytes left)"
+        )
+    chunk = binary[offset : offset + size]
+    if datatype == "BYTES":
+        return name, _decode_bytes_elements(chunk, count, name).reshape(shape), size
+    expected = count * dtype.itemsize
+    if size != expected:
+        raise RequestError(
+            f"input {name!r}: {size} bytes given, shape {list(shape)} of {datatype} needs {expected}"
+        )
+    # Zero-copy view over the request body; little-endian per the extension.
+    return name, np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).reshape(shape), size
+
+
+def _requested_outputs(
+    raw_outputs: Any, outputs: Sequence[TensorSpec], binary_output: bool
+) -> list[RequestedOutput] | None:
+    if raw_outputs is None:
+        return None
+    if not isinstance(raw_outputs, list):
+        raise RequestError("outputs must be a list")
+    known = {s.name for s in outputs}
+    requested: list[RequestedOutput] = []
+    for i, item in enumerate(raw_outputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise RequestError(f"outputs[{i}] must be an object with a name")
+        if item["name"] not in known:
+            raise RequestError(
+                f"unknown output {item['name']!r}; the model's outputs are: {', '.join(known)}"
+            )
+        flag = _parameters(item, f"output {item['name']!r}: ").get("binary_data")
+        requested.append(RequestedOutput(item["name"], binary_output if flag is None else flag is True))
+    return requested
+
+
+def decode_infer_request(
+    body: bytes,
+    header_length: int | None,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+) -> InferRequest:
+    """Decode an inference request for a model with the given signature.
+
+    `header_length` is the value of `Inference-Header-Content-Length`, or None
+    when the whole body is JSON.
+    """
+    view = memoryview(body)
+    if header_length is None:
+        json_part: bytes | memoryview = body
+        binary = view[len(body) :]
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise RequestError(
+                f"Inference-Header-Content-Length {header_length} is outside the body ({len(body)} bytes)"
+            )
+        json_part = view[:header_length]
+        binary = view[header_length:]
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RequestError("request body must be a JSON object")
+
+    req_id = doc.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise RequestError("id must be a string")
+    parameters = _parameters(doc, "")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise RequestError("inputs must be a non-empty list")
+
+    specs = {s.name: s for s in inputs}
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, item in enumerate(raw_inputs):
+        name, arr, used = _decode_input(i, item, specs, binary, offset, header_length is not None)
+        if name in arrays:
+            raise RequestError(f"input {name!r} is given twice")
+        arrays[name] = arr
+        offset += used
+    if offset != len(binary):
+        raise RequestError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    missing = [n for n in specs if n not in arrays]
+    if missing:
+        raise RequestError(f"missing input(s): {', '.join(missing)}")
+
+    rows = _batch_rows(arrays)
+    binary_output = parameters.get("binary_data_output") is True
+    requested = _requested_outputs(doc.get("outputs"), outputs, binary_output)
+    return InferRequest(req_id, parameters, arrays, requested, binary_output, rows)
+
+
+def _batch_rows(arrays: Mapping[str, np.ndarray]) -> int:
+    rows = -1
+    for arr in arrays.values():
+        if arr.ndim == 0:
+            return -1
+        if rows == -1:
+            rows = arr.shape[0]
+        elif arr.shape[0] != rows:
+            return -1  # inputs disagree on the first dimension: not batchable
+    return rows
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    results: Mapping[str, np.ndarray],
+    requested: list[RequestedOutput] | None,
+    binary_output: bool,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, int | None]:
+    """Encode a response. Returns (body, json header length or None when all JSON)."""
+    wanted = (
+        requested if requested is not None else [RequestedOutput(name, binary_output) for name in results]
+    )
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for out in wanted:
+        arr = results[out.name]
+        datatype = from_numpy(arr.dtype)
+        entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(arr.shape)}
+        if out.binary:
+            if datatype == "BYTES":
+                raw = _encode_bytes_elements(arr)
+            else:
+                raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)
+            ]
+        else:
+            entry["data"] = np.ascontiguousarray(arr).reshape(-1)
+        entries.append(entry)
+    doc: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "id": request_id,
+        "outputs": entries,
+    }
+    if parameters:
+        doc["parameters"] = parameters
+    head = orjson.dumps(doc, option=_NUMPY_OPT)
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
