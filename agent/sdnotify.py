@@ -60,15 +60,21 @@ def _parse_address(value: str) -> str | bytes | None:
 
 
 def _parse_watchdog(environ: Mapping[str, str], pid: int) -> float | None:
-    usec = environ.get("WATCHDOG_USEC", "")
-    if not usec.isdigit() or int(usec) == 0:
+    usec = _parse_uint(environ.get("WATCHDOG_USEC"))
+    if not usec:
         return None
     # systemd sets WATCHDOG_PID so that a child which inherits the environment
     # does not believe the watchdog is its job; without it, the value is ours.
-    watchdog_pid = environ.get("WATCHDOG_PID")
-    if watchdog_pid is not None and watchdog_pid != str(pid):
+    if "WATCHDOG_PID" in environ and _parse_uint(environ["WATCHDOG_PID"]) != pid:
         return None
-    return int(usec) / 1_000_000
+    return usec / 1_000_000
+
+
+def _parse_uint(value: str | None) -> int | None:
+    # isdigit() alone accepts "²" and other digits int() refuses.
+    if value is None or not (value.isascii() and value.isdigit()):
+        return None
+    return int(value)
 
 
 class Notifier:
