@@ -58,6 +58,7 @@ class Agent:
         self.started_at = time.time()
         self._servers: list[asyncio.AbstractServer] = []
         self._socket_path = Path(config.server.socket) if config.server.socket else None
+        self._own_socket = False
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,6 +132,7 @@ class Agent:
 
         if self._socket_path is not None:
             sock = bind_unix(self._socket_path, cfg.server.socket_mode, cfg.server.socket_group)
+            self._own_socket = True
             self._servers.append(await loop.create_unix_server(factory, sock=sock))
             log.info("serving on unix:%s", self._socket_path)
         if cfg.server.tcp:
@@ -179,7 +181,9 @@ class Agent:
         self.state.close_all()
         for task in self._tasks:
             task.cancel()
-        if self._socket_path is not None:
+        # Only our own socket: a second agent that failed to start must not
+        # delete the first one's.
+        if self._socket_path is not None and self._own_socket:
             remove_socket_file(self._socket_path)
         self.infer_pool.shutdown(wait=False, cancel_futures=True)
         self.load_pool.shutdown(wait=False, cancel_futures=True)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LINGER_S = 2.0  # how long a refused client may go on sending before we hang up
 
 
 class Request:
@@ -162,6 +163,7 @@ class HttpProtocol(asyncio.Protocol):
         self._message_started = 0.0
         self._last_activity = time.monotonic()
         self._closing = False
+        self._lingering_since = 0.0
         self._reading_paused = False
         self._writing_paused = False
 
@@ -186,6 +188,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
+            if self._lingering_since and time.monotonic() - self._lingering_since > LINGER_S:
+                self._abort()
             return
         self._last_activity = time.monotonic()
         try:
@@ -322,12 +326,26 @@ class HttpProtocol(asyncio.Protocol):
     def _send_error_and_close(self, status: int, message: str) -> None:
         # Answer only when no earlier pipelined response is owed; otherwise the
         # answer would arrive out of order. Either way the connection ends.
-        if self._transport is not None and not self._closing and not self._pending:
-            resp = error_response(status, message)
-            if self._state.on_response is not None:
-                self._state.on_response(status)
-            self._transport.write(render_head(resp, False, len(resp.body)) + resp.body)
-        self.close()
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        if self._pending:
+            self.close()
+            return
+        resp = error_response(status, message)
+        if self._state.on_response is not None:
+            self._state.on_response(status)
+        transport.write(render_head(resp, False, len(resp.body)) + resp.body)
+        # Lingering close: a client still sending its (refused) body would get
+        # EPIPE and never read our answer if we closed now. Shut our side, drop
+        # what it still sends, and let the sweeper close after LINGER_S.
+        self._closing = True
+        self._lingering_since = time.monotonic()
+        self._state.connections.discard(self)
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
 
     # -- flow control and life cycle ----------------------------------------------------------
 
@@ -358,6 +376,10 @@ class HttpProtocol(asyncio.Protocol):
                 self._send_error_and_close(408, "request not completed in time")
         elif now - self._last_activity > idle_timeout:
             self.close()
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def close(self) -> None:
         if self._closing:

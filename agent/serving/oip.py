@@ -55,7 +55,11 @@ def _parameters(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def _decode_bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
-    """BYTES in the binary encoding: each element is a 4-byte little-endian length, then the bytes."""
+    """BYTES in the binary encoding: each element is a 4-byte little-endian length, then the bytes.
+
+    Elements become `str`: onnxruntime's string tensors are UTF-8 text, and it
+    would turn a `bytes` object into its repr.
+    """
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
@@ -65,7 +69,10 @@ def _decode_bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray
         pos += 4
         if pos + n > len(buf):
             raise RequestError(f"input {name!r}: binary BYTES element {i} is truncated")
-        out[i] = bytes(buf[pos : pos + n])
+        try:
+            out[i] = bytes(buf[pos : pos + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"input {name!r}: BYTES element {i} is not UTF-8 text") from None
         pos += n
     if pos != len(buf):
         raise RequestError(f"input {name!r}: {len(buf) - pos} bytes left after {count} BYTES elements")
@@ -87,11 +94,8 @@ def _json_array(data: Any, datatype: str, dtype: np.dtype[Any], name: str) -> np
     try:
         if datatype == "BYTES":
             flat = np.array(data, dtype=object).reshape(-1)
-            for i, item in enumerate(flat):
-                if isinstance(item, str):
-                    flat[i] = item.encode()
-                elif not isinstance(item, bytes):
-                    raise RequestError(f"input {name!r}: BYTES data must be strings")
+            if not all(isinstance(item, str) for item in flat):
+                raise RequestError(f"input {name!r}: BYTES data must be strings")
             return flat
         if datatype == "BOOL":
             arr = np.array(data)
