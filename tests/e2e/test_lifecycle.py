@@ -295,3 +295,68 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "server.sockett" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_tcp_listener_serves_the_same_api(tmp_path: Path) -> None:
+    port = _free_port()
+    extra = {"server": {"tcp": f"127.0.0.1:{port}"}}
+    with running_agent(tmp_path, affine_package(tmp_path / "pkg"), extra=extra):
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request(
+                "POST", "/v2/models/affine/infer", body=orjson.dumps(x_doc(np.ones((1, 4), np.float32)))
+            )
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert orjson.loads(resp.read())["outputs"][0]["data"] == [3.0] * 4
+        finally:
+            conn.close()
+
+
+def test_socket_group_is_applied(tmp_path: Path) -> None:
+    import grp
+
+    group = grp.getgrgid(os.getgid() if os.getgid() != 0 else 1)  # gid 1 (daemon) exists on Debian
+    if os.geteuid() != 0 and group.gr_gid not in os.getgroups():
+        pytest.skip("needs root or membership of another group to chown the socket")
+    extra = {"server": {"socket_group": group.gr_name}}
+    with running_agent(tmp_path, affine_package(tmp_path / "pkg"), extra=extra) as agent:
+        st = os.stat(agent.socket)
+        assert st.st_gid == group.gr_gid
+        assert st.st_mode & 0o777 == 0o660
+
+
+def test_pipelining_without_reading_is_bounded(tmp_path: Path) -> None:
+    """A client that pipelines requests and never reads: the agent stops reading from it
+    (backpressure) instead of queueing without bound, and keeps serving others."""
+    extra = {"server": {"max_pipelined": 8}}
+    with running_agent(tmp_path, affine_package(tmp_path / "pkg"), extra=extra) as agent:
+        pid = agent.proc.pid if agent.proc else 0
+        body = orjson.dumps(x_doc(np.ones((1, 4), np.float32)))
+        req = (b"POST /v2/models/affine/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+        hog = socket.socket(socket.AF_UNIX)
+        hog.connect(agent.socket)
+        hog.setblocking(False)
+        sent = 0
+        for _ in range(200_000):
+            try:
+                sent += hog.send(req)
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the agent kept reading from a client that never reads its answers")
+        status_lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        rss_kb = int(next(line.split()[1] for line in status_lines if line.startswith("VmRSS")))
+        status, doc = agent.json("POST", "/v2/models/affine/infer", x_doc(np.ones((1, 4), np.float32)))
+        assert status == 200, doc
+        hog.close()
+        assert sent < 50 * 1024 * 1024
+        assert rss_kb < 400 * 1024
