@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 import numpy as np
 
@@ -49,8 +47,9 @@ def run(*args: str) -> str:
     return result.stdout
 
 
-def call(sock: str, method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def call(
+    sock: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     from agent.client import UnixHTTPConnection
 
     conn = UnixHTTPConnection(sock, 30)
@@ -78,15 +77,127 @@ def build_packages(out: Path) -> tuple[Path, Path, Path]:
     model_path, sample_path = train_and_save(out)
     manifest = json.loads((v1 / "manifest.json").read_text())
     q = manifest["quantization"]
-    print(f"package {v1.name}: kept {q['kept']}, accuracy fp32 {q['accuracy_fp32']:.3f} / "
-          f"int8 {q['accuracy_int8']:.3f}, inputs {manifest['inputs']}")
+    print(
+        f"package {v1.name}: kept {q['kept']}, accuracy fp32 {q['accuracy_fp32']:.3f} / "
+        f"int8 {q['accuracy_int8']:.3f}, inputs {manifest['inputs']}"
+    )
     # Version 2: the same data packaged again (a retrained model would go the same way).
     v2 = build_package(
-        model_path, sample_path,
+        model_path,
+        sample_path,
         PackageOptions(name="wine", version=2, out_dir=out, target="class", replace=True),
     ).directory
     print(f"package {v2.name} built")
     return v1, v2, sample_path
+
+
+def start_agent(work: Path, config: Path, sock: str, package: Path) -> subprocess.Popen[bytes]:
+    step("2. Install the package and start the agent on a Unix socket")
+    run(str(BIN / "outpost-agent"), "install", str(package.with_suffix(".tar")), "--config", str(config))
+    log = (work / "agent.log").open("wb")
+    started = time.monotonic()
+    agent = subprocess.Popen(
+        [str(BIN / "outpost-agent"), "run", "--config", str(config)], stdout=log, stderr=log
+    )
+    while call_ready(sock) != 200:
+        if agent.poll() is not None or time.monotonic() - started > 60:
+            print((work / "agent.log").read_text(), file=sys.stderr)
+            raise SystemExit("demo: the agent did not become ready")
+        time.sleep(0.05)
+    mode = oct(Path(sock).stat().st_mode & 0o777)
+    print(f"agent ready in {time.monotonic() - started:.2f} s, socket {sock} mode {mode}")
+    return agent
+
+
+def predict(sock: str, package: Path, sample_path: Path) -> bytes:
+    step("3. Predictions over the socket (Open Inference Protocol v2)")
+    _, x, y = read_sample(sample_path)
+    labels = json.loads((package / "manifest.json").read_text())["labels"]
+    rows = x[:5]
+    body = json.dumps(
+        {
+            "id": "demo-1",
+            "inputs": [
+                {"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.tolist()}
+            ],
+        }
+    ).encode()
+    print(f"$ curl --unix-socket {sock} -X POST http://localhost/v2/models/wine/infer -d '{{...5 rows}}'")
+    status, _, raw = call(sock, "POST", "/v2/models/wine/infer", body)
+    answer = json.loads(raw)
+    assert status == 200, raw
+    outs = {o["name"]: o for o in answer["outputs"]}
+    predicted = outs["label"]["data"]
+    probs = np.array(outs["probabilities"]["data"]).reshape(outs["probabilities"]["shape"])
+    for i, label in enumerate(predicted):
+        print(f"  row {i}: predicted {labels[label]!r} (p={probs[i].max():.3f}), true {labels[y[i]]!r}")
+    print(
+        f"  answered by model {answer['model_name']} version {answer['model_version']}, "
+        f"prediction id {answer['id']}"
+    )
+
+    import onnxruntime as ort
+
+    direct = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
+    want_label, want_probs = direct.run(["label", "probabilities"], {"input": rows})
+    assert predicted == want_label.tolist()
+    assert np.allclose(probs, want_probs, atol=1e-6)
+    print("  identical to onnxruntime run directly on the package: yes")
+
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "label", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    status, headers, raw = call(
+        sock,
+        "POST",
+        "/v2/models/wine/infer",
+        header + x.tobytes(),
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert status == 200, raw
+    hlen = int(headers["inference-header-content-length"])
+    accuracy = float(np.mean(np.frombuffer(raw[hlen:], dtype="<i8") == y))
+    print(f"  binary tensors: {len(x)} rows in one request, accuracy on the held-out sample {accuracy:.3f}")
+
+    status, _, raw = call(sock, "POST", "/v2/models/wine/infer", b'{"inputs": [{"name": "input"}]}')
+    print(f"  a malformed request gets {status}: {json.loads(raw)['error']}")
+    assert status == 400
+    return body
+
+
+def switch_and_roll_back(sock: str, config: Path, v2: Path, body: bytes) -> None:
+    step("4. A new version while serving, then a rollback by hand")
+    agent_cli = str(BIN / "outpost-agent")
+    run(agent_cli, "install", str(v2), "--config", str(config))
+    _, _, raw = call(sock, "POST", "/v2/models/wine/infer", body)
+    print(f"  now answered by version {json.loads(raw)['model_version']}")
+    assert json.loads(raw)["model_version"] == "2"
+    run(agent_cli, "default", "wine", "1", "--config", str(config))
+    _, _, raw = call(sock, "POST", "/v2/models/wine/infer", body)
+    print(f"  after the rollback, answered by version {json.loads(raw)['model_version']}")
+    assert json.loads(raw)["model_version"] == "1"
+    run(agent_cli, "status", "--config", str(config))
+    metrics = call(sock, "GET", "/metrics")[2].decode().splitlines()
+    print("  " + "\n  ".join(m for m in metrics if m.startswith("outpost_inference_requests_total")))
+
+
+def stop_agent(agent: subprocess.Popen[bytes], sock: str) -> None:
+    step("5. Stop the agent with SIGTERM, as systemd does")
+    agent.send_signal(signal.SIGTERM)
+    code = agent.wait(30)
+    gone = not Path(sock).exists()
+    print(f"agent exited with code {code}; socket removed: {gone}")
+    assert code == 0 and gone
 
 
 def main() -> int:
@@ -100,80 +211,10 @@ def main() -> int:
             f'device_id = "demo-001"\ngroup = "demo"\ndata_dir = "{work / "data"}"\n'
             f'[server]\nsocket = "{sock}"\n'
         )
-
-        step("2. Install the package and start the agent on a Unix socket")
-        run(str(BIN / "outpost-agent"), "install", str(v1.with_suffix(".tar")), "--config", str(config))
-        log = (work / "agent.log").open("wb")
-        started = time.monotonic()
-        agent = subprocess.Popen([str(BIN / "outpost-agent"), "run", "--config", str(config)],
-                                 stdout=log, stderr=log)
-        while call_ready(sock) != 200:
-            if agent.poll() is not None or time.monotonic() - started > 60:
-                print((work / "agent.log").read_text(), file=sys.stderr)
-                raise SystemExit("demo: the agent did not become ready")
-            time.sleep(0.05)
-        print(f"agent ready in {time.monotonic() - started:.2f} s, socket {sock} "
-              f"mode {oct(os.stat(sock).st_mode & 0o777)}")
-
-        step("3. Predictions over the socket (Open Inference Protocol v2)")
-        features, x, y = read_sample(sample_path)
-        manifest = json.loads((v1 / "manifest.json").read_text())
-        labels = manifest["labels"]
-        rows = x[:5]
-        body = json.dumps({"id": "demo-1", "inputs": [
-            {"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.tolist()}]})
-        print(f"$ curl --unix-socket {sock} -X POST http://localhost/v2/models/wine/infer -d '{{...5 rows}}'")
-        status, _, raw = call(sock, "POST", "/v2/models/wine/infer", body.encode())
-        answer = json.loads(raw)
-        assert status == 200, raw
-        outs = {o["name"]: o for o in answer["outputs"]}
-        predicted = outs["label"]["data"]
-        probs = np.array(outs["probabilities"]["data"]).reshape(outs["probabilities"]["shape"])
-        for i, label in enumerate(predicted):
-            print(f"  row {i}: predicted {labels[label]!r} (p={probs[i].max():.3f}), true {labels[y[i]]!r}")
-        print(f"  answered by model {answer['model_name']} version {answer['model_version']}, "
-              f"prediction id {answer['id']}")
-
-        import onnxruntime as ort
-
-        direct = ort.InferenceSession(str(v1 / "model.onnx"), providers=["CPUExecutionProvider"])
-        want_label, want_probs = direct.run(["label", "probabilities"], {"input": rows})
-        assert predicted == want_label.tolist()
-        assert np.allclose(probs, want_probs, atol=1e-6)
-        print("  identical to onnxruntime run directly on the package: yes")
-
-        header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                         "parameters": {"binary_data_size": x.nbytes}}],
-                             "outputs": [{"name": "label", "parameters": {"binary_data": True}}]}).encode()
-        status, headers, raw = call(sock, "POST", "/v2/models/wine/infer", header + x.tobytes(),
-                                    {"Inference-Header-Content-Length": str(len(header))})
-        assert status == 200, raw
-        hlen = int(headers["inference-header-content-length"])
-        labels_bin = np.frombuffer(raw[hlen:], dtype="<i8")
-        accuracy = float(np.mean(labels_bin == y))
-        print(f"  binary tensors: {len(x)} rows in one request, accuracy on the held-out sample {accuracy:.3f}")
-
-        status, _, raw = call(sock, "POST", "/v2/models/wine/infer", b'{"inputs": [{"name": "input"}]}')
-        print(f"  a malformed request gets {status}: {json.loads(raw)['error']}")
-        assert status == 400
-
-        step("4. A new version while serving, then a rollback by hand")
-        run(str(BIN / "outpost-agent"), "install", str(v2), "--config", str(config))
-        status, _, raw = call(sock, "POST", "/v2/models/wine/infer", body.encode())
-        print(f"  now answered by version {json.loads(raw)['model_version']}")
-        run(str(BIN / "outpost-agent"), "default", "wine", "1", "--config", str(config))
-        status, _, raw = call(sock, "POST", "/v2/models/wine/infer", body.encode())
-        print(f"  after the rollback, answered by version {json.loads(raw)['model_version']}")
-        assert json.loads(raw)["model_version"] == "1"
-        run(str(BIN / "outpost-agent"), "status", "--config", str(config))
-        metrics = call(sock, "GET", "/metrics")[2].decode().splitlines()
-        print("  " + "\n  ".join(m for m in metrics if m.startswith("outpost_inference_requests_total")))
-
-        step("5. Stop the agent with SIGTERM, as systemd does")
-        agent.send_signal(signal.SIGTERM)
-        code = agent.wait(30)
-        print(f"agent exited with code {code}; socket removed: {not os.path.exists(sock)}")
-        assert code == 0 and not os.path.exists(sock)
+        agent = start_agent(work, config, sock, v1)
+        body = predict(sock, v1, sample_path)
+        switch_and_roll_back(sock, config, v2, body)
+        stop_agent(agent, sock)
         agent = None
         print("\ndemo finished: all steps behaved as described")
         return 0
@@ -189,8 +230,6 @@ def call_ready(sock: str) -> int:
         return call(sock, "GET", "/v2/health/ready")[0]
     except OSError:
         return 0
-
-
 
 
 if __name__ == "__main__":
