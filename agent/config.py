@@ -54,6 +54,10 @@ class RuntimeConfig:
     batching: bool = True
     max_batch_size: int = 64
     max_queue_delay_ms: float = 0.0  # extra wait to fill a batch; 0 = batch what is queued
+    # A model whose single-row run takes less than this (measured at load) runs on
+    # the event loop: handing it to a worker thread and back would cost more than
+    # the run itself. 0 = always use the worker threads.
+    inline_max_ms: float = 0.5
     models: dict[str, ModelServingConfig] = field(default_factory=dict)
 
 
@@ -145,6 +149,8 @@ def _validate(cfg: AgentConfig) -> None:
     for key in ("intra_op_threads", "inter_op_threads", "workers", "max_batch_size"):
         if getattr(rt, key) < 1:
             raise ConfigError(f"runtime.{key}: must be at least 1")
+    if rt.inline_max_ms < 0:
+        raise ConfigError("runtime.inline_max_ms: must not be negative")
     if rt.max_queue_delay_ms < 0:
         raise ConfigError("runtime.max_queue_delay_ms: must not be negative")
     if cfg.hub.poll_interval_s <= 0:

@@ -179,6 +179,12 @@ class Agent:
         if self.state.busy():
             log.warning("drain timeout: closing %d busy connection(s)", self.state.busy())
         self.state.close_all()
+        # close() only starts flushing what is buffered; the loop must keep
+        # running until the last answers are written or the deadline passes.
+        while self.state.open_transports > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.state.open_transports > 0:
+            log.warning("drain timeout: %d connection(s) still writing", self.state.open_transports)
         for task in self._tasks:
             task.cancel()
         # Only our own socket: a second agent that failed to start must not

@@ -73,7 +73,7 @@ class Batcher:
     def __init__(
         self,
         run: RunFn,
-        executor: Executor,
+        executor: Executor | None,
         *,
         enabled: bool,
         max_batch_rows: int,
@@ -92,6 +92,12 @@ class Batcher:
         self._queued_rows = 0
         self._inflight = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._inline_scheduled = False
+
+    @property
+    def inline(self) -> bool:
+        """True when batches run on the event loop thread instead of the executor."""
+        return self._executor is None
 
     @property
     def queued(self) -> int:
@@ -108,13 +114,33 @@ class Batcher:
         key = _compat_key(inputs) if batchable else ()
         self._queue.append(_Item(inputs, rows if batchable else -1, future, key))
         self._queued_rows += max(rows, 1)
-        if self._inflight < self.max_inflight:
+        if self._executor is None:
+            # Inline: run at the end of this loop iteration, so every request that
+            # arrived in the same read burst (on any connection) shares one call.
+            if not self._inline_scheduled:
+                self._inline_scheduled = True
+                if self.max_delay_s > 0 and batchable:
+                    loop.call_later(self.max_delay_s, self._run_inline)
+                else:
+                    loop.call_soon(self._run_inline)
+        elif self._inflight < self.max_inflight:
             if self.max_delay_s > 0 and batchable and self._queued_rows < self.max_batch_rows:
                 if self._timer is None:
                     self._timer = loop.call_later(self.max_delay_s, self._on_timer)
             else:
                 self._dispatch()
         return future
+
+    def _run_inline(self) -> None:
+        self._inline_scheduled = False
+        while self._queue:
+            items = [i for i in self._take() if not i.future.cancelled()]
+            if not items:
+                continue
+            if self._on_batch is not None:
+                self._on_batch(len(items), sum(max(i.rows, 1) for i in items))
+            outcomes = run_batch(self._run, [i.inputs for i in items], [i.rows for i in items])
+            self._deliver(items, outcomes)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -139,6 +165,8 @@ class Batcher:
             self._timer.cancel()
             self._timer = None
         loop = asyncio.get_running_loop()
+        executor = self._executor
+        assert executor is not None
         while self._queue and self._inflight < self.max_inflight:
             items = [i for i in self._take() if not i.future.cancelled()]
             if not items:
@@ -147,7 +175,7 @@ class Batcher:
             if self._on_batch is not None:
                 self._on_batch(len(items), sum(max(i.rows, 1) for i in items))
             work = loop.run_in_executor(
-                self._executor,
+                executor,
                 run_batch,
                 self._run,
                 [i.inputs for i in items],
@@ -159,6 +187,12 @@ class Batcher:
         self._inflight -= 1
         exc = work.exception()
         outcomes: list[Tensors | BaseException] = [exc] * len(items) if exc is not None else work.result()
+        self._deliver(items, outcomes)
+        if self._queue:
+            self._dispatch()
+
+    @staticmethod
+    def _deliver(items: list[_Item], outcomes: list[Tensors | BaseException]) -> None:
         for item, outcome in zip(items, outcomes, strict=True):
             if item.future.cancelled():
                 continue
@@ -166,5 +200,3 @@ class Batcher:
                 item.future.set_exception(outcome)
             else:
                 item.future.set_result(outcome)
-        if self._queue:
-            self._dispatch()

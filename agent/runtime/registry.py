@@ -138,6 +138,24 @@ def verify_batching(session: OrtSession, test: SelfTest | None, max_rows: int) -
     return True, f"on (bit-exact against single rows, verified at load up to {max_rows} rows)"
 
 
+def measure_single_row_ms(session: OrtSession, test: SelfTest | None) -> float | None:
+    """Median time of a one-row run, in milliseconds; None when no probe row can be made."""
+    probe = _probe_inputs(session.inputs, test)
+    if probe is None:
+        return None
+    row = {k: v[:1] for k, v in probe.items()}
+    times = []
+    try:
+        session.run(row)  # the first run pays for lazy initialisation
+        for _ in range(5):
+            start = time.perf_counter()
+            session.run(row)
+            times.append(time.perf_counter() - start)
+    except Exception:
+        return None
+    return sorted(times)[len(times) // 2] * 1000.0
+
+
 @dataclass(eq=False)
 class LoadedVersion:
     name: str
@@ -147,6 +165,7 @@ class LoadedVersion:
     batcher: Batcher
     metrics: VersionMetrics
     batching_note: str
+    single_row_ms: float | None = None
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
 
@@ -237,17 +256,19 @@ class ModelRegistry:
                 note = f"off: {note}"
         else:
             batching, note = False, "off by configuration"
+        single_ms = measure_single_row_ms(session, m.self_test)
+        inline = single_ms is not None and single_ms < cfg.inline_max_ms
         vm = self._metrics.version(m.name, str(m.version))
         batcher = Batcher(
             session.run,
-            self._executor,
+            None if inline else self._executor,
             enabled=batching,
             max_batch_rows=max_rows,
             max_delay_s=delay_ms / 1000.0,
             max_inflight=cfg.workers,
             on_batch=vm.on_batch,
         )
-        return LoadedVersion(m.name, m.version, m, session, batcher, vm, note)
+        return LoadedVersion(m.name, m.version, m, session, batcher, vm, note, single_ms)
 
     # -- switching (event loop thread) -------------------------------------------------------
 
@@ -338,6 +359,8 @@ class ModelRegistry:
                     "state": "ready",
                     "default": lv is model.default,
                     "batching": lv.batching_note,
+                    "execution": "event loop" if lv.batcher.inline else "worker threads",
+                    "single_row_ms": lv.single_row_ms,
                     "loaded_at": lv.loaded_at,
                     "queued": lv.batcher.queued,
                 }

@@ -126,6 +126,9 @@ class ServerState:
         self.max_connections = max_connections
         self.on_response = on_response
         self.connections: set[HttpProtocol] = set()
+        # Every transport not yet lost, including those closing while their last
+        # bytes are still being written: shutdown waits for these.
+        self.open_transports = 0
         self.draining = False
 
     def sweep(self, idle_timeout: float, request_timeout: float) -> None:
@@ -172,6 +175,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        self._state.open_transports += 1
         state = self._state
         if len(state.connections) >= state.max_connections or state.draining:
             self._send_error_and_close(503, "too many connections" if not state.draining else "shutting down")
@@ -179,6 +183,7 @@ class HttpProtocol(asyncio.Protocol):
         state.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._state.open_transports -= 1
         self._state.connections.discard(self)
         self._closing = True
         for p in self._pending:
