@@ -1,0 +1,459 @@
+"""One benchmark run: every contender, the same client and packages, side by side.
+
+    python -m tests.benchmarks.run [--quick] [--only limit,peer,agent,...] [--out bench-results]
+
+Contenders: `limit` (onnxruntime in-process), `peer` (tests/benchmarks/peer.py, inference on
+the event loop -- the faster variant, the one the targets compare against), `peer_threadpool`
+(the same app with inference in Starlette's thread pool, as its docs advise), `agent` (the
+installed `outpost-agent` with a default config) and `agent_tuned` (the same with [runtime] keys
+set for this machine, labelled). For each server: one instance with only the tabular model
+(start-up, 1 and 16 clients, memory, then the version switch), one with only the conv model
+(JSON and binary tensors). Before each measured load one answer is checked against onnxruntime
+in-process, so a fast wrong server cannot win. A contender that cannot start is reported as
+'unavailable: <reason>' and the run goes on.
+
+Writes bench-results/results.json and results.md, prints the table and PASS/FAIL per target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.benchmarks import report
+from tests.benchmarks.client import (
+    ClientError,
+    Load,
+    LoadResult,
+    binary_infer_request,
+    cpu_count,
+    decode_infer_response,
+    http_request,
+    json_infer_request,
+    request_once,
+)
+from tests.benchmarks.models import CONV, TABULAR, Packages, build_packages, conv_input, tabular_data
+from tests.benchmarks.servers import (
+    Server,
+    Unavailable,
+    agent_cli,
+    start_agent,
+    start_peer,
+)
+
+MB = 1024 * 1024
+ATOL = 1e-4
+RSS_SAMPLE_S = 0.1
+BATCH_ROWS = 256
+
+# The tuned agent: on a 2-core device the conv model's convolutions profit from a second
+# onnxruntime thread; the default config keeps one (small devices, predictable latency).
+# `--tuned KEY=VALUE,...` replaces it.
+DEFAULT_TUNED = "intra_op_threads=2"
+
+CONTENDERS = {
+    "limit": ("limit", "onnxruntime called in-process (default session options), no HTTP"),
+    "peer": ("peer", "tests/benchmarks/peer.py: Starlette + uvicorn (httptools, uvloop), one "
+                     "worker, stdlib JSON, inference in the async handler"),
+    "peer_threadpool": ("peer (thread pool)", "the same app with inference in Starlette's "
+                                              "thread pool, as its documentation advises"),
+    "agent": ("agent", "outpost-agent run, default config (only data_dir, socket, identity)"),
+    "agent_tuned": ("agent (tuned)", "outpost-agent run, default config plus [runtime] {tuned}"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    warmup_s: float
+    duration_s: float
+    client_procs: int
+    switch_steady_s: float
+    switch_settle_s: float
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The requests (built once, as bytes) and the answers onnxruntime gives in-process."""
+
+    tab_row: np.ndarray
+    tab_batch: np.ndarray
+    image: np.ndarray
+    tab_json: bytes
+    conv_json: bytes
+    conv_binary: bytes
+    tab_expected: dict[str, np.ndarray]
+    tab_v2_expected: dict[str, np.ndarray]
+    conv_expected: dict[str, np.ndarray]
+
+
+def parse_runtime(text: str) -> dict[str, Any]:
+    """`intra_op_threads=2,batching=false` -> {"intra_op_threads": 2, "batching": False}."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--tuned: {item!r} is not KEY=VALUE")
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            out[key.strip()] = low == "true"
+        else:
+            try:
+                out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            except ValueError as exc:
+                raise ValueError(f"--tuned: {key} must be a number or true/false") from exc
+    return out
+
+
+def make_workload(packages: Packages) -> Workload:
+    import onnxruntime as ort
+
+    x, _ = tabular_data(seed=1)
+    row, batch = x[3000:3001], x[3000:3000 + BATCH_ROWS]  # rows the model was not trained on
+    image = conv_input(1)
+    tab = ort.InferenceSession(str(packages.tabular / "model.onnx"),
+                               providers=["CPUExecutionProvider"])
+    conv = ort.InferenceSession(str(packages.conv / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    tab_v2 = ort.InferenceSession(str(packages.tabular_v2 / "model.onnx"),
+                                  providers=["CPUExecutionProvider"])
+    label, proba = tab.run(["label", "probabilities"], {"input": row})
+    label2, proba2 = tab_v2.run(["label", "probabilities"], {"input": row})
+    (logits,) = conv.run(["logits"], {"input": image})
+    return Workload(
+        tab_row=row, tab_batch=batch, image=image,
+        tab_json=json_infer_request(TABULAR, [("input", "FP32", row)]),
+        conv_json=json_infer_request(CONV, [("input", "FP32", image)]),
+        conv_binary=binary_infer_request(CONV, [("input", "FP32", image)], ["logits"]),
+        tab_expected={"label": label, "probabilities": proba},
+        tab_v2_expected={"label": label2, "probabilities": proba2},
+        conv_expected={"logits": logits},
+    )
+
+
+# --- checking and measuring one server ---------------------------------------------------------
+
+
+def check_answer(socket: str, raw: bytes, model: str, expected: dict[str, np.ndarray]
+                 ) -> tuple[str | None, dict[str, Any]]:
+    """(None, response doc) if the server's answer matches onnxruntime's, else (why not, doc)."""
+    resp = request_once(socket, raw)
+    if resp.status != 200:
+        return f"status {resp.status}: {resp.body[:200]!r}", {}
+    try:
+        doc, arrays = decode_infer_response(resp)
+    except (ValueError, KeyError, TypeError, ClientError) as exc:
+        return f"response not understood: {exc}", {}
+    if doc.get("model_name") != model:
+        return f"model_name {doc.get('model_name')!r}, expected {model!r}", doc
+    for name, want in expected.items():
+        got = arrays.get(name)
+        if got is None:
+            return f"output {name!r} missing", doc
+        if got.shape != want.shape:
+            return f"output {name!r} has shape {got.shape}, expected {want.shape}", doc
+        if want.dtype.kind in "iub":
+            if not np.array_equal(got, want):
+                return f"output {name!r} is {got.tolist()}, expected {want.tolist()}", doc
+        elif not np.allclose(got, want, rtol=0, atol=ATOL):
+            diff = float(np.max(np.abs(got.astype(np.float64) - want)))
+            return f"output {name!r} differs from onnxruntime by up to {diff:.3g}", doc
+    return None, doc
+
+
+def _sleep_until_ns(t_ns: int) -> None:
+    delay = (t_ns - time.perf_counter_ns()) / 1e9
+    if delay > 0:
+        time.sleep(delay)
+
+
+def measure(server: Server, raw: bytes, model: str, expected: dict[str, np.ndarray],
+            connections: int, st: Settings) -> dict[str, Any]:
+    """Check one answer, then run the closed-loop load, watching the server's CPU and RSS."""
+    if server.proc.poll() is not None:
+        return {"status": f"failed: the server exited ({server.log_tail()})"}
+    try:
+        problem, _ = check_answer(server.socket, raw, model, expected)
+        if problem:
+            return {"status": f"invalid: {problem}"}
+        rss: list[int] = []
+        with Load(server.socket, raw, connections, st.warmup_s, st.duration_s,
+                  st.client_procs) as load:
+            load.start()
+            _sleep_until_ns(load.measure_ns)
+            cpu0 = server.cpu_seconds()
+            while time.perf_counter_ns() < load.end_ns:
+                rss.append(server.rss_bytes())
+                time.sleep(min(RSS_SAMPLE_S, max(0.0, (load.end_ns - time.perf_counter_ns()) / 1e9)))
+            cpu = server.cpu_seconds() - cpu0
+            result = load.join()
+    except ClientError as exc:
+        return {"status": f"failed: {exc}"}
+    out = _summary(result)
+    out["server_cores"] = cpu / result.duration_s
+    out["server_us_per_req"] = cpu / result.count * 1e6 if result.count else None
+    out["rss_median_mb"] = statistics.median(rss) / MB if rss else None
+    if server.proc.poll() is not None:
+        out["status"] = f"failed: the server exited during the load ({server.log_tail()})"
+    return out
+
+
+def _summary(result: LoadResult) -> dict[str, Any]:
+    out = {"status": "ok", **result.summary()}
+    out["client_us_per_req"] = result.client_cpu_s / result.count * 1e6 if result.count else None
+    return out
+
+
+# --- contenders --------------------------------------------------------------------------------
+
+
+def run_limit(packages: Packages, wl: Workload, st: Settings) -> dict[str, Any]:
+    """onnxruntime called in-process with default session options: the ceiling."""
+    import onnxruntime as ort
+
+    def timed(call: Callable[[], object]) -> dict[str, Any]:
+        end = time.perf_counter() + st.warmup_s
+        while time.perf_counter() < end:
+            call()
+        lats = []
+        cpu0 = time.process_time()
+        start = time.perf_counter_ns()
+        stop = start + int(st.duration_s * 1e9)
+        while (t0 := time.perf_counter_ns()) < stop:
+            call()
+            lats.append(time.perf_counter_ns() - t0)
+        wall = (time.perf_counter_ns() - start) / 1e9
+        arr = np.asarray(lats) / 1000.0
+        return {
+            "status": "ok", "count": len(lats), "throughput_rps": len(lats) / wall,
+            "p50_us": float(np.percentile(arr, 50)), "p99_us": float(np.percentile(arr, 99)),
+            "max_us": float(arr.max()), "server_cores": (time.process_time() - cpu0) / wall,
+        }
+
+    opts = ["CPUExecutionProvider"]
+    tab = ort.InferenceSession(str(packages.tabular / "model.onnx"), providers=opts)
+    conv = ort.InferenceSession(str(packages.conv / "model.onnx"), providers=opts)
+    single = timed(lambda: tab.run(None, {"input": wl.tab_row}))
+    batch = timed(lambda: tab.run(None, {"input": wl.tab_batch}))
+    rows = {"status": "ok", "throughput_rps": batch["throughput_rps"] * BATCH_ROWS,
+            "server_cores": batch["server_cores"],
+            "note": f"rows/s in calls of {BATCH_ROWS} rows"}
+    image = timed(lambda: conv.run(None, {"input": wl.image}))
+    return {"tabular_c1": single, "tabular_c16": rows, "conv_binary_c1": image}
+
+
+def run_server(key: str, start: Callable[[str, list[Path]], Server], packages: Packages,
+               wl: Workload, st: Settings, binary: bool, switch: bool,
+               notes: list[str]) -> dict[str, Any]:
+    """Every figure of one server contender; raises Unavailable if it cannot start at all."""
+    figs: dict[str, Any] = {}
+    with start(f"{key}-tab", [packages.tabular]) as srv:
+        figs["startup"] = {"status": "ok", "seconds": srv.startup_s}
+        idle = srv.rss_bytes()
+        figs["tabular_c1"] = measure(srv, wl.tab_json, TABULAR, wl.tab_expected, 1, st)
+        figs["tabular_c16"] = measure(srv, wl.tab_json, TABULAR, wl.tab_expected, 16, st)
+        figs["memory"] = {
+            "status": "ok", "rss_idle_mb": idle / MB,
+            "rss_steady_mb": figs["tabular_c16"].pop("rss_median_mb", None),
+            "rss_peak_mb": srv.peak_rss_bytes() / MB,
+        }
+        figs["tabular_c1"].pop("rss_median_mb", None)
+        if switch:
+            figs["switch"] = switch_and_rollback(srv, packages, wl, st)
+        srv.stop()
+        notes += srv.notes
+    with start(f"{key}-conv", [packages.conv]) as srv:
+        figs["conv_json_c1"] = measure(srv, wl.conv_json, CONV, wl.conv_expected, 1, st)
+        if binary:
+            figs["conv_binary_c1"] = measure(srv, wl.conv_binary, CONV, wl.conv_expected, 1, st)
+        else:
+            figs["conv_binary_c1"] = {"status": "n/a: JSON only, as a user's app would be"}
+        for fig in figs.values():
+            fig.pop("rss_median_mb", None)
+        srv.stop()
+        notes += srv.notes
+    return figs
+
+
+def switch_and_rollback(srv: Server, packages: Packages, wl: Workload, st: Settings
+                        ) -> dict[str, Any]:
+    """Version switch and rollback of the tabular model under a steady 16-client load.
+
+    DEPENDS ON THE AGENT'S ADMIN SURFACE: `outpost-agent install PACKAGE --config` (which
+    writes the store and itself asks the running agent to reload), `POST /v1/reload`, and
+    `POST /v1/models/{name}/default {"version": N}` to pin the previous version. If either
+    endpoint answers 404 the scenario reports 'skipped: ...'.
+
+    Windows, on the load's clock: steady = before the install starts; switch = from the
+    install's start until `switch_settle_s` after the reload answered (the new version's first
+    requests included); rollback = from the pin request until `switch_settle_s` after it.
+    Every failed request in the whole measured window counts.
+    """
+    assert srv.config_path is not None
+    tab_model = TABULAR
+    sample = wl.tab_json
+    with Load(srv.socket, sample, 16, st.warmup_s, 600.0, st.client_procs) as load:
+        try:
+            load.start()
+        except ClientError as exc:
+            return {"status": f"failed: {exc}"}
+        _sleep_until_ns(load.measure_ns + int(st.switch_steady_s * 1e9))
+        t_switch = time.perf_counter_ns()
+        try:
+            agent_cli(srv.config_path, "install", str(packages.tabular_v2))
+        except Unavailable as exc:
+            load.set_end(time.perf_counter_ns())
+            load.join()
+            return {"status": f"failed: {exc}"}
+        reload = request_once(srv.socket, http_request("POST", "/v1/reload", b""))
+        t_switched = time.perf_counter_ns()
+        if reload.status == 404:
+            load.set_end(t_switched)
+            load.join()
+            return {"status": "skipped: POST /v1/reload answered 404 (agent admin API missing)"}
+        after_switch = _served(srv.socket, sample, wl.tab_v2_expected)
+        _sleep_until_ns(t_switched + int(st.switch_settle_s * 1e9))
+        t_rollback = time.perf_counter_ns()
+        pin = request_once(srv.socket, http_request(
+            "POST", f"/v1/models/{tab_model}/default", b'{"version": 1}', "application/json"))
+        t_rolled = time.perf_counter_ns()
+        if pin.status == 404:
+            load.set_end(t_rolled)
+            load.join()
+            return {"status": f"skipped: POST /v1/models/{tab_model}/default answered 404 "
+                              "(agent admin API missing)"}
+        after_rollback = _served(srv.socket, sample, wl.tab_expected)
+        end = t_rolled + int(st.switch_settle_s * 1e9)
+        load.set_end(max(end, time.perf_counter_ns() + 10_000_000))
+        result = load.join()
+    p99 = result.percentile_us
+    out = _summary(result)
+    out.update({
+        "p99_steady_us": p99(99, load.measure_ns, t_switch),
+        "p99_switch_us": p99(99, t_switch, t_switched + int(st.switch_settle_s * 1e9)),
+        "p99_rollback_us": p99(99, t_rollback, end),
+        "switch_s": (t_switched - t_switch) / 1e9,
+        "rollback_s": (t_rolled - t_rollback) / 1e9,
+        "reload_status": reload.status, "pin_status": pin.status,
+        "version_after_switch": after_switch[0], "answer_after_switch": after_switch[1],
+        "version_after_rollback": after_rollback[0], "answer_after_rollback": after_rollback[1],
+    })
+    return out
+
+
+def _served(socket: str, raw: bytes, expected: dict[str, np.ndarray]) -> tuple[str | None, str]:
+    """(the model_version answering, "ok" or why its answer is not that version's)."""
+    try:
+        problem, doc = check_answer(socket, raw, TABULAR, expected)
+    except ClientError as exc:
+        return None, str(exc)
+    version = doc.get("model_version")
+    return (None if version is None else str(version)), problem or "ok"
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="1 s per measurement after 0.5 s of warm-up (a smoke run)")
+    parser.add_argument("--duration", type=float, help="seconds measured per scenario (5)")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up per scenario (1)")
+    parser.add_argument("--client-procs", type=int, default=1,
+                        help="load client processes (1: the client then uses a fraction of a core)")
+    parser.add_argument("--only", default=",".join(CONTENDERS),
+                        help=f"comma-separated contenders out of {', '.join(CONTENDERS)}")
+    parser.add_argument("--tuned", default=DEFAULT_TUNED,
+                        help=f"[runtime] keys of the tuned agent ({DEFAULT_TUNED})")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args(argv)
+    try:
+        args.tuned_runtime = parse_runtime(args.tuned)
+    except ValueError as exc:
+        parser.error(str(exc))
+    unknown = set(args.only.split(",")) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    duration = args.duration or (1.0 if args.quick else 5.0)
+    warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
+    st = Settings(warmup, duration, args.client_procs,
+                  switch_steady_s=max(1.0, duration * 0.6),
+                  switch_settle_s=1.0 if args.quick else 1.5)
+    wanted = [k for k in CONTENDERS if k in args.only.split(",")]
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "machine": report.machine(), "command": report.command_line(argv),
+        "settings": {"warmup_s": st.warmup_s, "duration_s": st.duration_s,
+                     "client_processes": st.client_procs, "cores": cpu_count(),
+                     "tuned_runtime": args.tuned_runtime},
+        "contenders": {}, "figures": {},
+    }
+    tuned = ", ".join(f"{k} = {v}" for k, v in args.tuned_runtime.items())
+    print(f"outpost bench: {results['machine']['cpu']}, {cpu_count()} cores, "
+          f"{st.duration_s:g} s per scenario after {st.warmup_s:g} s warm-up", flush=True)
+    packages = build_packages(args.out / "packages")
+    wl = make_workload(packages)
+    workdir = Path(tempfile.mkdtemp(prefix="ob-"))  # short: Unix socket paths are <108 bytes
+    try:
+        for key in wanted:
+            label, description = CONTENDERS[key]
+            print(f"- {label} ...", flush=True)
+            info: dict[str, Any] = {"label": label, "description": description.format(tuned=tuned),
+                                    "status": "ok", "notes": []}
+            results["contenders"][key] = info
+            try:
+                results["figures"][key] = _run_contender(
+                    key, packages, wl, st, workdir, info, args.tuned_runtime)
+            except Unavailable as exc:
+                info["status"] = f"unavailable: {exc}"
+                print(f"  {info['status']}", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    agents = [k for k in ("agent", "agent_tuned") if k in wanted]
+    results["targets"] = report.evaluate(results["figures"], agents) if "peer" in wanted else []
+    with contextlib.suppress(OSError):
+        results["machine"]["loadavg_at_end"] = " ".join(
+            Path("/proc/loadavg").read_text().split()[:3])
+    results["elapsed_s"] = time.perf_counter() - started
+    print()
+    print(report.render_text(results))
+    json_path, md_path = report.write(results, args.out)
+    print(f"\nwrote {json_path} and {md_path} ({results['elapsed_s']:.0f} s)")
+    return 0
+
+
+def _run_contender(key: str, packages: Packages, wl: Workload, st: Settings, workdir: Path,
+                   info: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+    notes: list[str] = info["notes"]
+    if key == "limit":
+        return run_limit(packages, wl, st)
+    if key.startswith("peer"):
+        mode = "threadpool" if key == "peer_threadpool" else "async"
+        return run_server(key, lambda name, pkgs: start_peer(workdir, name, pkgs, mode),
+                          packages, wl, st, binary=False, switch=False, notes=notes)
+    runtime = tuned if key == "agent_tuned" else {}
+    return run_server(
+        key, lambda name, pkgs: start_agent(workdir, name, info["label"], pkgs, runtime),
+        packages, wl, st, binary=True, switch=key == "agent", notes=notes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
