@@ -135,7 +135,7 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("server.socket and server.tcp are both empty: nothing to serve on")
     if cfg.server.tcp:
         host, sep, port = cfg.server.tcp.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"server.tcp: expected HOST:PORT, got {cfg.server.tcp!r}")
     if not 0 <= cfg.server.socket_mode <= 0o777:
         raise ConfigError("server.socket_mode: expected a file mode such as 0o660")
@@ -143,18 +143,24 @@ def _validate(cfg: AgentConfig) -> None:
         if getattr(cfg.server, key) <= 0:
             raise ConfigError(f"server.{key}: must be positive")
     for key in ("idle_timeout_s", "request_timeout_s", "drain_timeout_s"):
-        if getattr(cfg.server, key) <= 0:
-            raise ConfigError(f"server.{key}: must be positive")
+        # `not x > 0` also refuses NaN, which TOML allows.
+        if not getattr(cfg.server, key) > 0:
+            raise ConfigError(f"server.{key}: must be a positive number")
     rt = cfg.runtime
     for key in ("intra_op_threads", "inter_op_threads", "workers", "max_batch_size"):
         if getattr(rt, key) < 1:
             raise ConfigError(f"runtime.{key}: must be at least 1")
-    if rt.inline_max_ms < 0:
-        raise ConfigError("runtime.inline_max_ms: must not be negative")
-    if rt.max_queue_delay_ms < 0:
-        raise ConfigError("runtime.max_queue_delay_ms: must not be negative")
-    if cfg.hub.poll_interval_s <= 0:
-        raise ConfigError("hub.poll_interval_s: must be positive")
+    if not rt.inline_max_ms >= 0:
+        raise ConfigError("runtime.inline_max_ms: must be a number, not negative")
+    if not rt.max_queue_delay_ms >= 0:
+        raise ConfigError("runtime.max_queue_delay_ms: must be a number, not negative")
+    for model, per in rt.models.items():
+        if per.max_batch_size is not None and per.max_batch_size < 1:
+            raise ConfigError(f"runtime.models.{model}.max_batch_size: must be at least 1")
+        if per.max_queue_delay_ms is not None and not per.max_queue_delay_ms >= 0:
+            raise ConfigError(f"runtime.models.{model}.max_queue_delay_ms: must be a number, not negative")
+    if not cfg.hub.poll_interval_s > 0:
+        raise ConfigError("hub.poll_interval_s: must be a positive number")
 
 
 def parse_config(doc: dict[str, Any]) -> AgentConfig:
@@ -169,8 +175,10 @@ def load_config(path: Path) -> AgentConfig:
             doc = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from exc
     try:
         return parse_config(doc)
     except ConfigError as exc:

@@ -10,8 +10,9 @@ The packager (`hub.packager`) builds manifests with the same dataclasses.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from agent.errors import PackageError
@@ -90,10 +91,26 @@ class Manifest:
     format: str = FORMAT
 
     def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
+        """The manifest as JSON values (lists, not tuples), ready for json.dumps or parse_manifest."""
+        doc: dict[str, Any] = _lists(asdict(self))
         if self.self_test is None:
             doc.pop("self_test")
         return doc
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _number(doc: dict[str, Any], key: str, default: float, where: str) -> float:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise PackageError(f"manifest: {where}{key} must be a non-negative number")
+    return float(value)
 
 
 def _require(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -143,6 +160,9 @@ def _tensor(doc: Any, where: str) -> Tensor:
     data = _require(doc, "data", list, where + ".")
     if any(d < 0 for d in spec.shape):
         raise PackageError(f"manifest: {where}.shape must be concrete in a self-test vector")
+    count = math.prod(spec.shape)
+    if len(data) != count or any(isinstance(v, list | dict) for v in data):
+        raise PackageError(f"manifest: {where}.data must be {count} flat values for shape {list(spec.shape)}")
     return Tensor(spec.name, spec.datatype, spec.shape, data)
 
 
@@ -179,6 +199,8 @@ def parse_manifest(doc: Any) -> Manifest:
         sha256=_require(model_doc, "sha256", str, "model."),
         size=_require(model_doc, "size", int, "model."),
     )
+    if model.size < 0:
+        raise PackageError("manifest: model.size must not be negative")
     if "/" in model.file or model.file in ("", ".", "..", MANIFEST_FILE):
         raise PackageError(f"manifest: model.file {model.file!r} must be a plain file name")
     if not re.fullmatch(r"[0-9a-f]{64}", model.sha256):
@@ -195,16 +217,27 @@ def parse_manifest(doc: Any) -> Manifest:
         self_test = SelfTest(
             inputs=tuple(_tensor(t, f"self_test.inputs[{i}]") for i, t in enumerate(st_inputs)),
             outputs=tuple(_tensor(t, f"self_test.outputs[{i}]") for i, t in enumerate(st_outputs)),
-            atol=float(st.get("atol", 1e-4)),
-            rtol=float(st.get("rtol", 1e-3)),
+            atol=_number(st, "atol", 1e-4, "self_test."),
+            rtol=_number(st, "rtol", 1e-3, "self_test."),
         )
     probation_doc = doc.get("probation", {})
     if not isinstance(probation_doc, dict):
         raise PackageError("manifest: probation must be an object")
-    try:
-        probation = ProbationPolicy(**probation_doc)
-    except TypeError as exc:
-        raise PackageError(f"manifest: probation: {exc}") from exc
+    known = {f.name for f in fields(ProbationPolicy)}
+    unknown = sorted(set(probation_doc) - known)
+    if unknown:
+        raise PackageError(f"manifest: probation.{unknown[0]} is not a known key")
+    defaults = ProbationPolicy()
+    probation = ProbationPolicy(
+        min_requests=int(_number(probation_doc, "min_requests", defaults.min_requests, "probation.")),
+        min_seconds=_number(probation_doc, "min_seconds", defaults.min_seconds, "probation."),
+        max_error_rate=_number(probation_doc, "max_error_rate", defaults.max_error_rate, "probation."),
+        max_latency_ratio=_number(
+            probation_doc, "max_latency_ratio", defaults.max_latency_ratio, "probation."
+        ),
+    )
+    if isinstance(probation_doc.get("min_requests", 0), float):
+        raise PackageError("manifest: probation.min_requests must be an integer")
     labels = doc.get("labels", [])
     features = doc.get("features", [])
     for key, value in (("labels", labels), ("features", features)):

@@ -58,6 +58,8 @@ def read_manifest(directory: Path) -> Manifest:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise PackageError(f"{directory}: no {MANIFEST_FILE}") from None
+    except OSError as exc:
+        raise PackageError(f"{path}: cannot read the manifest ({exc.strerror})") from exc
     if len(raw) > MAX_MANIFEST_BYTES:
         raise PackageError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
     try:

@@ -28,9 +28,10 @@ RunFn = Callable[[Mapping[str, np.ndarray]], Tensors]
 @dataclass(slots=True)
 class _Item:
     inputs: Mapping[str, np.ndarray]
-    rows: int
+    rows: int  # rows in the batch dimension; -1 when this request must run alone
     future: asyncio.Future[Tensors]
     key: tuple[object, ...] = field(default=())
+    size: int = 1  # rows it carries, for accounting and metrics, batchable or not
 
 
 def _compat_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
@@ -112,8 +113,9 @@ class Batcher:
         future: asyncio.Future[Tensors] = loop.create_future()
         batchable = self.enabled and 0 < rows <= self.max_batch_rows
         key = _compat_key(inputs) if batchable else ()
-        self._queue.append(_Item(inputs, rows if batchable else -1, future, key))
-        self._queued_rows += max(rows, 1)
+        size = max(rows, 1)
+        self._queue.append(_Item(inputs, rows if batchable else -1, future, key, size))
+        self._queued_rows += size
         if self._executor is None:
             # Inline: run at the end of this loop iteration, so every request that
             # arrived in the same read burst (on any connection) shares one call.
@@ -138,7 +140,7 @@ class Batcher:
             if not items:
                 continue
             if self._on_batch is not None:
-                self._on_batch(len(items), sum(max(i.rows, 1) for i in items))
+                self._on_batch(len(items), sum(i.size for i in items))
             outcomes = run_batch(self._run, [i.inputs for i in items], [i.rows for i in items])
             self._deliver(items, outcomes)
 
@@ -157,7 +159,7 @@ class Batcher:
                     break
                 taken.append(self._queue.popleft())
                 total += nxt.rows
-        self._queued_rows -= sum(max(i.rows, 1) for i in taken)
+        self._queued_rows -= sum(i.size for i in taken)
         return taken
 
     def _dispatch(self) -> None:
@@ -173,7 +175,7 @@ class Batcher:
                 continue
             self._inflight += 1
             if self._on_batch is not None:
-                self._on_batch(len(items), sum(max(i.rows, 1) for i in items))
+                self._on_batch(len(items), sum(i.size for i in items))
             work = loop.run_in_executor(
                 executor,
                 run_batch,

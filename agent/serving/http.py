@@ -194,7 +194,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             if self._lingering_since and time.monotonic() - self._lingering_since > LINGER_S:
-                self._abort()
+                self.close()
             return
         self._last_activity = time.monotonic()
         try:
@@ -345,8 +345,10 @@ class HttpProtocol(asyncio.Protocol):
         # EPIPE and never read our answer if we closed now. Shut our side, drop
         # what it still sends, and let the sweeper close after LINGER_S.
         self._closing = True
+        self._in_message = False
         self._lingering_since = time.monotonic()
-        self._state.connections.discard(self)
+        # Stays in `connections`: it still holds a socket, counts against
+        # max_connections, and the sweeper or shutdown must close it.
         if transport.can_write_eof():
             transport.write_eof()
         else:
@@ -374,6 +376,10 @@ class HttpProtocol(asyncio.Protocol):
         return bool(self._pending) or self._in_message
 
     def check_timeouts(self, now: float, idle_timeout: float, request_timeout: float) -> None:
+        if self._lingering_since:
+            if now - self._lingering_since > LINGER_S:
+                self.close()
+            return
         if self._pending:
             return  # the model is working for this client; not the client's fault
         if self._in_message:
@@ -382,14 +388,9 @@ class HttpProtocol(asyncio.Protocol):
         elif now - self._last_activity > idle_timeout:
             self.close()
 
-    def _abort(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
     def close(self) -> None:
-        if self._closing:
-            return
+        """Close now (after flushing what is buffered). Safe to call more than once."""
         self._closing = True
         self._state.connections.discard(self)
-        if self._transport is not None:
+        if self._transport is not None and not self._transport.is_closing():
             self._transport.close()

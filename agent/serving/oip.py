@@ -60,6 +60,10 @@ def _decode_bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray
     Elements become `str`: onnxruntime's string tensors are UTF-8 text, and it
     would turn a `bytes` object into its repr.
     """
+    if 4 * count > len(buf):
+        # Checked before allocating: a tiny request must not make us reserve
+        # room for a huge claimed element count.
+        raise RequestError(f"input {name!r}: {len(buf)} bytes cannot hold {count} BYTES elements")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
@@ -102,36 +106,73 @@ def _json_array(data: Any, datatype: str, dtype: np.dtype[Any], name: str) -> np
             if arr.dtype != np.bool_ and arr.size:
                 raise RequestError(f"input {name!r}: BOOL data must be true/false")
             return arr.astype(np.bool_)
-        arr = np.array(data, dtype=dtype)
+        # Let numpy infer first: strings, nulls and booleans show up in the
+        # inferred kind, where casting straight to `dtype` would accept "1.5",
+        # turn null into NaN and true into 1.
+        src = np.array(data)
     except RequestError:
         raise
     except (ValueError, TypeError, OverflowError) as exc:
         raise RequestError(
             f"input {name!r}: data is not a regular array of {datatype} values ({exc})"
         ) from None
-    if arr.dtype.kind in "iu" and _has_floats(data):
-        raise RequestError(f"input {name!r}: {datatype} data must be integers")
-    return arr
+    if dtype.kind in "iu" and src.dtype.kind in "fO" and _all_ints(data):
+        # Integers past int64 (UINT64's upper half) make numpy infer float or
+        # object; only then is it worth walking the list.
+        try:
+            return np.array(data, dtype=dtype)
+        except OverflowError:
+            raise RequestError(f"input {name!r}: a value is outside the range of {datatype}") from None
+    return _cast_numbers(src, dtype, datatype, name)
 
 
-def _has_floats(data: list[Any]) -> bool:
-    # np.array(..., dtype=int) truncates 1.5 to 1 silently; an integer tensor
-    # given floats is a caller's mistake we must not hide.
+def _all_ints(data: list[Any]) -> bool:
     stack: list[Any] = [data]
     while stack:
         item = stack.pop()
         if isinstance(item, list):
             stack.extend(item)
-        elif isinstance(item, float):
-            return True
-    return False
+        elif not isinstance(item, int) or isinstance(item, bool):
+            return False
+    return True
+
+
+def _cast_numbers(src: np.ndarray, dtype: np.dtype[Any], datatype: str, name: str) -> np.ndarray:
+    kind = src.dtype.kind
+    if src.size == 0:
+        return src.astype(dtype)
+    if kind not in "iuf":
+        what = {"b": "booleans", "U": "strings", "O": "nulls or mixed values"}.get(kind, kind)
+        raise RequestError(f"input {name!r}: {datatype} data must be numbers, got {what}")
+    if dtype.kind in "iu":
+        if kind == "f":
+            raise RequestError(f"input {name!r}: {datatype} data must be integers")
+        info = np.iinfo(dtype)
+        if src.min() < info.min or src.max() > info.max:
+            raise RequestError(f"input {name!r}: a value is outside the range of {datatype}")
+        return src.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = src.astype(dtype)
+    if not np.isfinite(arr).all():
+        raise RequestError(f"input {name!r}: a value is too large for {datatype}")
+    return arr
+
+
+MAX_DIM = 2**31 - 1
+
+
+def _reshape(arr: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    try:
+        return arr.reshape(shape)
+    except ValueError as exc:  # e.g. numpy's limit on the total size of a shape
+        raise RequestError(f"input {name!r}: shape {list(shape)} is not usable ({exc})") from None
 
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in value
     ):
-        raise RequestError(f"input {name!r}: shape must be a list of non-negative integers")
+        raise RequestError(f"input {name!r}: shape must be a list of integers from 0 to {MAX_DIM}")
     return tuple(value)
 
 
@@ -183,7 +224,7 @@ def _decode_input(
         arr = _json_array(item["data"], datatype, dtype, name)
         if arr.size != count:
             raise RequestError(f"input {name!r}: {arr.size} values given, shape {list(shape)} needs {count}")
-        return name, arr.reshape(shape), 0
+        return name, _reshape(arr, shape, name), 0
     if not has_binary_header:
         raise RequestError(
             f"input {name!r} has binary_data_size but the request has no "
@@ -198,14 +239,14 @@ def _decode_input(
         )
     chunk = binary[offset : offset + size]
     if datatype == "BYTES":
-        return name, _decode_bytes_elements(chunk, count, name).reshape(shape), size
+        return name, _reshape(_decode_bytes_elements(chunk, count, name), shape, name), size
     expected = count * dtype.itemsize
     if size != expected:
         raise RequestError(
             f"input {name!r}: {size} bytes given, shape {list(shape)} of {datatype} needs {expected}"
         )
     # Zero-copy view over the request body; little-endian per the extension.
-    return name, np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).reshape(shape), size
+    return name, _reshape(np.frombuffer(chunk, dtype=dtype.newbyteorder("<")), shape, name), size
 
 
 def _requested_outputs(

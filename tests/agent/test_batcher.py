@@ -171,11 +171,6 @@ def test_request_larger_than_max_batch_rows_runs_alone(executor: ThreadPoolExecu
     assert model.calls == [1, 10, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Batcher stores rows=-1 for a request it will not batch, so on_batch (the "
-    "batch_rows metric) reports max(-1, 1) = 1 row for it whatever its size",
-)
 @pytest.mark.parametrize(
     "options",
     [
@@ -336,11 +331,6 @@ def test_max_delay_stops_waiting_once_the_batch_is_full(executor: ThreadPoolExec
     asyncio.run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Batcher.submit adds max(rows, 1) to _queued_rows but _take subtracts 1 for a "
-    "non-batchable item (rows stored as -1); the leaked rows make max_delay_s stop waiting",
-)
 def test_max_delay_still_waits_after_an_oversized_request(executor: ThreadPoolExecutor) -> None:
     model = FakeModel()
 

@@ -255,44 +255,26 @@ ERRORS = [
     pytest.param(
         {"server": {"tcp": "localhost:²"}},
         "server.tcp",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: config._validate checks the port with str.isdigit(), true for '²', "
-            "then int('²') raises ValueError instead of ConfigError",
-        ),
         id="tcp-port-superscript-digit",
     ),
     pytest.param(
         {"server": {"request_timeout_s": float("nan")}},
         "server.request_timeout_s",
-        marks=pytest.mark.xfail(
-            strict=True, reason="BUG: config._validate's `<= 0` checks let TOML `nan` through"
-        ),
         id="nan-timeout",
     ),
     pytest.param(
         {"runtime": {"max_queue_delay_ms": float("nan")}},
         "runtime.max_queue_delay_ms",
-        marks=pytest.mark.xfail(strict=True, reason="BUG: config._validate's `< 0` check lets `nan` through"),
         id="nan-delay",
     ),
     pytest.param(
         {"runtime": {"models": {"iris": {"max_batch_size": 0}}}},
         "runtime.models.iris.max_batch_size",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: config._validate checks runtime.max_batch_size >= 1 but not the per-model override",
-        ),
         id="model-zero-batch",
     ),
     pytest.param(
         {"runtime": {"models": {"iris": {"max_queue_delay_ms": -5.0}}}},
         "runtime.models.iris.max_queue_delay_ms",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: config._validate checks runtime.max_queue_delay_ms >= 0 "
-            "but not the per-model override",
-        ),
         id="model-negative-delay",
     ),
 ]
@@ -354,20 +336,11 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config.load_config maps only FileNotFoundError; a directory raises IsADirectoryError",
-)
 def test_directory_instead_of_a_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=str(tmp_path)):
         load_config(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config.load_config: tomllib raises UnicodeDecodeError (not TOMLDecodeError) "
-    "for a file that is not UTF-8, and it is not mapped",
-)
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_bytes(b'device_id = "caf\xe9"\n')  # Latin-1, as an editor on a device might save it

@@ -529,12 +529,6 @@ def test_draining_server_answers_then_closes(sock_path: Path) -> None:
     run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: HttpProtocol._send_error_and_close removes a lingering connection from "
-    "state.connections, so ServerState.sweep never closes it after LINGER_S; a silent client "
-    "keeps the socket open forever, uncounted by max_connections",
-)
 def test_lingering_connection_is_closed_by_sweep(sock_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http_module, "LINGER_S", 0.01)
 
@@ -552,11 +546,6 @@ def test_lingering_connection_is_closed_by_sweep(sock_path: Path, monkeypatch: p
     run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a lingering connection is not in state.connections, so ServerState.close_all "
-    "(shutdown) does not close it and open_transports stays > 0 until the drain deadline",
-)
 def test_close_all_closes_lingering_connections(sock_path: Path) -> None:
     async def main() -> None:
         async with serve(sock_path) as srv:

@@ -86,11 +86,6 @@ def test_self_test_tolerances_default() -> None:
     assert (st.atol, st.rtol) == (1e-4, 1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): Manifest.to_json returns tuples (dataclasses.asdict keeps them), "
-    "which parse_manifest rejects as 'must be a list'; a JSON decoder would give lists",
-)
 def test_to_json_is_accepted_without_a_trip_through_text() -> None:
     assert parse_manifest(FULL.to_json()) == FULL
 
@@ -203,46 +198,26 @@ KNOWN_BUGS = [
     pytest.param(
         mutate("self_test.atol", "tight"),
         "self_test.atol",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: manifest.parse_manifest does float(st.get('atol')) unguarded: ValueError escapes",
-        ),
         id="atol-string",
     ),
     pytest.param(
         mutate("self_test.rtol", [0.1]),
         "self_test.rtol",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: manifest.parse_manifest does float(st.get('rtol')) unguarded: TypeError escapes",
-        ),
         id="rtol-list",
     ),
     pytest.param(
         mutate("probation.min_requests", "many"),
         "probation.min_requests",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: manifest.parse_manifest builds ProbationPolicy(**doc) without checking value types",
-        ),
         id="probation-string",
     ),
     pytest.param(
         mutate("model.size", -1),
         "model.size",
-        marks=pytest.mark.xfail(
-            strict=True, reason="BUG: manifest.parse_manifest accepts a negative model.size"
-        ),
         id="size-negative",
     ),
     pytest.param(
         mutate("self_test.inputs[0].data", [5.1, 3.5]),
         "self_test.inputs[0]",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: manifest._tensor does not check len(data) against the shape; the registry's "
-            "tensor_to_array then fails at load with a bare ValueError from reshape",
-        ),
         id="vector-data-does-not-fit-shape",
     ),
 ]

@@ -343,11 +343,6 @@ def test_installed_skips_invalid_version_dirs_without_raising(
     assert "says iris version 1" in logged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: store.read_manifest maps only FileNotFoundError; a manifest.json that is a "
-    "directory raises IsADirectoryError out of Store.installed()",
-)
 def test_installed_skips_a_version_whose_manifest_is_a_directory(store: Store, package: Path) -> None:
     good = store.install(package)
     odd = store.root / "iris" / "2"
