@@ -389,10 +389,16 @@ def _child(pipe: Any, socket_path: str, raw: bytes, connections: int) -> None:
 
     def on_message() -> None:
         # The orchestrator may move the end of the window (e.g. once a version switch is over).
-        if pipe.poll():
-            msg = pipe.recv()
-            # None: the orchestrator is giving up on this run (an error); stop now.
-            worker.end_ns = time.perf_counter_ns() if msg is None else msg["end_ns"]
+        try:
+            msg = pipe.recv() if pipe.poll() else {"end_ns": worker.end_ns}
+        except (EOFError, OSError):
+            msg = None
+        if msg is None:
+            # The orchestrator gave up on this run (None, or it closed the pipe): stop now.
+            loop.remove_reader(pipe.fileno())
+            worker.end_ns = time.perf_counter_ns()
+        else:
+            worker.end_ns = msg["end_ns"]
 
     loop.add_reader(pipe.fileno(), on_message)
 
@@ -403,7 +409,8 @@ def _child(pipe: Any, socket_path: str, raw: bytes, connections: int) -> None:
         while (left := worker.end_ns - time.perf_counter_ns()) > 0:
             await asyncio.sleep(min(left / 1e9, 0.05))
         cpu = time.process_time() - cpu0
-        loop.remove_reader(pipe.fileno())
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(pipe.fileno())
         _, pending = await asyncio.wait(slots, timeout=DRAIN_TIMEOUT_S)
         for conn in list(worker.live):
             if conn.busy:
@@ -420,8 +427,8 @@ def _child(pipe: Any, socket_path: str, raw: bytes, connections: int) -> None:
     loop.close()
     # The event loop made the pipe non-blocking for add_reader; a large result must be written
     # whole, so make it blocking again.
-    os.set_blocking(pipe.fileno(), True)
     with contextlib.suppress(OSError):  # the orchestrator may have stopped listening
+        os.set_blocking(pipe.fileno(), True)
         pipe.send({
             "starts": worker.starts.tobytes(), "lats": worker.lats.tobytes(),
             "errors": dict(worker.errors), "reconnects": worker.reconnects, "cpu_s": cpu,
@@ -470,9 +477,12 @@ class Load:
             self._procs.append(proc)
             self._pipes.append(parent)
         for pipe in self._pipes:
-            if not pipe.poll(READY_TIMEOUT_S):
-                raise ClientError("a load process did not get ready in time")
-            msg = pipe.recv()
+            try:
+                if not pipe.poll(READY_TIMEOUT_S):
+                    raise ClientError("a load process did not get ready in time")
+                msg = pipe.recv()
+            except (OSError, EOFError) as exc:
+                raise ClientError(f"a load process failed to start: {exc!r}") from exc
             if "error" in msg:
                 raise ClientError(msg["error"])
         now = time.perf_counter_ns()

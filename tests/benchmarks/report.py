@@ -51,7 +51,8 @@ ROWS: list[tuple[str, str, str, float]] = [
 LIMIT_NOTES = (
     "limit = onnxruntime called in-process, default session options, no HTTP: "
     "'tabular, 1 client' is one row per call; 'tabular, 16 clients: req/s' is rows/s with "
-    "256 rows per call; 'conv, binary' is one image per call."
+    "256 rows per call; 'conv, binary' is one image per call; RSS and start-up are a bare "
+    "python + numpy + onnxruntime process with the tabular model loaded (the floor)."
 )
 
 

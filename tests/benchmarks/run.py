@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +252,36 @@ def run_limit(packages: Packages, wl: Workload, st: Settings) -> dict[str, Any]:
             "server_cores": batch["server_cores"],
             "note": f"rows/s in calls of {BATCH_ROWS} rows"}
     image = timed(lambda: conv.run(None, {"input": wl.image}))
-    return {"tabular_c1": single, "tabular_c16": rows, "conv_binary_c1": image}
+    return {"tabular_c1": single, "tabular_c16": rows, "conv_binary_c1": image,
+            **bare_process(packages)}
+
+
+# What any server must at least hold: an interpreter with numpy and onnxruntime imported and
+# the model loaded and run. Run in a fresh process (this one has scikit-learn and more loaded).
+_BARE = """
+import json, sys, numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+x = np.zeros((1, 32), np.float32)
+for _ in range(1000):
+    s.run(None, {"input": x})
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({k: int(status[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}))
+"""
+
+
+def bare_process(packages: Packages) -> dict[str, Any]:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _BARE, str(packages.tabular / "model.onnx")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"memory": {"status": f"failed: {done.stderr.strip()[-200:]}"}}
+    mem = json.loads(done.stdout)
+    return {
+        "memory": {"status": "ok", "rss_steady_mb": mem["VmRSS"] / MB,
+                   "rss_peak_mb": mem["VmHWM"] / MB},
+        "startup": {"status": "ok", "seconds": elapsed},
+    }
 
 
 def run_server(key: str, start: Callable[[str, list[Path]], Server], packages: Packages,
@@ -300,55 +332,57 @@ def switch_and_rollback(srv: Server, packages: Packages, wl: Workload, st: Setti
     Every failed request in the whole measured window counts.
     """
     assert srv.config_path is not None
-    tab_model = TABULAR
-    sample = wl.tab_json
-    with Load(srv.socket, sample, 16, st.warmup_s, 600.0, st.client_procs) as load:
+    with Load(srv.socket, wl.tab_json, 16, st.warmup_s, 600.0, st.client_procs) as load:
         try:
-            load.start()
-        except ClientError as exc:
-            return {"status": f"failed: {exc}"}
-        _sleep_until_ns(load.measure_ns + int(st.switch_steady_s * 1e9))
-        t_switch = time.perf_counter_ns()
-        try:
-            agent_cli(srv.config_path, "install", str(packages.tabular_v2))
-        except Unavailable as exc:
-            load.set_end(time.perf_counter_ns())
-            load.join()
-            return {"status": f"failed: {exc}"}
-        reload = request_once(srv.socket, http_request("POST", "/v1/reload", b""))
-        t_switched = time.perf_counter_ns()
-        if reload.status == 404:
-            load.set_end(t_switched)
-            load.join()
-            return {"status": "skipped: POST /v1/reload answered 404 (agent admin API missing)"}
-        after_switch = _served(srv.socket, sample, wl.tab_v2_expected)
-        _sleep_until_ns(t_switched + int(st.switch_settle_s * 1e9))
-        t_rollback = time.perf_counter_ns()
-        pin = request_once(srv.socket, http_request(
-            "POST", f"/v1/models/{tab_model}/default", b'{"version": 1}', "application/json"))
-        t_rolled = time.perf_counter_ns()
-        if pin.status == 404:
-            load.set_end(t_rolled)
-            load.join()
-            return {"status": f"skipped: POST /v1/models/{tab_model}/default answered 404 "
-                              "(agent admin API missing)"}
-        after_rollback = _served(srv.socket, sample, wl.tab_expected)
-        end = t_rolled + int(st.switch_settle_s * 1e9)
-        load.set_end(max(end, time.perf_counter_ns() + 10_000_000))
+            steps = _switch_steps(srv, srv.config_path, packages, wl, st, load)
+        except (ClientError, Unavailable) as exc:
+            steps = {"status": f"failed: {exc}"}
+        if "status" in steps:  # failed or skipped: leaving `with` stops the load, no figures
+            return steps
         result = load.join()
+    t_switch, t_switched, t_rollback, end = (steps[k] for k in (
+        "t_switch", "t_switched", "t_rollback", "end"))
     p99 = result.percentile_us
     out = _summary(result)
     out.update({
         "p99_steady_us": p99(99, load.measure_ns, t_switch),
         "p99_switch_us": p99(99, t_switch, t_switched + int(st.switch_settle_s * 1e9)),
         "p99_rollback_us": p99(99, t_rollback, end),
-        "switch_s": (t_switched - t_switch) / 1e9,
-        "rollback_s": (t_rolled - t_rollback) / 1e9,
+        **{k: v for k, v in steps.items() if not k.startswith("t_") and k != "end"},
+    })
+    return out
+
+
+def _switch_steps(srv: Server, config: Path, packages: Packages, wl: Workload, st: Settings,
+                  load: Load) -> dict[str, Any]:
+    """Drive the switch and the rollback during the load; times on the load's clock."""
+    load.start()
+    _sleep_until_ns(load.measure_ns + int(st.switch_steady_s * 1e9))
+    t_switch = time.perf_counter_ns()
+    agent_cli(config, "install", str(packages.tabular_v2))
+    reload = request_once(srv.socket, http_request("POST", "/v1/reload", b""))
+    t_switched = time.perf_counter_ns()
+    if reload.status == 404:
+        return {"status": "skipped: POST /v1/reload answered 404 (agent admin API missing)"}
+    after_switch = _served(srv.socket, wl.tab_json, wl.tab_v2_expected)
+    _sleep_until_ns(t_switched + int(st.switch_settle_s * 1e9))
+    t_rollback = time.perf_counter_ns()
+    pin = request_once(srv.socket, http_request(
+        "POST", f"/v1/models/{TABULAR}/default", b'{"version": 1}', "application/json"))
+    t_rolled = time.perf_counter_ns()
+    if pin.status == 404:
+        return {"status": f"skipped: POST /v1/models/{TABULAR}/default answered 404 "
+                          "(agent admin API missing)"}
+    after_rollback = _served(srv.socket, wl.tab_json, wl.tab_expected)
+    end = t_rolled + int(st.switch_settle_s * 1e9)
+    load.set_end(max(end, time.perf_counter_ns() + 10_000_000))
+    return {
+        "t_switch": t_switch, "t_switched": t_switched, "t_rollback": t_rollback, "end": end,
+        "switch_s": (t_switched - t_switch) / 1e9, "rollback_s": (t_rolled - t_rollback) / 1e9,
         "reload_status": reload.status, "pin_status": pin.status,
         "version_after_switch": after_switch[0], "answer_after_switch": after_switch[1],
         "version_after_rollback": after_rollback[0], "answer_after_rollback": after_rollback[1],
-    })
-    return out
+    }
 
 
 def _served(socket: str, raw: bytes, expected: dict[str, np.ndarray]) -> tuple[str | None, str]:
@@ -395,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (1.0 if args.quick else 5.0)
     warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
     st = Settings(warmup, duration, args.client_procs,
-                  switch_steady_s=max(1.0, duration * 0.6),
+                  switch_steady_s=duration,
                   switch_settle_s=1.0 if args.quick else 1.5)
     wanted = [k for k in CONTENDERS if k in args.only.split(",")]
     started = time.perf_counter()
@@ -425,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
             except Unavailable as exc:
                 info["status"] = f"unavailable: {exc}"
                 print(f"  {info['status']}", flush=True)
+            except Exception as exc:  # a harness or server failure must not lose the others
+                traceback.print_exc()
+                info["status"] = f"failed: {type(exc).__name__}: {exc}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     agents = [k for k in ("agent", "agent_tuned") if k in wanted]
