@@ -40,7 +40,7 @@ class Agent:
         self.config = config
         self.notifier = notifier or Notifier.from_environment()
         self.store = Store(config.data_path)
-        self.metrics = Metrics()
+        self.metrics = Metrics(connections=lambda: len(self.state.connections))
         # Inference and loading get separate threads: loading a large model must
         # not stall requests to the models already serving.
         self.infer_pool = ThreadPoolExecutor(config.runtime.workers, thread_name_prefix="infer")

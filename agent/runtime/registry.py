@@ -277,7 +277,7 @@ class ModelRegistry:
         model.versions[lv.version] = lv
         model.failed.pop(lv.version, None)
         model.recompute()
-        self._metrics.models_ready.set(self.ready_count())
+        self._metrics.models_ready = self.ready_count()
 
     def record_failure(self, name: str, version: int, reason: str) -> None:
         self._models.setdefault(name, _Model()).failed[version] = reason
@@ -288,7 +288,7 @@ class ModelRegistry:
             return None
         lv = model.versions.pop(version, None)
         model.recompute()
-        self._metrics.models_ready.set(self.ready_count())
+        self._metrics.models_ready = self.ready_count()
         return lv
 
     def pin(self, name: str, version: int | None) -> LoadedVersion:

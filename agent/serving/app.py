@@ -25,7 +25,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 import orjson
@@ -36,7 +35,7 @@ from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import Metrics
 from agent.runtime.batcher import Tensors
 from agent.runtime.registry import LoadedVersion, ModelRegistry
-from agent.serving.http import Request, Response, error_response, json_response
+from agent.serving.http import Deferred, Request, Response, error_response, json_response
 from agent.serving.oip import InferRequest, decode_infer_request, encode_infer_response
 
 log = logging.getLogger(__name__)
@@ -56,6 +55,52 @@ def _runtime_status(exc: BaseException) -> tuple[int, str]:
     if name in ("InvalidArgument", "InvalidGraph") or "INVALID_ARGUMENT" in str(exc):
         return 400, f"the model rejected the input: {exc}"
     return 500, f"inference failed: {exc}"
+
+
+class _InferTicket:
+    """Carries one inference from the batcher back to its connection, encoding the answer."""
+
+    __slots__ = ("app", "deferred", "lv", "parsed", "started")
+
+    def __init__(self, app: App, lv: LoadedVersion, parsed: InferRequest, started: float) -> None:
+        self.app = app
+        self.lv = lv
+        self.parsed = parsed
+        self.started = started
+        self.deferred = Deferred()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.deferred.cancelled
+
+    def deliver(self, outcome: Tensors | BaseException) -> None:
+        lv = self.lv
+        lv.inflight -= 1
+        self.deferred.resolve(self._respond(outcome))
+
+    def _respond(self, outcome: Tensors | BaseException) -> Response:
+        lv = self.lv
+        vm = lv.metrics
+        if isinstance(outcome, BaseException):
+            vm.failed()
+            status, message = _runtime_status(outcome)
+            if status == 500:
+                log.error("%s version %d: %s", lv.name, lv.version, message)
+            return error_response(status, message)
+        parsed = self.parsed
+        req_id = parsed.id if parsed.id is not None else self.app.next_id()
+        try:
+            body, header_len = encode_infer_response(
+                lv.name, lv.version_str, req_id, outcome, parsed.outputs, parsed.binary_output
+            )
+        except Exception as err:
+            vm.failed()
+            log.error("%s version %d: could not encode the response: %r", lv.name, lv.version, err)
+            return error_response(500, f"could not encode the response: {err}")
+        vm.answered(time.perf_counter() - self.started)
+        if header_len is None:
+            return Response(200, body)
+        return Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])
 
 
 class App:
@@ -79,14 +124,14 @@ class App:
 
     # -- dispatch -----------------------------------------------------------------------------
 
-    def handle(self, req: Request) -> Response | asyncio.Future[Response]:
+    def handle(self, req: Request) -> Response | Deferred | asyncio.Future[Response]:
         try:
             return self._route(req)
         except AgentError as exc:
             status = getattr(exc, "status", 500)
             return error_response(status, str(exc))
 
-    def _route(self, req: Request) -> Response | asyncio.Future[Response]:
+    def _route(self, req: Request) -> Response | Deferred | asyncio.Future[Response]:
         method = req.method
         parts = req.path.strip("/").split("/")
         if parts[0] == "v2":
@@ -117,7 +162,7 @@ class App:
         if method not in allowed and not (method == "HEAD" and "GET" in allowed):
             raise RequestError(f"method {method} is not allowed here; use {' or '.join(allowed)}")
 
-    def _model_route(self, req: Request, parts: list[str]) -> Response | asyncio.Future[Response]:
+    def _model_route(self, req: Request, parts: list[str]) -> Response | Deferred | asyncio.Future[Response]:
         # parts: v2 models {m} [versions {v}] [ready|infer]
         name = parts[2]
         rest = parts[3:]
@@ -145,7 +190,7 @@ class App:
 
     # -- inference ----------------------------------------------------------------------------
 
-    def _infer(self, req: Request, name: str, version: str | None) -> Response | asyncio.Future[Response]:
+    def _infer(self, req: Request, name: str, version: str | None) -> Response | Deferred:
         lv = self.registry.get(name, version)
         started = time.perf_counter()
         header = req.headers.get("inference-header-content-length")
@@ -156,55 +201,15 @@ class App:
                 req.body, int(header) if header is not None else None, lv.session.inputs, lv.session.outputs
             )
         except RequestError:
-            lv.metrics.errors.inc()
+            lv.metrics.failed()
             raise
+        ticket = _InferTicket(self, lv, parsed, started)
         lv.inflight += 1
-        work = lv.batcher.submit(parsed.inputs, parsed.rows)
-        answer: asyncio.Future[Response] = work.get_loop().create_future()
-        work.add_done_callback(partial(self._infer_done, lv, parsed, answer, started))
-        return answer
+        lv.batcher.submit_ticket(parsed.inputs, parsed.rows, ticket)
+        return ticket.deferred
 
-    def _infer_done(
-        self,
-        lv: LoadedVersion,
-        parsed: InferRequest,
-        answer: asyncio.Future[Response],
-        started: float,
-        work: asyncio.Future[Tensors],
-    ) -> None:
-        lv.inflight -= 1
-        if answer.cancelled():
-            return
-        vm = lv.metrics
-        if work.cancelled():
-            answer.set_result(error_response(503, "request cancelled"))
-            return
-        exc = work.exception()
-        if exc is not None:
-            vm.errors.inc()
-            status, message = _runtime_status(exc)
-            if status == 500:
-                log.error("%s version %d: %s", lv.name, lv.version, message)
-            answer.set_result(error_response(status, message))
-            return
-        req_id = parsed.id if parsed.id is not None else f"{self._id_prefix}{next(self._ids):x}"
-        try:
-            body, header_len = encode_infer_response(
-                lv.name, lv.version_str, req_id, work.result(), parsed.outputs, parsed.binary_output
-            )
-        except Exception as err:
-            vm.errors.inc()
-            log.error("%s version %d: could not encode the response: %r", lv.name, lv.version, err)
-            answer.set_result(error_response(500, f"could not encode the response: {err}"))
-            return
-        vm.requests.inc()
-        vm.latency.observe(time.perf_counter() - started)
-        if header_len is None:
-            answer.set_result(Response(200, body))
-        else:
-            answer.set_result(
-                Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])
-            )
+    def next_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     # -- Outpost additions --------------------------------------------------------------------
 

@@ -64,8 +64,16 @@ def from_ort_type(ort_type: str) -> str:
         raise ValueError(f"onnxruntime type {ort_type!r} has no Open Inference Protocol datatype") from None
 
 
+_FROM_NUMPY: dict[np.dtype[np.generic], str] = {
+    dtype: name for name, dtype in _TO_NUMPY.items() if name != "BYTES"
+}
+
+
 def from_numpy(dtype: np.dtype[np.generic]) -> str:
     """The OIP datatype of a numpy dtype (str and bytes arrays are BYTES)."""
+    found = _FROM_NUMPY.get(dtype)  # per output of every response: a dict hit
+    if found is not None:
+        return found
     if dtype.kind in ("O", "U", "S"):
         return "BYTES"
     for name, candidate in _TO_NUMPY.items():

@@ -78,7 +78,29 @@ def error_response(status: int, message: str, close: bool = False) -> Response:
     return Response(status, orjson.dumps({"error": message}), close=close)
 
 
-Handler = Callable[[Request], "Response | Awaitable[Response]"]
+class Deferred:
+    """A response that will be ready later, without a future or a task.
+
+    The handler returns it and calls `resolve` when the answer is ready (on the
+    loop thread); the connection writes it then, in pipeline order. Cheaper than
+    an asyncio future on the hot path: no callback scheduling, no extra loop
+    iteration. `cancelled` turns true when the client has gone.
+    """
+
+    __slots__ = ("_on_ready", "cancelled", "response")
+
+    def __init__(self) -> None:
+        self.response: Response | None = None
+        self.cancelled = False
+        self._on_ready: Callable[[], None] | None = None
+
+    def resolve(self, response: Response) -> None:
+        self.response = response
+        if self._on_ready is not None:
+            self._on_ready()
+
+
+Handler = Callable[[Request], "Response | Deferred | Awaitable[Response]"]
 
 
 def render_head(resp: Response, keep_alive: bool, body_len: int) -> bytes:
@@ -97,12 +119,13 @@ def render_head(resp: Response, keep_alive: bool, body_len: int) -> bytes:
 class _Pending:
     """One request waiting for its response, in arrival order on its connection."""
 
-    __slots__ = ("head_only", "keep_alive", "response", "task")
+    __slots__ = ("deferred", "head_only", "keep_alive", "response", "task")
 
     def __init__(self, keep_alive: bool, head_only: bool) -> None:
         self.keep_alive = keep_alive
         self.head_only = head_only
         self.response: Response | None = None
+        self.deferred: Deferred | None = None
         self.task: asyncio.Future[Response] | None = None
 
 
@@ -189,6 +212,8 @@ class HttpProtocol(asyncio.Protocol):
         for p in self._pending:
             if p.task is not None and not p.task.done():
                 p.task.cancel()
+            if p.deferred is not None:
+                p.deferred.cancelled = True
         self._pending.clear()
 
     def data_received(self, data: bytes) -> None:
@@ -283,6 +308,9 @@ class HttpProtocol(asyncio.Protocol):
             result = error_response(500, "internal error; see the agent's log")
         if isinstance(result, Response):
             pending.response = result
+        elif isinstance(result, Deferred):
+            pending.deferred = result
+            result._on_ready = self._flush
         else:
             pending.task = asyncio.ensure_future(result)
             pending.task.add_done_callback(self._on_task_done)
@@ -300,6 +328,10 @@ class HttpProtocol(asyncio.Protocol):
         transport = self._transport
         while self._pending and transport is not None and not self._closing:
             head = self._pending[0]
+            if head.response is None and head.deferred is not None:
+                if head.deferred.response is None:
+                    return
+                head.response = head.deferred.response
             if head.response is None:
                 task = head.task
                 if task is None or not task.done():

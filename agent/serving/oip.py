@@ -151,11 +151,25 @@ def _cast_numbers(src: np.ndarray, dtype: np.dtype[Any], datatype: str, name: st
         if src.min() < info.min or src.max() > info.max:
             raise RequestError(f"input {name!r}: a value is outside the range of {datatype}")
         return src.astype(dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        arr = src.astype(dtype)
-    if not np.isfinite(arr).all():
+    limit = _FLOAT_OVERFLOW.get(dtype)
+    # Checked before the cast (two reductions, no temporary array): a value past
+    # the target's range would otherwise become inf.
+    if limit is not None and (src.max() >= limit or src.min() <= -limit):
         raise RequestError(f"input {name!r}: a value is too large for {datatype}")
-    return arr
+    return src.astype(dtype)
+
+
+def _overflow_threshold(dtype: type[np.floating[Any]]) -> float:
+    # The smallest magnitude that rounds to inf: the largest finite value plus
+    # half a unit in its last place (anything below rounds down to it).
+    info = np.finfo(dtype)
+    return float(info.max) + 2.0 ** (info.maxexp - 2 - info.nmant)
+
+
+_FLOAT_OVERFLOW: dict[np.dtype[Any], float] = {
+    np.dtype(np.float16): _overflow_threshold(np.float16),
+    np.dtype(np.float32): _overflow_threshold(np.float32),
+}
 
 
 MAX_DIM = 2**31 - 1
