@@ -118,9 +118,7 @@ class _AgentCollector(Collector):
         for code, count in sorted(m.responses.items()):
             responses.add_metric([str(code)], count)
         yield responses
-        yield GaugeMetricFamily(
-            "outpost_open_connections", "Open client connections", value=m.connections()
-        )
+        yield GaugeMetricFamily("outpost_open_connections", "Open client connections", value=m.connections())
         yield GaugeMetricFamily(
             "outpost_model_versions_ready", "Model versions loaded and ready", value=m.models_ready
         )

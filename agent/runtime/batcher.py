@@ -85,12 +85,15 @@ def run_batch(
         out = run(merged)
         total = sum(rows)
         if all(arr.ndim > 0 and arr.shape[0] == total for arr in out.values()):
-            cuts = np.cumsum(rows)[:-1]
-            split = {name: np.split(arr, cuts) for name, arr in out.items()}
-            return [{name: parts[i] for name, parts in split.items()} for i in range(len(batch))]
+            results: list[Tensors | BaseException] = []
+            start = 0
+            for n in rows:  # plain slices: views, and cheaper than np.split
+                results.append({name: arr[start : start + n] for name, arr in out.items()})
+                start += n
+            return results
     except Exception:
         pass
-    results: list[Tensors | BaseException] = []
+    results = []
     for item in batch:
         try:
             results.append(run(item))

@@ -53,6 +53,7 @@ class OrtSession:
         self.inputs = tuple(self._spec(a) for a in self._session.get_inputs())
         self.outputs = tuple(self._spec(a) for a in self._session.get_outputs())
         self.output_names = [o.name for o in self.outputs]
+        self.input_map = {s.name: s for s in self.inputs}
         self._run = self._session.run
 
     @staticmethod

@@ -41,6 +41,7 @@ from agent.serving.oip import InferRequest, decode_infer_request, encode_infer_r
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "outpost-agent"
+MAX_CACHED_PATHS = 1024  # bounded: paths come from clients
 EXTENSIONS = ["binary_tensor_data"]
 _OK_EMPTY_LIVE = Response(200, b'{"live":true}')
 _OK_EMPTY_READY = Response(200, b'{"ready":true}')
@@ -121,11 +122,17 @@ class App:
         # restarts without the cost of a uuid per request.
         self._id_prefix = os.urandom(4).hex() + "-"
         self._ids = itertools.count(1)
+        self._infer_paths: dict[str, tuple[str, str | None]] = {}
 
     # -- dispatch -----------------------------------------------------------------------------
 
     def handle(self, req: Request) -> Response | Deferred | asyncio.Future[Response]:
         try:
+            # Inference paths seen before skip the general router: the parse of a
+            # path never changes, only what the registry answers for it.
+            known = self._infer_paths.get(req.path)
+            if known is not None and req.method == "POST":
+                return self._infer(req, known[0], known[1])
             return self._route(req)
         except AgentError as exc:
             status = getattr(exc, "status", 500)
@@ -176,6 +183,8 @@ class App:
             return json_response(200, lv.metadata(self.registry.versions(name)))
         if rest == ["infer"]:
             self._only(req.method, "POST")
+            if len(self._infer_paths) < MAX_CACHED_PATHS:
+                self._infer_paths[req.path] = (name, version)
             return self._infer(req, name, version)
         if rest == ["ready"]:
             self._only(req.method, "GET")
@@ -193,12 +202,15 @@ class App:
     def _infer(self, req: Request, name: str, version: str | None) -> Response | Deferred:
         lv = self.registry.get(name, version)
         started = time.perf_counter()
-        header = req.headers.get("inference-header-content-length")
+        header = req.headers.get(b"inference-header-content-length")
         if header is not None and not header.isdigit():
             raise RequestError("Inference-Header-Content-Length must be a non-negative integer")
         try:
             parsed = decode_infer_request(
-                req.body, int(header) if header is not None else None, lv.session.inputs, lv.session.outputs
+                req.body,
+                int(header) if header is not None else None,
+                lv.session.input_map,
+                lv.session.outputs,
             )
         except RequestError:
             lv.metrics.failed()

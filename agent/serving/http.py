@@ -42,12 +42,12 @@ class Request:
     __slots__ = ("body", "headers", "keep_alive", "method", "path", "query")
 
     def __init__(
-        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, keep_alive: bool
+        self, method: str, path: str, query: str, headers: dict[bytes, bytes], body: bytes, keep_alive: bool
     ) -> None:
         self.method = method
         self.path = path
         self.query = query
-        self.headers = headers  # lower-cased names
+        self.headers = headers  # lower-cased names and values, as bytes
         self.body = body
         self.keep_alive = keep_alive
 
@@ -181,7 +181,7 @@ class HttpProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._pending: deque[_Pending] = deque()
         self._url = bytearray()
-        self._headers: dict[str, str] = {}
+        self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
@@ -260,24 +260,26 @@ class HttpProtocol(asyncio.Protocol):
         if self._header_bytes > self._state.max_header_bytes:
             self._send_error_and_close(431, "request headers too large")
             return
-        # Header names are ASCII; values we read are ASCII numbers and tokens.
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        # Kept as bytes: the few headers anyone reads are ASCII numbers and tokens,
+        # and decoding every header of every request costs more than it is worth.
+        self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
         if self._closing:
             return
-        length = self._headers.get("content-length")
+        length = self._headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._state.max_body_bytes:
             self._send_error_and_close(
-                413, f"request body of {length} bytes is over the limit of {self._state.max_body_bytes}"
+                413,
+                f"request body of {length.decode()} bytes is over the limit of {self._state.max_body_bytes}",
             )
             return
-        expect = self._headers.get("expect")
+        expect = self._headers.get(b"expect")
         if expect is not None and self._transport is not None:
-            if expect.lower() == "100-continue":
+            if expect.lower() == b"100-continue":
                 self._transport.write(CONTINUE)
             else:
-                self._send_error_and_close(417, f"unsupported expectation {expect!r}")
+                self._send_error_and_close(417, f"unsupported expectation {expect.decode('latin-1')!r}")
 
     def on_body(self, body: bytes) -> None:
         if self._closing:
@@ -311,6 +313,13 @@ class HttpProtocol(asyncio.Protocol):
         elif isinstance(result, Deferred):
             pending.deferred = result
             result._on_ready = self._flush
+            if result.response is None:
+                # Nothing to write yet; resolve() flushes. Skipping the call here
+                # matters: it is once per request on the hot path.
+                self._pending.append(pending)
+                if len(self._pending) >= self._state.max_pipelined:
+                    self._pause_reading()
+                return
         else:
             pending.task = asyncio.ensure_future(result)
             pending.task.add_done_callback(self._on_task_done)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +45,15 @@ class InferRequest:
     rows: int  # size of the first dimension shared by every input (the batch)
 
 
-def _parameters(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
+_NO_PARAMETERS: dict[str, Any] = {}
+
+
+def _parameters(doc: Mapping[str, Any], kind: str = "", name: str = "") -> dict[str, Any]:
     params = doc.get("parameters")
     if params is None:
-        return {}
+        return _NO_PARAMETERS  # shared and never written to
     if not isinstance(params, dict):
+        where = f"{kind} {name!r}: " if kind else ""
         raise RequestError(f"{where}parameters must be an object")
     return params
 
@@ -183,11 +187,14 @@ def _reshape(arr: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
 
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in value
-    ):
-        raise RequestError(f"input {name!r}: shape must be a list of integers from 0 to {MAX_DIM}")
-    return tuple(value)
+    if type(value) is list:
+        for d in value:
+            # type() rather than isinstance(): bool is an int subclass and not a dimension.
+            if type(d) is not int or not 0 <= d <= MAX_DIM:
+                break
+        else:
+            return tuple(value)
+    raise RequestError(f"input {name!r}: shape must be a list of integers from 0 to {MAX_DIM}")
 
 
 def _check_against_spec(arr_shape: tuple[int, ...], datatype: str, spec: TensorSpec) -> None:
@@ -231,7 +238,7 @@ def _decode_input(
     shape = _shape(item.get("shape"), name)
     _check_against_spec(shape, datatype, spec)
     count = math.prod(shape)
-    size = _parameters(item, f"input {name!r}: ").get("binary_data_size")
+    size = _parameters(item, "input", name).get("binary_data_size")
     if size is None:
         if "data" not in item:
             raise RequestError(f"input {name!r} has neither data nor binary_data_size")
@@ -279,27 +286,31 @@ def _requested_outputs(
             raise RequestError(
                 f"unknown output {item['name']!r}; the model's outputs are: {', '.join(known)}"
             )
-        flag = _parameters(item, f"output {item['name']!r}: ").get("binary_data")
+        flag = _parameters(item, "output", item["name"]).get("binary_data")
         requested.append(RequestedOutput(item["name"], binary_output if flag is None else flag is True))
     return requested
+
+
+_EMPTY = memoryview(b"")
 
 
 def decode_infer_request(
     body: bytes,
     header_length: int | None,
-    inputs: Sequence[TensorSpec],
+    inputs: Mapping[str, TensorSpec] | Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
 ) -> InferRequest:
     """Decode an inference request for a model with the given signature.
 
     `header_length` is the value of `Inference-Header-Content-Length`, or None
-    when the whole body is JSON.
+    when the whole body is JSON. `inputs` may be given as a name -> spec mapping
+    (what the server keeps per model version, saving the rebuild per request).
     """
-    view = memoryview(body)
     if header_length is None:
         json_part: bytes | memoryview = body
-        binary = view[len(body) :]
+        binary = _EMPTY
     else:
+        view = memoryview(body)
         if header_length < 0 or header_length > len(body):
             raise RequestError(
                 f"Inference-Header-Content-Length {header_length} is outside the body ({len(body)} bytes)"
@@ -316,12 +327,12 @@ def decode_infer_request(
     req_id = doc.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise RequestError("id must be a string")
-    parameters = _parameters(doc, "")
+    parameters = _parameters(doc)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise RequestError("inputs must be a non-empty list")
 
-    specs = {s.name: s for s in inputs}
+    specs = inputs if isinstance(inputs, Mapping) else {s.name: s for s in inputs}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for i, item in enumerate(raw_inputs):
@@ -364,16 +375,18 @@ def encode_infer_response(
     parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """Encode a response. Returns (body, json header length or None when all JSON)."""
-    wanted = (
-        requested if requested is not None else [RequestedOutput(name, binary_output) for name in results]
+    wanted: Iterable[tuple[str, bool]] = (
+        ((name, binary_output) for name in results)
+        if requested is None
+        else ((out.name, out.binary) for out in requested)
     )
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for out in wanted:
-        arr = results[out.name]
+    for out_name, out_binary in wanted:
+        arr = results[out_name]
         datatype = from_numpy(arr.dtype)
-        entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(arr.shape)}
-        if out.binary:
+        entry: dict[str, Any] = {"name": out_name, "datatype": datatype, "shape": list(arr.shape)}
+        if out_binary:
             if datatype == "BYTES":
                 raw = _encode_bytes_elements(arr)
             else:
