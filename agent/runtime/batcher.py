@@ -115,6 +115,7 @@ class Batcher:
         max_delay_s: float = 0.0,
         max_inflight: int = 1,
         on_batch: Callable[[int, int], None] | None = None,
+        uniform: bool = False,
     ) -> None:
         self._run = run
         self._executor = executor
@@ -123,6 +124,10 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_inflight = max_inflight
         self._on_batch = on_batch
+        # True when the model fixes every dimension after the first and the
+        # server has checked each request against that signature: all batchable
+        # requests are then compatible and need no per-request key.
+        self._uniform = uniform
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._inflight = 0
@@ -156,7 +161,7 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         batchable = self.enabled and 0 < rows <= self.max_batch_rows
-        key = _compat_key(inputs) if batchable else ()
+        key = _compat_key(inputs) if batchable and not self._uniform else ()
         size = max(rows, 1)
         self._queue.append(_Item(inputs, rows if batchable else -1, ticket, key, size))
         self._queued_rows += size

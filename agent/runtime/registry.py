@@ -267,6 +267,7 @@ class ModelRegistry:
             max_delay_s=delay_ms / 1000.0,
             max_inflight=cfg.workers,
             on_batch=vm.on_batch,
+            uniform=all(d >= 0 for spec in session.inputs for d in spec.shape[1:]),
         )
         return LoadedVersion(m.name, m.version, m, session, batcher, vm, note, single_ms)
 
