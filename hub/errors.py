@@ -1,9 +1,19 @@
 """The hub's one exception tree (the hub server and the operator CLI `outpost`).
 
     HubError                        anything the hub or `outpost` reports to a person
-    └── PackagingError              `outpost package` cannot turn the model and sample it was
-                                    given into a package: unreadable or unsupported model,
-                                    malformed sample, bad options, unwritable output
+    ├── PackagingError              `outpost package` cannot turn the model and sample it was
+    │                               given into a package: unreadable or unsupported model,
+    │                               malformed sample, bad options, unwritable output
+    ├── RegistryError               the hub's model registry refuses a request or cannot
+    │   │                           reach its database (`status` is the HTTP answer)
+    │   ├── NotFoundError           no such model, version, group, token or blob (404)
+    │   ├── ConflictError           contradicts the registry's state: a version that is not
+    │   │                           newer, deleting a deployed version, nothing to roll back (409)
+    │   ├── InvalidRequestError     a value out of range: percent, names, candidate == stable (400)
+    │   ├── PackageRejected         an uploaded package failed validation; says why (422)
+    │   │   └── PackageTooLarge     ... because it is over a size limit (413)
+    │   └── BlobCorruptError        a stored blob no longer hashes to its name (500)
+    └── AuthError                   no operator token, or an unknown or revoked one (401)
 
 Messages are written for the operator: they say what was wrong and, where it is not
 obvious, what to do. Foreign exceptions (scikit-learn, skl2onnx, onnxruntime, OS) are
@@ -20,3 +30,51 @@ class HubError(Exception):
 
 class PackagingError(HubError):
     """The model, the sample data or the options given to the packager are unusable."""
+
+
+class RegistryError(HubError):
+    """The model registry refuses a request, or its database cannot be used."""
+
+    status = 500
+
+
+class NotFoundError(RegistryError):
+    """No such model, version, group, token or blob."""
+
+    status = 404
+
+
+class ConflictError(RegistryError):
+    """The request contradicts the registry's current state."""
+
+    status = 409
+
+
+class InvalidRequestError(RegistryError):
+    """A value given to the registry is malformed or out of range."""
+
+    status = 400
+
+
+class PackageRejected(RegistryError):
+    """An uploaded model package failed validation; the message says what to fix."""
+
+    status = 422
+
+
+class PackageTooLarge(PackageRejected):
+    """An uploaded manifest or model is over its size limit."""
+
+    status = 413
+
+
+class BlobCorruptError(RegistryError):
+    """A stored blob's content no longer matches the SHA-256 it is stored under."""
+
+    status = 500
+
+
+class AuthError(HubError):
+    """A request to the operator API carries no token, or an unknown or revoked one."""
+
+    status = 401
