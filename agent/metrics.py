@@ -14,18 +14,17 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["CONTENT_TYPE", "Metrics", "VersionMetrics"]
+# prometheus_client (and the wsgiref, http.server and friends it imports) costs
+# about 4 MB of RSS; it is imported on the first scrape, not at start-up, so a
+# device nobody scrapes does not pay for it.
+
+__all__ = ["Metrics", "VersionMetrics"]
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -79,11 +78,19 @@ class VersionMetrics:
         self.batch_rows.observe(rows)
 
 
-class _AgentCollector(Collector):
+class _AgentCollector:
+    """A prometheus_client collector (duck-typed: it only needs `collect`)."""
+
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         m = self._m
         versions = list(m.versions.values())
         labels = ["model", "version"]
@@ -130,10 +137,7 @@ class Metrics:
         self.responses: dict[int, int] = {}
         self.models_ready = 0
         self.connections = connections
-        # A private registry (not prometheus_client's global one) so that several
-        # agents in one process (tests) never share numbers.
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_AgentCollector(self))
+        self._registry: CollectorRegistry | None = None
 
     def version(self, model: str, version: str) -> VersionMetrics:
         """The counters of a version; the same object again if it is loaded again."""
@@ -147,5 +151,13 @@ class Metrics:
         responses = self.responses
         responses[code] = responses.get(code, 0) + 1
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            # A private registry (not prometheus_client's global one) so that
+            # several agents in one process (tests) never share numbers.
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(_AgentCollector(self))
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST

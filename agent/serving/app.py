@@ -31,7 +31,6 @@ import orjson
 
 from agent import __version__
 from agent.errors import AgentError, NotFound, RequestError
-from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import Metrics
 from agent.runtime.batcher import Tensors
 from agent.runtime.registry import LoadedVersion, ModelRegistry
@@ -161,7 +160,8 @@ class App:
             return self._outpost_route(req, parts)
         elif parts == ["metrics"]:
             self._only(method, "GET")
-            return Response(200, self.metrics.render(), METRICS_CONTENT_TYPE.encode())
+            text, content_type = self.metrics.render()
+            return Response(200, text, content_type.encode())
         raise NotFound(f"no route for {req.path}")
 
     @staticmethod
