@@ -53,6 +53,7 @@ from tests.benchmarks.servers import (
     agent_cli,
     start_agent,
     start_peer,
+    start_probe,
 )
 
 MB = 1024 * 1024
@@ -71,6 +72,8 @@ CONTENDERS = {
                      "worker, stdlib JSON, inference in the async handler"),
     "peer_threadpool": ("peer (thread pool)", "the same app with inference in Starlette's "
                                               "thread pool, as its documentation advises"),
+    "probe": ("probe", "tests/benchmarks/probe.py: the leanest correct server (httptools, orjson, "
+                       "one onnxruntime call per loop iteration, no checks): a reference, not a peer"),
     "agent": ("agent", "outpost-agent run, default config (only data_dir, socket, identity)"),
     "agent_tuned": ("agent (tuned)", "outpost-agent run, default config plus [runtime] {tuned}"),
 }
@@ -485,6 +488,9 @@ def _run_contender(key: str, packages: Packages, wl: Workload, st: Settings, wor
     if key.startswith("peer"):
         mode = "threadpool" if key == "peer_threadpool" else "async"
         return run_server(key, lambda name, pkgs: start_peer(workdir, name, pkgs, mode),
+                          packages, wl, st, binary=False, switch=False, notes=notes)
+    if key == "probe":
+        return run_server(key, lambda name, pkgs: start_probe(workdir, name, pkgs),
                           packages, wl, st, binary=False, switch=False, notes=notes)
     runtime = tuned if key == "agent_tuned" else {}
     return run_server(

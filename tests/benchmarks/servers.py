@@ -160,6 +160,14 @@ def start_peer(workdir: Path, name: str, packages: list[Path], mode: str = "asyn
     return _spawn(f"peer ({mode})", argv, socket, workdir / f"{name}.log")
 
 
+def start_probe(workdir: Path, name: str, packages: list[Path]) -> Server:
+    socket = str(workdir / f"{name}.sock")
+    argv = [sys.executable, "-m", "tests.benchmarks.probe", "--socket", socket]
+    for p in packages:
+        argv += ["--package", str(p)]
+    return _spawn("probe", argv, socket, workdir / f"{name}.log")
+
+
 # --- the agent ---------------------------------------------------------------------------------
 
 
