@@ -13,7 +13,15 @@
     │   ├── PackageRejected         an uploaded package failed validation; says why (422)
     │   │   └── PackageTooLarge     ... because it is over a size limit (413)
     │   └── BlobCorruptError        a stored blob no longer hashes to its name (500)
-    └── AuthError                   no operator token, or an unknown or revoked one (401)
+    ├── AuthError                   no operator token, or an unknown or revoked one (401)
+    └── SigningError                the TUF repository (hub/signing) cannot sign or publish
+        ├── MissingKeyError         a role's private key is not in its key directory (e.g. an
+        │                           offline key kept on another machine); names key and dir (503)
+        ├── KeyMismatchError        a key file is not the key the metadata trusts for its role
+        ├── RepositoryStateError    create() on an existing repository, or use before create() (409)
+        ├── TargetConflictError     a model version already signed with other bytes (409)
+        ├── UnknownTargetError      no such signed model version (404)
+        └── InvalidNameError        a name, version or custom field unfit for a target (400)
 
 Messages are written for the operator: they say what was wrong and, where it is not
 obvious, what to do. Foreign exceptions (scikit-learn, skl2onnx, onnxruntime, OS) are
@@ -78,3 +86,45 @@ class AuthError(HubError):
     """A request to the operator API carries no token, or an unknown or revoked one."""
 
     status = 401
+
+
+class SigningError(HubError):
+    """The hub's TUF repository cannot sign or publish what was asked."""
+
+    status = 500
+
+
+class MissingKeyError(SigningError):
+    """A role's private key is not where the key store looks for it (maybe kept offline)."""
+
+    status = 503
+
+
+class KeyMismatchError(SigningError):
+    """A private key file is not the key the current metadata trusts for that role."""
+
+    status = 500
+
+
+class RepositoryStateError(SigningError):
+    """The repository already exists (create), or does not exist yet (everything else)."""
+
+    status = 409
+
+
+class TargetConflictError(SigningError):
+    """A model version is already signed with different files or bytes; versions are immutable."""
+
+    status = 409
+
+
+class UnknownTargetError(SigningError):
+    """The model version to withdraw is not in the signed repository."""
+
+    status = 404
+
+
+class InvalidNameError(SigningError):
+    """A model, group or file name, a version or a custom field the repository cannot sign."""
+
+    status = 400
