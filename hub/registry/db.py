@@ -1,0 +1,238 @@
+"""The registry's database: SQLAlchemy 2.0 typed tables and the `Database` handle.
+
+Tables (the schema; no migrations yet, `create_all` makes it):
+
+    models          id, name UNIQUE, last_version (highest version ever accepted), created
+    model_versions  id, model_id -> models, version, manifest (JSON text as uploaded),
+                    manifest_sha256, manifest_size, model_sha256, model_size, created;
+                    UNIQUE(model_id, version)
+    groups          id, name UNIQUE, created
+    deployments     id (AUTOINCREMENT: the assignment's serial, never reused), group_id -> groups,
+                    model_id -> models, stable_version, candidate_version NULL, percent 0..100,
+                    salt, previous_stable NULL, metadata_version NULL, created, created_by
+    tokens          id, name, sha256 UNIQUE, created, revoked NULL; name UNIQUE among the
+                    tokens not revoked
+
+Invariants the schema holds on its own: one row per (model, version); percent within 0..100;
+a candidate differs from the stable version; at most one live token per name. Deployments are
+history: every change is a new row and the group's row with the highest id is current; only
+`metadata_version` is written after insert (once the signed metadata exists). Versions in a
+deployment are plain integers, not foreign keys, so history outlives deleted versions.
+
+Times are stored as naive UTC (SQLite has no time zones) and come back as aware UTC.
+
+SQLite is the default (`sqlite:///path`): WAL journal (readers never block the writer),
+foreign keys on, and write transactions begin with `BEGIN IMMEDIATE` so that two writers
+serialize at the start instead of one failing with "database is locked" when it tries to
+upgrade its read lock. The same code runs on PostgreSQL; there the service locks the rows
+it reads before writing (`SELECT ... FOR UPDATE`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+
+from hub.errors import RegistryError
+
+# How long a SQLite writer waits for another one before giving up (seconds).
+SQLITE_BUSY_TIMEOUT_S = 30.0
+_WRITE = "outpost_write"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, whatever the backend keeps."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the registry database; use UTC")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    # The highest version ever accepted, deleted or not: versions are never reused, so a
+    # device that once saw version N never meets a different N.
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class VersionRow(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("model_id", "version", name="uq_model_versions_model_version"),
+        CheckConstraint("version >= 1", name="ck_model_versions_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    manifest: Mapped[str] = mapped_column(Text)
+    manifest_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    manifest_size: Mapped[int] = mapped_column(Integer)
+    model_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    model_size: Mapped[int] = mapped_column(Integer)
+    created: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class GroupRow(Base):
+    __tablename__ = "groups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DeploymentRow(Base):
+    __tablename__ = "deployments"
+    __table_args__ = (
+        CheckConstraint("percent >= 0 AND percent <= 100", name="ck_deployments_percent"),
+        CheckConstraint(
+            "candidate_version IS NULL OR candidate_version <> stable_version",
+            name="ck_deployments_candidate",
+        ),
+        Index("ix_deployments_group_id_id", "group_id", "id"),
+        # AUTOINCREMENT: SQLite would otherwise reuse the highest rowid after a delete, and
+        # the id is the serial devices use to refuse an older assignment.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    stable_version: Mapped[int] = mapped_column(Integer)
+    candidate_version: Mapped[int | None] = mapped_column(Integer)
+    percent: Mapped[int] = mapped_column(Integer)
+    salt: Mapped[str] = mapped_column(String(128))
+    previous_stable: Mapped[int | None] = mapped_column(Integer)
+    metadata_version: Mapped[int | None] = mapped_column(Integer)
+    created: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+
+
+class TokenRow(Base):
+    __tablename__ = "tokens"
+    __table_args__ = (
+        Index(
+            "uq_tokens_live_name",
+            "name",
+            unique=True,
+            sqlite_where=text("revoked IS NULL"),
+            postgresql_where=text("revoked IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    # SHA-256 of the token, hex. The plaintext is shown once and never stored.
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+def _sqlite_setup(engine: Engine, in_memory: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Hand transaction control to SQLAlchemy (the `begin` hook below): the sqlite3
+        # module's own implicit BEGIN cannot be made IMMEDIATE and skips SELECTs.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Database:
+    """An engine and its sessions. `session()` reads; `session(write=True)` changes things.
+
+    Both commit when the block ends without an exception and roll back otherwise. A
+    database that cannot be used (locked past the timeout, unreachable, disk full) raises
+    RegistryError; integrity errors are left to the caller, which knows what they mean.
+    """
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        parsed = make_url(url)
+        self.url = url
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            in_memory = parsed.database in (None, "", ":memory:")
+            if in_memory:
+                # One shared connection, or every connection would see its own empty
+                # database. Meant for single-threaded tools and quick experiments.
+                self.engine = create_engine(
+                    url, echo=echo, poolclass=StaticPool, connect_args={"check_same_thread": False}
+                )
+            else:
+                self.engine = create_engine(url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+            _sqlite_setup(self.engine, in_memory)
+        else:
+            self.engine = create_engine(url, echo=echo, pool_pre_ping=True)
+        self._read = sessionmaker(bind=self.engine, expire_on_commit=False)
+        self._write = sessionmaker(
+            bind=self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False
+        )
+
+    def create_all(self) -> None:
+        """Create the tables that do not exist yet (no migrations: new columns need a new DB)."""
+        try:
+            Base.metadata.create_all(self.engine)
+        except sa_exc.OperationalError as exc:
+            raise RegistryError(f"cannot create the registry database at {self.url}: {exc.orig}") from exc
+
+    @contextmanager
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        factory = self._write if write else self._read
+        try:
+            with factory.begin() as session:
+                yield session
+        except sa_exc.OperationalError as exc:
+            raise RegistryError(f"the registry database cannot be used: {exc.orig}") from exc
+
+    def dispose(self) -> None:
+        """Close pooled connections (at shutdown, and in tests before deleting the file)."""
+        self.engine.dispose()

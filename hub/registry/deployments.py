@@ -1,0 +1,174 @@
+"""Deployment rules, pure: what a new deployment row holds, and the assignment document.
+
+A group's deployment names one model, a stable version and optionally a candidate that a
+share (`percent`) of the group's devices runs instead: a device is in the canary when
+`int(sha256(salt + device_id)[:8], 16) % 100 < percent` (`in_canary`).
+
+Rules:
+- percent is an integer in 0..100; without a candidate it must be 0; a candidate differs
+  from the stable version.
+- previous_stable is where a rollback goes. It is the prior row's stable version when the
+  stable version changes, the prior row's previous_stable when it does not (changing only
+  the canary keeps the rollback target), and None when the group switches models.
+- A rollback makes stable = previous_stable, drops the candidate, and takes the
+  previous_stable the group had when that version was last its stable one; so repeated
+  rollbacks walk back through the stable versions (v3 -> v2 -> v1), and a rollback never
+  re-deploys the version it just left.
+- Without a salt given, a deployment keeps the prior salt while the candidate stays the
+  same (ramping 10% -> 50% keeps the first 10% in the canary) and draws a new one otherwise.
+
+The assignment document is canonical JSON: keys sorted, no whitespace, ASCII only, integers
+and strings only, so the same deployment always gives the same bytes (and the same hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+from hub.errors import ConflictError, InvalidRequestError
+from hub.registry.records import Deployment, VersionInfo
+
+ASSIGNMENT_FORMAT = "outpost-assignment/1"
+SALT_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
+MAX_ACTOR_CHARS = 128
+
+
+def new_salt() -> str:
+    return secrets.token_hex(16)
+
+
+def in_canary(salt: str, device_id: str, percent: int) -> bool:
+    """Whether a device runs the candidate: the rule devices apply to the assignment."""
+    bucket = int(hashlib.sha256((salt + device_id).encode("utf-8")).hexdigest()[:8], 16) % 100
+    return bucket < percent
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The values of the deployment row to insert."""
+
+    model: str
+    stable: int
+    candidate: int | None
+    percent: int
+    salt: str
+    previous_stable: int | None
+
+
+def check_request(stable: int, candidate: int | None, percent: int, salt: str | None, actor: str) -> None:
+    """Refuse values out of range, before looking at the database."""
+    for what, value in (("stable version", stable), ("candidate version", candidate)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidRequestError(f"the {what} must be a positive integer, not {value!r}")
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+        raise InvalidRequestError(f"percent must be an integer from 0 to 100, not {percent!r}")
+    if candidate is None and percent != 0:
+        raise InvalidRequestError(f"percent is {percent} but there is no candidate; give a candidate version")
+    if candidate is not None and candidate == stable:
+        raise InvalidRequestError(f"the candidate is the stable version ({stable}); give a different one")
+    if salt is not None and not SALT_RE.fullmatch(salt):
+        raise InvalidRequestError("the salt must be 1-128 printable ASCII characters without spaces")
+    check_actor(actor)
+
+
+def check_actor(actor: str) -> None:
+    if not isinstance(actor, str) or len(actor) > MAX_ACTOR_CHARS:
+        raise InvalidRequestError(f"the actor must be a string of at most {MAX_ACTOR_CHARS} characters")
+
+
+def plan_deployment(
+    prior: Deployment | None,
+    model: str,
+    stable: int,
+    candidate: int | None,
+    percent: int,
+    salt: str | None,
+    make_salt: Callable[[], str] = new_salt,
+) -> Plan:
+    """The row a deployment request makes, given the group's current row (if any)."""
+    same_model = prior is not None and prior.model == model
+    if prior is None or not same_model:
+        previous = None
+    elif prior.stable != stable:
+        previous = prior.stable
+    else:
+        previous = prior.previous_stable
+    if salt is None:
+        keep = same_model and prior is not None and candidate is not None and prior.candidate == candidate
+        salt = prior.salt if keep and prior is not None else make_salt()
+    return Plan(model, stable, candidate, percent, salt, previous)
+
+
+def same_as(prior: Deployment | None, plan: Plan) -> bool:
+    """Whether `plan` would publish exactly what `prior` does (a repeated request)."""
+    return prior is not None and (
+        prior.model,
+        prior.stable,
+        prior.candidate,
+        prior.percent,
+        prior.salt,
+        prior.previous_stable,
+    ) == (plan.model, plan.stable, plan.candidate, plan.percent, plan.salt, plan.previous_stable)
+
+
+def plan_rollback(history: Sequence[Deployment]) -> Plan:
+    """The row a rollback makes, given the group's history, newest first."""
+    if not history:
+        raise ConflictError("the group has no deployment to roll back")
+    current = history[0]
+    target = current.previous_stable
+    if target is None:
+        raise ConflictError(
+            f"group {current.group!r} has no earlier stable version of {current.model!r} to roll back "
+            f"to (it runs version {current.stable}); deploy a version explicitly"
+        )
+    earlier = next(
+        (d for d in history[1:] if d.model == current.model and d.stable == target),
+        None,
+    )
+    previous = earlier.previous_stable if earlier is not None else None
+    return Plan(current.model, target, None, 0, current.salt, previous)
+
+
+def _version_doc(info: VersionInfo) -> dict[str, Any]:
+    return {
+        "version": info.version,
+        "manifest": info.manifest_target,
+        "manifest_sha256": info.manifest_sha256,
+        "model": info.model_target,
+        "sha256": info.model_sha256,
+    }
+
+
+def canonical_json(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
+        "ascii"
+    )
+
+
+def assignment_document(deployment: Deployment, stable: VersionInfo, candidate: VersionInfo | None) -> bytes:
+    """The canonical JSON signed as `groups/<group>/assignment.json`."""
+    if stable.model != deployment.model or stable.version != deployment.stable:
+        raise ValueError("assignment_document: the stable version does not belong to the deployment")
+    if (candidate.version if candidate is not None else None) != deployment.candidate:
+        raise ValueError("assignment_document: the candidate version does not belong to the deployment")
+    return canonical_json(
+        {
+            "format": ASSIGNMENT_FORMAT,
+            "group": deployment.group,
+            "model": deployment.model,
+            "serial": deployment.serial,
+            "stable": _version_doc(stable),
+            "candidate": _version_doc(candidate) if candidate is not None else None,
+            "percent": deployment.percent,
+            "salt": deployment.salt,
+            "created": deployment.created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    )

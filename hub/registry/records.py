@@ -1,0 +1,101 @@
+"""What the registry hands out: frozen dataclasses, never ORM objects.
+
+Callers (the HTTP API, the signer, the CLI) keep these after the database session that read
+them has closed; nothing here can lazily touch the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from agent.package.manifest import MANIFEST_FILE, Manifest
+
+# The model file's name in every signed target path, whatever the uploader called it.
+MODEL_TARGET_FILE = "model.onnx"
+
+
+def manifest_target(model: str, version: int) -> str:
+    """The TUF target path of a version's manifest."""
+    return f"models/{model}/{version}/{MANIFEST_FILE}"
+
+
+def model_target(model: str, version: int) -> str:
+    """The TUF target path of a version's ONNX model."""
+    return f"models/{model}/{version}/{MODEL_TARGET_FILE}"
+
+
+def assignment_target(group: str) -> str:
+    """The TUF target path of a group's assignment."""
+    return f"groups/{group}/assignment.json"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    created: datetime
+    versions: tuple[int, ...]  # the stored versions, ascending
+    last_version: int  # the highest ever accepted (deleted or not); the next push must exceed it
+
+    @property
+    def latest_version(self) -> int | None:
+        return self.versions[-1] if self.versions else None
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    model: str
+    version: int
+    manifest: Manifest
+    manifest_sha256: str  # of the manifest bytes as uploaded, which are what gets signed
+    manifest_size: int
+    model_sha256: str
+    model_size: int
+    created: datetime
+
+    @property
+    def manifest_target(self) -> str:
+        return manifest_target(self.model, self.version)
+
+    @property
+    def model_target(self) -> str:
+        return model_target(self.model, self.version)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One row of a group's deployment history; the newest row is the current deployment."""
+
+    id: int  # increasing across all groups; the assignment's serial
+    group: str
+    model: str
+    stable: int
+    candidate: int | None
+    percent: int  # share of the group's devices (0..100) that run the candidate
+    salt: str
+    previous_stable: int | None  # where a rollback goes; None: nowhere
+    metadata_version: int | None  # of the signed metadata publishing this row, once known
+    created: datetime
+    created_by: str
+
+    @property
+    def serial(self) -> int:
+        return self.id
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    name: str
+    created: datetime
+    deployment: Deployment | None
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    name: str
+    created: datetime
+    revoked: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
