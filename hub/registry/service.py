@@ -4,8 +4,9 @@ Invariants it keeps:
 - A stored version passed `validate_package`; its manifest and model are in the blob store
   under their SHA-256 before its row is committed.
 - Versions of a model only increase and are never reused, even after a delete
-  (`models.last_version`). The check and the insert run in one write transaction, with the
-  model row locked, so concurrent pushes never both win.
+  (`models.last_version`); only undoing a push that was never published frees its number.
+  The check and the insert run in one write transaction, with the model row locked, so
+  concurrent pushes never both win.
 - A version that a group's current deployment uses (stable or candidate) cannot be deleted.
   A delete removes the blobs no other version references, and only once its database change
   is committed (the blobs wait in the trash until then and come back if it fails).
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from agent.package.manifest import NAME_RE
@@ -156,8 +157,13 @@ class Registry:
             model = q.model_row(s, name)
             return q.to_version_info(name, q.version_row(s, model, version))
 
-    def delete_version(self, name: str, version: int) -> None:
-        """Delete a version no group currently deploys, and the blobs only it used."""
+    def delete_version(self, name: str, version: int, *, unpublished: bool = False) -> None:
+        """Delete a version no group currently deploys, and the blobs only it used.
+
+        Its number stays used, unless `unpublished` says that no signed metadata ever named
+        it (the push is being undone because signing failed): then, if it was the latest,
+        the same number may be pushed again.
+        """
         held: list[tuple[str, Path]] = []
         with self._blob_lock:
             try:
@@ -179,6 +185,11 @@ class Registry:
                         )
                     s.delete(row)
                     s.flush()
+                    if unpublished and model.last_version == version:
+                        remaining = s.scalar(
+                            select(func.max(VersionRow.version)).where(VersionRow.model_id == model.id)
+                        )
+                        model.last_version = remaining or 0
                     for digest in sorted({row.model_sha256, row.manifest_sha256}):
                         if not q.blob_referenced(s, digest) and (path := self.blobs.take(digest)):
                             held.append((digest, path))

@@ -287,6 +287,17 @@ def test_versions_only_increase_and_are_never_reused(registry: Registry, wine: P
     assert registry.get_model("wine").versions == (1, 4)
 
 
+def test_undoing_an_unpublished_push_frees_its_number(registry: Registry, wine: Package) -> None:
+    push(registry, wine)
+    push(registry, wine.version(2))
+    registry.delete_version("wine", 2, unpublished=True)  # e.g. signing it failed
+    assert registry.get_model("wine").last_version == 1
+    assert push(registry, wine.version(2)) == 2
+    push(registry, wine.version(3))
+    registry.delete_version("wine", 2, unpublished=True)  # not the latest: 3 stays the bar
+    assert registry.get_model("wine").last_version == 3
+
+
 def test_the_same_model_bytes_under_two_versions_share_one_blob(registry: Registry, wine: Package) -> None:
     v1 = registry.push_version(wine.manifest, wine.model)
     v2 = registry.push_version(wine.version(2).manifest, wine.model)
