@@ -200,9 +200,78 @@ def stop_agent(agent: subprocess.Popen[bytes], sock: str) -> None:
     assert code == 0 and gone
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hub_publish(work: Path, v1: Path, v2: Path) -> subprocess.Popen[bytes]:
+    step("6. The hub: sign and publish the versions, assign one to a device group")
+    data = work / "hub"
+    run(str(BIN / "outpost-hub"), "init", "--data", str(data))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (work / "hub.log").open("wb")
+    hub = subprocess.Popen(
+        [str(BIN / "outpost-hub"), "serve", "--data", str(data), "--listen", f"127.0.0.1:{port}"],
+        stdout=log,
+        stderr=log,
+    )
+    import requests
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if hub.poll() is not None or time.monotonic() > deadline:
+            print((work / "hub.log").read_text(), file=sys.stderr)
+            raise SystemExit("demo: the hub did not start")
+        time.sleep(0.05)
+    import os
+
+    os.environ["OUTPOST_HUB"] = url
+    os.environ["OUTPOST_TOKEN"] = (data / "operator.token").read_text().strip()
+    run(str(BIN / "outpost"), "push", str(v1.with_suffix(".tar")), "--quiet")
+    run(str(BIN / "outpost"), "push", str(v2), "--quiet")
+    run(str(BIN / "outpost"), "deploy", "wine", "1", "--group", "demo", "--canary", "2", "--percent", "10")
+    run(str(BIN / "outpost"), "models")
+
+    # What a device will see: an independent TUF client that trusts only the root from init.
+    from tuf.ngclient import Updater
+
+    cache = work / "device-tuf"
+    (cache / "metadata").mkdir(parents=True)
+    updater = Updater(
+        metadata_dir=str(cache / "metadata"),
+        metadata_base_url=f"{url}/tuf/metadata/",
+        target_dir=str(cache),
+        target_base_url=f"{url}/tuf/targets/",
+        bootstrap=(data / "tuf" / "metadata" / "root.json").read_bytes(),
+    )
+    updater.refresh()
+    info = updater.get_targetinfo("groups/demo/assignment.json")
+    assert info is not None
+    assignment = json.loads(Path(updater.download_target(info)).read_bytes())
+    model = updater.get_targetinfo(assignment["stable"]["model"])
+    assert model is not None
+    print(
+        f"  a device of group demo verifies its signed assignment: {assignment['model']} stable "
+        f"v{assignment['stable']['version']}, canary v{assignment['candidate']['version']} for "
+        f"{assignment['percent']}% of devices; model {model.path} sha256 {model.hashes['sha256'][:12]}…"
+    )
+    return hub
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="outpost-demo-"))
     agent: subprocess.Popen[bytes] | None = None
+    hub: subprocess.Popen[bytes] | None = None
     try:
         v1, v2, sample_path = build_packages(work / "packages")
         sock = str(work / "agent.sock")
@@ -216,12 +285,17 @@ def main() -> int:
         switch_and_roll_back(sock, config, v2, body)
         stop_agent(agent, sock)
         agent = None
+        hub = hub_publish(work, v1, v2)
+        hub.terminate()
+        hub.wait(30)
+        hub = None
         print("\ndemo finished: all steps behaved as described")
         return 0
     finally:
-        if agent is not None and agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
+        for proc in (agent, hub):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
 

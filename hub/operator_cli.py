@@ -1,6 +1,7 @@
 """`outpost`: the operator's command line.
 
     outpost package MODEL.joblib --sample DATA.csv --name NAME --version N --out DIR
+    outpost push PACKAGE | deploy MODEL VERSION --group G | rollback MODEL --group G | models | groups
 
 Each subcommand is a function taking the parsed arguments and returning an exit code;
 the heavy imports (scikit-learn, onnxruntime) happen inside them, so `outpost --help`
@@ -157,6 +158,9 @@ def build_parser() -> _Parser:
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
     _add_package(commands)
+    from hub.hub_commands import add_commands
+
+    add_commands(commands)
     return parser
 
 

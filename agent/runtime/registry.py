@@ -190,7 +190,7 @@ def _spec_json(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
 
 
-def _check_signature(manifest: Manifest, session: OrtSession) -> None:
+def check_signature(manifest: Manifest, session: OrtSession) -> None:
     for kind, declared, actual in (
         ("input", manifest.inputs, session.inputs),
         ("output", manifest.outputs, session.outputs),
@@ -240,7 +240,7 @@ class ModelRegistry:
             installed.model_path,
             SessionOptions(cfg.intra_op_threads, cfg.inter_op_threads, cfg.cpu_mem_arena),
         )
-        _check_signature(m, session)
+        check_signature(m, session)
         if m.self_test is not None:
             run_self_test(session, m.self_test)
         per_model = cfg.models.get(m.name)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from agent.errors import ModelLoadError, PackageError
 from agent.package.manifest import Manifest, TensorSpec, parse_manifest
-from agent.runtime.registry import _check_signature, run_self_test
+from agent.runtime.registry import check_signature, run_self_test
 from agent.runtime.session import OrtSession, SessionOptions
 from hub.errors import PackageRejected, PackageTooLarge
 
@@ -128,7 +128,7 @@ def check_model_runs(manifest: Manifest, model_bytes: bytes) -> None:
             reason = str(exc).replace(f"onnxruntime could not load {path}: ", "")
             raise PackageRejected(f"onnxruntime cannot load the model: {reason}") from exc
     try:
-        _check_signature(manifest, session)
+        check_signature(manifest, session)
     except ModelLoadError as exc:
         raise PackageRejected(f"the model does not match its manifest: {exc}") from exc
     actual = {s.name: s for s in (*session.inputs, *session.outputs)}

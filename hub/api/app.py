@@ -1,0 +1,309 @@
+"""The hub's HTTP service (FastAPI on uvicorn).
+
+    /api/v1/...     the operator API; every call needs `Authorization: Bearer <token>`
+    /tuf/metadata/  TUF metadata, public: devices verify it against their provisioned root
+    /tuf/targets/   signed model files and group assignments, public for the same reason
+    /healthz        liveness, public
+
+A push is validated and stored by the registry, then signed into the TUF repository; if
+signing fails the stored version is removed again, so the registry never holds a version
+devices cannot get. A deployment is recorded, then its assignment is signed as the
+group's new target, and the metadata version is recorded with it.
+
+The TUF files are served with ETags (304 on If-None-Match) and cache headers: versioned
+metadata and hash-named targets never change (immutable), `timestamp.json` and `root.json`
+always revalidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from hub import __version__
+from hub.api.upload import read_package_tar
+from hub.errors import AuthError, HubError, PackageTooLarge
+from hub.registry import BlobStore, Database, Deployment, Limits, Registry, VersionInfo
+from hub.settings import HubSettings
+from hub.signing import KeyStore, SignedRepository
+
+log = logging.getLogger("outpost-hub")
+
+
+class DeploymentRequest(BaseModel):
+    model: str
+    stable: int = Field(ge=1)
+    candidate: int | None = Field(default=None, ge=1)
+    percent: int = Field(default=0, ge=0, le=100)
+    salt: str | None = None
+
+
+class RollbackRequest(BaseModel):
+    model: str | None = None
+
+
+def deployment_json(d: Deployment) -> dict[str, Any]:
+    return {
+        "group": d.group,
+        "model": d.model,
+        "stable": d.stable,
+        "candidate": d.candidate,
+        "percent": d.percent,
+        "salt": d.salt,
+        "serial": d.serial,
+        "previous_stable": d.previous_stable,
+        "metadata_version": d.metadata_version,
+        "created": d.created.isoformat(),
+        "created_by": d.created_by,
+    }
+
+
+def version_json(v: VersionInfo) -> dict[str, Any]:
+    m = v.manifest
+    return {
+        "name": v.model,
+        "version": v.version,
+        "model_sha256": v.model_sha256,
+        "size": v.model_size,
+        "manifest_sha256": v.manifest_sha256,
+        "created": v.created.isoformat(),
+        "task": m.task,
+        "labels": list(m.labels),
+        "inputs": [asdict(s) for s in m.inputs],
+        "outputs": [asdict(s) for s in m.outputs],
+        "quantization": m.quantization,
+        "targets": [v.manifest_target, v.model_target],
+    }
+
+
+class _TufFiles(StaticFiles):
+    """StaticFiles with the cache headers TUF clients and CDNs need."""
+
+    async def get_response(self, path: str, scope: Any) -> Response:
+        response = await super().get_response(path, scope)
+        name = path.rsplit("/", 1)[-1]
+        if name in ("timestamp.json", "root.json"):
+            response.headers["Cache-Control"] = "no-cache"
+        elif response.status_code in (200, 304):
+            response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
+        return response
+
+
+class Hub:
+    """The hub's parts, built from its settings."""
+
+    def __init__(self, settings: HubSettings) -> None:
+        self.settings = settings
+        self.db = Database(settings.db_url)
+        self.db.create_all()
+        blobs = BlobStore(settings.blobs_dir)
+        blobs.sweep()  # put back blobs a crash left in the trash mid-delete
+        self.registry = Registry(
+            self.db, blobs, Limits(max_model_bytes=settings.max_upload_bytes)
+        )
+        self.repo = SignedRepository(
+            settings.tuf_dir,
+            KeyStore(settings.online_keys, settings.offline_keys),
+            expiry=settings.expiry_policy(),
+        )
+
+    def push(self, data: bytes, actor: str) -> dict[str, Any]:
+        upload = read_package_tar(data, self.settings.max_upload_bytes)
+        info = self.registry.push_version(upload.manifest, upload.model)
+        try:
+            models_version = self.repo.add_model_version(
+                info.model,
+                info.version,
+                {"manifest.json": upload.manifest, "model.onnx": upload.model},
+            )
+        except BaseException:
+            log.exception("signing %s version %d failed; removing it again", info.model, info.version)
+            with contextlib.suppress(HubError):
+                # never published: the version number may be used again
+                self.registry.delete_version(info.model, info.version, unpublished=True)
+            raise
+        log.info(
+            "%s pushed %s version %d (models metadata v%d)", actor, info.model, info.version, models_version
+        )
+        return {**version_json(info), "models_metadata_version": models_version}
+
+    def publish(self, deployment: Deployment) -> Deployment:
+        document = self.registry.assignment_document(deployment)
+        version = self.repo.set_assignment(deployment.group, document)
+        return self.registry.record_metadata_version(deployment, version)
+
+    def deploy(self, group: str, req: DeploymentRequest, actor: str) -> dict[str, Any]:
+        d = self.registry.set_deployment(
+            group, req.model, req.stable, req.candidate, req.percent, req.salt, actor=actor
+        )
+        if d.metadata_version is None:
+            d = self.publish(d)
+        log.info(
+            "%s deployed %s v%d to %s (candidate %s at %d%%)",
+            actor,
+            d.model,
+            d.stable,
+            group,
+            d.candidate,
+            d.percent,
+        )
+        return deployment_json(d)
+
+    def rollback(self, group: str, model: str | None, actor: str) -> dict[str, Any]:
+        d = self.publish(self.registry.rollback(group, model=model, actor=actor))
+        log.info("%s rolled group %s back to %s v%d", actor, group, d.model, d.stable)
+        return deployment_json(d)
+
+    def delete_version(self, name: str, version: int) -> None:
+        self.registry.delete_version(name, version)
+        self.repo.remove_model_version(name, version)
+
+    async def refresher(self) -> None:
+        """Re-sign timestamp and snapshot (and delegated roles) before they expire."""
+        while True:
+            try:
+                report = await run_in_threadpool(self.repo.refresh)
+                if report.resigned:
+                    log.info("re-signed %s", ", ".join(report.resigned))
+                if report.offline_expiring:
+                    log.warning(
+                        "offline roles expiring soon, rotate or re-sign them: %s",
+                        ", ".join(report.offline_expiring),
+                    )
+            except Exception:
+                log.exception("refreshing the TUF metadata failed; retrying")
+            await asyncio.sleep(self.settings.refresh_interval_s)
+
+
+def operator(request: Request) -> str:
+    """The name of the operator token the request carries; AuthError (401) otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("this API needs an operator token: Authorization: Bearer <token>")
+    hub: Hub = request.app.state.hub
+    name = hub.registry.verify_token(token.strip())
+    if name is None:
+        raise AuthError("the operator token is unknown or revoked")
+    return name
+
+
+Operator = Annotated[str, Depends(operator)]
+
+
+def threaded(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """`fn` run in the thread pool: validation and signing block, the event loop must not."""
+
+    async def call(*args: Any) -> Any:
+        return await run_in_threadpool(fn, *args)
+
+    return call
+
+
+def _group_routes(app: FastAPI, hub: Hub) -> None:
+    @app.put("/api/v1/groups/{group}/deployment")
+    async def deploy(group: str, req: DeploymentRequest, actor: Operator) -> dict[str, Any]:
+        result: dict[str, Any] = await threaded(hub.deploy)(group, req, actor)
+        return result
+
+    @app.post("/api/v1/groups/{group}/rollback")
+    async def rollback(group: str, actor: Operator, req: RollbackRequest | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await threaded(hub.rollback)(group, req.model if req else None, actor)
+        return result
+
+    @app.get("/api/v1/groups")
+    async def groups(_actor: Operator) -> list[dict[str, Any]]:
+        found = await threaded(hub.registry.list_groups)()
+        return [deployment_json(g.deployment) for g in found if g.deployment is not None]
+
+    @app.get("/api/v1/groups/{group}")
+    async def group(group: str, _actor: Operator) -> dict[str, Any]:
+        history = await threaded(hub.registry.deployment_history)(group)
+        if not history:
+            raise HTTPException(404, f"group {group!r} has no deployment")
+        return {"current": deployment_json(history[0]), "history": [deployment_json(d) for d in history]}
+
+
+def create_app(settings: HubSettings) -> FastAPI:
+    hub = Hub(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(hub.refresher())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(
+        title="Outpost hub",
+        version=__version__,
+        lifespan=lifespan,
+        description="Model registry, signed TUF distribution and per-group deployments.",
+    )
+    app.state.hub = hub
+
+    @app.exception_handler(HubError)
+    async def hub_error(_request: Request, exc: HubError) -> JSONResponse:
+        status = int(getattr(exc, "status", 500))
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthError) else None
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"ok": True, "version": __version__}
+
+    @app.post("/api/v1/models/{name}/versions", status_code=201)
+    async def push(name: str, request: Request, actor: Operator) -> dict[str, Any]:
+        limit = settings.max_upload_bytes + 8 * 1024 * 1024
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PackageTooLarge(f"the upload is over the hub's limit of {limit} bytes")
+            chunks.append(chunk)
+        result: dict[str, Any] = await threaded(hub.push)(b"".join(chunks), actor)
+        if result["name"] != name:
+            # Signed already; say so rather than pretend the path decides the name.
+            result["note"] = f"the package names itself {result['name']!r}, not {name!r}"
+        return result
+
+    @app.get("/api/v1/models")
+    async def models(_actor: Operator) -> list[dict[str, Any]]:
+        found = await threaded(hub.registry.list_models)()
+        return [
+            {"name": m.name, "versions": list(m.versions), "latest_version": m.latest_version} for m in found
+        ]
+
+    @app.get("/api/v1/models/{name}")
+    async def model(name: str, _actor: Operator) -> dict[str, Any]:
+        versions = await threaded(hub.registry.list_versions)(name)
+        return {"name": name, "versions": [version_json(v) for v in versions]}
+
+    @app.get("/api/v1/models/{name}/versions/{version}")
+    async def version(name: str, version: int, _actor: Operator) -> dict[str, Any]:
+        info = await threaded(hub.registry.get_version)(name, version)
+        return {**version_json(info), "manifest": info.manifest.to_json()}
+
+    @app.delete("/api/v1/models/{name}/versions/{version}", status_code=204)
+    async def delete_version(name: str, version: int, _actor: Operator) -> Response:
+        await threaded(hub.delete_version)(name, version)
+        return Response(status_code=204)
+
+    _group_routes(app, hub)
+    # Only the two public trees: the repository's lock file and anything else stay private.
+    for sub in ("metadata", "targets"):
+        (settings.tuf_dir / sub).mkdir(parents=True, exist_ok=True)
+        app.mount(f"/tuf/{sub}", _TufFiles(directory=settings.tuf_dir / sub), name=f"tuf-{sub}")
+    return app

@@ -1,0 +1,49 @@
+"""Reading an uploaded package: a tar archive holding manifest.json and the model it names.
+
+Pure apart from reading the bytes given: no files are written. Only regular members are
+looked at, by base name, and every size is bounded before anything is read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+
+from agent.package.manifest import MANIFEST_FILE
+from hub.errors import PackageRejected, PackageTooLarge
+
+
+@dataclass(frozen=True)
+class Upload:
+    manifest: bytes
+    model: bytes
+
+
+def read_package_tar(data: bytes, max_bytes: int) -> Upload:
+    if len(data) > max_bytes:
+        raise PackageTooLarge(f"the upload is {len(data)} bytes; the hub accepts at most {max_bytes}")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
+            manifest_member = members.get(MANIFEST_FILE)
+            if manifest_member is None:
+                raise PackageRejected("the package archive has no manifest.json")
+            manifest_file = tar.extractfile(manifest_member)
+            assert manifest_file is not None
+            manifest = manifest_file.read()
+            try:
+                model_name = json.loads(manifest)["model"]["file"]
+            except (ValueError, KeyError, TypeError):
+                raise PackageRejected("manifest.json does not name its model file (model.file)") from None
+            model_member = members.get(str(model_name))
+            if model_member is None:
+                raise PackageRejected(f"the package archive has no {model_name!r}, which its manifest names")
+            model_file = tar.extractfile(model_member)
+            assert model_file is not None
+            return Upload(manifest, model_file.read())
+    except tarfile.TarError as exc:
+        raise PackageRejected(
+            f"the upload is not a package archive (tar of manifest.json and the model): {exc}"
+        ) from exc

@@ -1,0 +1,175 @@
+"""The operator's HTTP client for the hub's API (used by `outpost push/deploy/...`).
+
+Every failure becomes a `HubRequestError` with one line a person can act on: the
+hub's own message for a 4xx, what to check for a network problem.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from hub.errors import HubError
+
+DEFAULT_HUB = "http://127.0.0.1:8700"
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 300.0  # a push waits while the hub validates and signs
+CHUNK = 256 * 1024
+
+
+class HubRequestError(HubError):
+    """The hub refused a request or could not be reached."""
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    url: str
+    token: str
+
+    @classmethod
+    def resolve(cls, url: str | None, token: str | None) -> HubTarget:
+        url = url or os.environ.get("OUTPOST_HUB") or DEFAULT_HUB
+        token = token or os.environ.get("OUTPOST_TOKEN") or ""
+        if not token:
+            raise HubRequestError(
+                "no operator token: pass --token or set OUTPOST_TOKEN "
+                "(outpost-hub init printed one and wrote it to DATA/operator.token)"
+            )
+        return cls(url.rstrip("/"), token)
+
+
+def package_tar(path: Path) -> bytes:
+    """A package as tar bytes: a .tar file as it is, a directory packed (manifest + model)."""
+    if path.is_file():
+        return path.read_bytes()
+    if not path.is_dir():
+        raise HubRequestError(f"{path}: no such package directory or .tar file")
+    from agent.errors import PackageError
+    from agent.package.store import write_package_tar
+
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            archive = Path(work) / "package.tar"
+            write_package_tar(path, archive)
+            return archive.read_bytes()
+    except PackageError as exc:
+        raise HubRequestError(str(exc)) from exc
+
+
+def _progress(total: int, label: str) -> Callable[[int], None]:
+    shown = [-1]
+    tty = sys.stderr.isatty()
+
+    def update(done: int) -> None:
+        pct = 100 if total == 0 else done * 100 // total
+        if pct == shown[0] or (not tty and pct not in (0, 100)):
+            return
+        shown[0] = pct
+        bar = "#" * (pct // 4)
+        end = "\n" if pct == 100 else ""
+        sys.stderr.write(f"\r{label} [{bar:<25}] {pct:3d}% of {total / 1e6:.1f} MB{end}")
+        sys.stderr.flush()
+
+    return update
+
+
+class _Upload:
+    """A body requests streams in chunks, reporting progress as it goes."""
+
+    def __init__(self, data: bytes, on_progress: Callable[[int], None]) -> None:
+        self._data = data
+        self._on_progress = on_progress
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for start in range(0, len(self._data), CHUNK):
+            chunk = self._data[start : start + CHUNK]
+            yield chunk
+            self._on_progress(start + len(chunk))
+        if not self._data:
+            self._on_progress(0)
+
+
+class HubClient:
+    def __init__(self, target: HubTarget, session: requests.Session | None = None) -> None:
+        self.target = target
+        self.session = session or requests.Session()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = kwargs.pop("headers", {})
+        headers["Authorization"] = f"Bearer {self.target.token}"
+        url = self.target.url + path
+        try:
+            resp = self.session.request(
+                method, url, headers=headers, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), **kwargs
+            )
+        except requests.ConnectionError:
+            raise HubRequestError(
+                f"cannot reach the hub at {self.target.url}; is outpost-hub serving?"
+            ) from None
+        except requests.Timeout:
+            raise HubRequestError(f"the hub at {self.target.url} did not answer in time") from None
+        except requests.RequestException as exc:
+            raise HubRequestError(f"request to {url} failed: {exc}") from exc
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail") or resp.json().get("error")
+            except ValueError:
+                detail = resp.text.strip()[:300]
+            if isinstance(detail, list):  # FastAPI validation errors
+                detail = "; ".join(str(d.get("msg", d)) for d in detail)
+            raise HubRequestError(f"hub refused ({resp.status_code}): {detail}")
+        if resp.status_code == 204 or not resp.content:
+            return None
+        return resp.json()
+
+    def push(self, package: Path, progress: bool = True) -> dict[str, Any]:
+        data = package_tar(package)
+        from agent.package.manifest import parse_manifest
+
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = next((m for m in tar.getmembers() if Path(m.name).name == "manifest.json"), None)
+            raw = tar.extractfile(member) if member is not None else None
+            if raw is None:
+                raise HubRequestError(f"{package}: the package has no manifest.json")
+            manifest = parse_manifest(json.loads(raw.read()))
+        report = _progress(len(data), f"uploading {manifest.name} v{manifest.version}") if progress else None
+        body: Any = _Upload(data, report) if report is not None else data
+        result: dict[str, Any] = self._call(
+            "POST",
+            f"/api/v1/models/{manifest.name}/versions",
+            data=body,
+            headers={"Content-Type": "application/x-tar"},
+        )
+        return result
+
+    def deploy(
+        self, group: str, model: str, version: int, candidate: int | None = None, percent: int = 0
+    ) -> dict[str, Any]:
+        doc = {"model": model, "stable": version, "candidate": candidate, "percent": percent}
+        result: dict[str, Any] = self._call("PUT", f"/api/v1/groups/{group}/deployment", json=doc)
+        return result
+
+    def rollback(self, group: str, model: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/api/v1/groups/{group}/rollback", json={"model": model})
+        return result
+
+    def models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/api/v1/models")
+        return result
+
+    def groups(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/api/v1/groups")
+        return result

@@ -1,0 +1,106 @@
+"""The hub's settings and the layout of its data directory.
+
+    DATA/hub.toml          settings written by `outpost-hub init` (edit to change)
+    DATA/hub.db            the registry (SQLite) unless database_url points elsewhere
+    DATA/blobs/            content-addressed package files
+    DATA/tuf/              the signed TUF repository served under /tuf/
+    DATA/keys/online/      keys the running hub signs with (snapshot, timestamp, models, deploy)
+    DATA/keys/offline/     root and targets keys: move them off the hub after init
+    DATA/operator.token    the first operator token (mode 0600), as printed by init
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from hub.errors import HubError
+from hub.signing import ExpiryPolicy
+
+SETTINGS_FILE = "hub.toml"
+DEFAULT_LISTEN = "127.0.0.1:8700"
+
+
+class SettingsError(HubError):
+    """The hub's settings file is missing or invalid."""
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    data_dir: Path
+    database_url: str = ""  # empty: SQLite at DATA/hub.db
+    offline_keys_dir: str = ""  # empty: DATA/keys/offline
+    max_upload_bytes: int = 256 * 1024 * 1024
+    refresh_interval_s: float = 60.0  # how often expiring TUF metadata is checked and re-signed
+    # Expiry of online metadata, in seconds (short in tests, days in production).
+    timestamp_expiry_s: float = 86400.0
+    snapshot_expiry_s: float = 7 * 86400.0
+    delegated_expiry_s: float = 90 * 86400.0
+
+    def expiry_policy(self) -> ExpiryPolicy:
+        from datetime import timedelta
+
+        delegated = timedelta(seconds=self.delegated_expiry_s)
+        return ExpiryPolicy(
+            models=delegated,
+            deploy=delegated,
+            group=delegated,
+            snapshot=timedelta(seconds=self.snapshot_expiry_s),
+            timestamp=timedelta(seconds=self.timestamp_expiry_s),
+        )
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'hub.db'}"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def tuf_dir(self) -> Path:
+        return self.data_dir / "tuf"
+
+    @property
+    def online_keys(self) -> Path:
+        return self.data_dir / "keys" / "online"
+
+    @property
+    def offline_keys(self) -> Path:
+        return Path(self.offline_keys_dir) if self.offline_keys_dir else self.data_dir / "keys" / "offline"
+
+    @property
+    def token_file(self) -> Path:
+        return self.data_dir / "operator.token"
+
+    def to_toml(self) -> str:
+        lines = ["# outpost-hub settings (written by outpost-hub init)"]
+        for f in fields(self):
+            if f.name == "data_dir":
+                continue
+            value = getattr(self, f.name)
+            rendered = f'"{value}"' if isinstance(value, str) else repr(value)
+            lines.append(f"{f.name} = {rendered}")
+        return "\n".join(lines) + "\n"
+
+
+def load_settings(data_dir: Path) -> HubSettings:
+    path = data_dir / SETTINGS_FILE
+    if not path.is_file():
+        raise SettingsError(f"{path} not found: run `outpost-hub init --data {data_dir}` first")
+    try:
+        doc: dict[str, Any] = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: not valid TOML ({exc})") from exc
+    known = {f.name: f for f in fields(HubSettings) if f.name != "data_dir"}
+    for key, value in doc.items():
+        if key not in known:
+            raise SettingsError(f"{path}: unknown key {key}; known keys: {', '.join(sorted(known))}")
+        default = getattr(HubSettings(data_dir), key)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            doc[key] = float(value)
+        elif type(value) is not type(default):
+            raise SettingsError(f"{path}: {key} must be a {type(default).__name__}")
+    return HubSettings(data_dir=data_dir, **doc)
