@@ -29,11 +29,14 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if (data / SETTINGS_FILE).exists():
         raise HubError(f"{data} already holds a hub ({SETTINGS_FILE} exists); nothing was changed")
     data.mkdir(parents=True, exist_ok=True)
-    settings = HubSettings(data_dir=data, offline_keys_dir=str(args.offline_keys or ""))
+    settings = HubSettings(
+        data_dir=data, offline_keys_dir=str(args.offline_keys or ""), database_url=args.database_url
+    )
     if args.short_expiry:  # for tests and demos: expiries in seconds, refreshed often
         settings = HubSettings(
             data_dir=data,
             offline_keys_dir=settings.offline_keys_dir,
+            database_url=args.database_url,
             refresh_interval_s=1.0,
             timestamp_expiry_s=args.short_expiry,
             snapshot_expiry_s=args.short_expiry * 3,
@@ -113,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument(
         "--offline-keys", type=Path, help="where root and targets keys go (default DATA/keys/offline)"
+    )
+    p.add_argument(
+        "--database-url",
+        default="",
+        metavar="URL",
+        help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/outpost (default: SQLite in DATA)",
     )
     p.add_argument("--short-expiry", type=float, default=0.0, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_init)

@@ -324,3 +324,17 @@ def test_key_rotation_followed_by_a_client_with_the_old_root(
 def test_only_metadata_and_targets_are_public(hub: HubProcess) -> None:
     assert hub.api("GET", "/tuf/.lock", auth=False).status_code == 404
     assert hub.api("GET", "/tuf/metadata/../../hub.toml", auth=False).status_code == 404
+
+
+def test_delete_a_version_only_when_no_group_uses_it(
+    hub: HubProcess, wine: dict[int, Path], tmp_path: Path
+) -> None:
+    models = {m["name"]: m for m in hub.api("GET", "/api/v1/models").json()}
+    if 3 not in models["wine"]["versions"]:
+        hub.outpost("push", str(wine[3]), "--quiet")
+    resp = hub.api("DELETE", "/api/v1/models/wine/versions/1")  # lab runs it
+    assert resp.status_code == 409, resp.text
+    assert "lab" in resp.json()["detail"]
+    assert hub.api("DELETE", "/api/v1/models/wine/versions/3").status_code == 204
+    assert 3 not in hub.api("GET", "/api/v1/models").json()[0]["versions"]
+    assert updater(hub, tmp_path / "c").get_targetinfo("models/wine/3/model.onnx") is None
