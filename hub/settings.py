@@ -1,12 +1,12 @@
 """The hub's settings and the layout of its data directory.
 
-    DATA/hub.toml          settings written by `outpost-hub init` (edit to change)
-    DATA/hub.db            the registry (SQLite) unless database_url points elsewhere
-    DATA/blobs/            content-addressed package files
-    DATA/tuf/              the signed TUF repository served under /tuf/
-    DATA/keys/online/      keys the running hub signs with (snapshot, timestamp, models, deploy)
-    DATA/keys/offline/     root and targets keys: move them off the hub after init
-    DATA/operator.token    the first operator token (mode 0600), as printed by init
+DATA/hub.toml          settings written by `outpost-hub init` (edit to change)
+DATA/hub.db            the registry (SQLite) unless database_url points elsewhere
+DATA/blobs/            content-addressed package files
+DATA/tuf/              the signed TUF repository served under /tuf/
+DATA/keys/online/      keys the running hub signs with (snapshot, timestamp, models, deploy)
+DATA/keys/offline/     root and targets keys: move them off the hub after init
+DATA/operator.token    the first operator token (mode 0600), as printed by init
 """
 
 from __future__ import annotations

@@ -108,9 +108,7 @@ class Hub:
         self.db.create_all()
         blobs = BlobStore(settings.blobs_dir)
         blobs.sweep()  # put back blobs a crash left in the trash mid-delete
-        self.registry = Registry(
-            self.db, blobs, Limits(max_model_bytes=settings.max_upload_bytes)
-        )
+        self.registry = Registry(self.db, blobs, Limits(max_model_bytes=settings.max_upload_bytes))
         self.repo = SignedRepository(
             settings.tuf_dir,
             KeyStore(settings.online_keys, settings.offline_keys),
