@@ -181,6 +181,20 @@ class Store:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def remove(self, name: str, version: int) -> bool:
+        """Delete an installed version: renamed out of `models/` first (one atomic step), then
+        deleted, so a crash never leaves half a version that looks installed."""
+        target = self.version_dir(name, version)
+        if not target.is_dir():
+            return False
+        self.staging.mkdir(parents=True, exist_ok=True)
+        doomed = Path(tempfile.mkdtemp(prefix=f"remove-{name}-{version}-", dir=self.staging))
+        target.rename(doomed / "version")
+        fsync_dir(target.parent)
+        shutil.rmtree(doomed, ignore_errors=True)
+        log.info("removed %s version %d from the store", name, version)
+        return True
+
     def installed(self) -> list[InstalledVersion]:
         """Every valid installed version; invalid ones are logged and skipped, never fatal."""
         found: list[InstalledVersion] = []

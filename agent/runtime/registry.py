@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,6 +168,9 @@ class LoadedVersion:
     single_row_ms: float | None = None
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
+    # Told of every answer this version gives (ok, seconds); the updater sets it while the
+    # version is on probation.
+    observer: Callable[[bool, float], None] | None = None
 
     @property
     def version_str(self) -> str:

@@ -86,6 +86,8 @@ class _InferTicket:
             status, message = _runtime_status(outcome)
             if status == 500:
                 log.error("%s version %d: %s", lv.name, lv.version, message)
+                if lv.observer is not None:  # the model failed, not the caller
+                    lv.observer(False, time.perf_counter() - self.started)
             return error_response(status, message)
         parsed = self.parsed
         req_id = parsed.id if parsed.id is not None else self.app.next_id()
@@ -97,7 +99,10 @@ class _InferTicket:
             vm.failed()
             log.error("%s version %d: could not encode the response: %r", lv.name, lv.version, err)
             return error_response(500, f"could not encode the response: {err}")
-        vm.answered(time.perf_counter() - self.started)
+        elapsed = time.perf_counter() - self.started
+        vm.answered(elapsed)
+        if lv.observer is not None:
+            lv.observer(True, elapsed)
         if header_len is None:
             return Response(200, body)
         return Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])

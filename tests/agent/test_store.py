@@ -360,3 +360,13 @@ def test_written_manifest_is_the_packages(store: Store, package: Path) -> None:
     got = store.install(package)
     doc: dict[str, Any] = json.loads((got.directory / MANIFEST_FILE).read_text())
     assert doc == json.loads((package / MANIFEST_FILE).read_text())
+
+
+def test_remove_deletes_one_version_and_leaves_the_others(store: Store, package: Path, tmp_path: Path) -> None:
+    store.install(package)
+    store.install(make_package(tmp_path / "v2", version=2))
+    assert store.remove("iris", 1) is True
+    assert [i.manifest.version for i in store.installed()] == [2]
+    assert not store.version_dir("iris", 1).exists()
+    assert list(store.staging.iterdir()) == []  # nothing left behind
+    assert store.remove("iris", 1) is False  # already gone: not an error
