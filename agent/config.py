@@ -66,6 +66,42 @@ class HubConfig:
     url: str = ""
     trusted_root: str = "/etc/outpost/root.json"
     poll_interval_s: float = 30.0
+    # HTTP to the hub (agent.update.fetcher). Timeouts per request: connecting, and the
+    # longest silence while reading.
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    # Connection errors, 429 and 5xx are retried (max_attempts tries in all), waiting a random
+    # time up to min(retry_max_s, retry_base_s * 2**(n-1)) after the n-th try ("full jitter").
+    max_attempts: int = 4
+    retry_base_s: float = 0.5
+    retry_max_s: float = 10.0
+    # Caps on what is read: metadata whose length no signed file states (root, and the
+    # snapshot/targets roles if unstated), and any one target file (a model). The timestamp
+    # keeps python-tuf's own 16 KiB cap.
+    max_metadata_bytes: int = 4 * 1024 * 1024
+    max_target_bytes: int = 2 * 1024 * 1024 * 1024
+    # Free space kept on the disk after a download, on top of the files themselves.
+    min_free_bytes: int = 64 * 1024 * 1024
+    proxy: str = ""  # e.g. "http://proxy:3128" for http and https; empty = the environment's
+    ca_bundle: str = ""  # PEM file of CAs to trust for https; empty = the system's/certifi's
+    tls_verify: bool = True  # false only for testing: https without checking the certificate
+    client_cert: str = ""  # PEM certificate (may hold the key too) for mutual TLS; empty = none
+    client_key: str = ""  # PEM private key of client_cert when it is a separate file
+
+    def __post_init__(self) -> None:
+        for key in ("connect_timeout_s", "read_timeout_s"):
+            if not getattr(self, key) > 0:  # `not x > 0` also refuses NaN
+                raise ConfigError(f"hub.{key}: must be a positive number")
+        for key in ("retry_base_s", "retry_max_s"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"hub.{key}: must be a number, not negative")
+        for key in ("max_attempts", "max_metadata_bytes", "max_target_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"hub.{key}: must be at least 1")
+        if self.min_free_bytes < 0:
+            raise ConfigError("hub.min_free_bytes: must not be negative")
+        if self.client_key and not self.client_cert:
+            raise ConfigError("hub.client_key: is set but hub.client_cert is empty")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,11 @@
     ├── RequestError                a caller's request is wrong (HTTP 4xx)
     │   ├── NotFound                unknown model or version (404)
     │   └── PayloadTooLarge         body over the configured limit (413)
-    └── Unavailable                 nothing ready to answer (503)
+    ├── Unavailable                 nothing ready to answer (503)
+    └── UpdateError                 an update check or download failed; serving goes on as before
+        ├── HubUnreachable          network, DNS, TLS, timeout or HTTP error talking to the hub
+        └── VerificationError       the hub's answer did not verify (TUF): a possible attack;
+                                    `reason` names the class (expired, rollback, bad-signature, ...)
 
 Foreign exceptions (onnxruntime, json, OS) are mapped at the boundary with
 `raise ... from exc`, so no caller ever sees a traceback.
@@ -50,3 +54,32 @@ class Unavailable(AgentError):
     """No version is ready to answer. Maps to HTTP 503."""
 
     status = 503
+
+
+class UpdateError(AgentError):
+    """An update check or download failed; the agent keeps serving what it has."""
+
+
+class HubUnreachable(UpdateError):
+    """The hub (or a mirror) could not be reached or answered with an HTTP error.
+
+    `status` is the HTTP status when there was one.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class VerificationError(UpdateError):
+    """What the hub served did not verify against the trusted metadata; nothing was used.
+
+    `reason` is a short stable tag for events and metrics: "expired" (freeze), "rollback"
+    (older or mismatched versions: replay, mix-and-match), "bad-signature", "length-hash-mismatch",
+    "too-long" (endless data), "malformed", "not-signed" (no role may vouch for the target),
+    "hash-mismatch" (bytes differ from what the assignment states) or "invalid".
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
