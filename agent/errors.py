@@ -10,8 +10,10 @@
     ├── Unavailable                 nothing ready to answer (503)
     └── UpdateError                 an update check or download failed; serving goes on as before
         ├── HubUnreachable          network, DNS, TLS, timeout or HTTP error talking to the hub
-        └── VerificationError       the hub's answer did not verify (TUF): a possible attack;
-                                    `reason` names the class (expired, rollback, bad-signature, ...)
+        ├── VerificationError       the hub's answer did not verify (TUF): a possible attack;
+        │                           `reason` names the class (expired, rollback, bad-signature, ...)
+        ├── AssignmentError         the signed assignment document is malformed; nothing in it is used
+        └── StateError              the saved update state is unreadable (corrupt, unknown format)
 
 Foreign exceptions (onnxruntime, json, OS) are mapped at the boundary with
 `raise ... from exc`, so no caller ever sees a traceback.
@@ -83,3 +85,14 @@ class VerificationError(UpdateError):
     def __init__(self, message: str, reason: str = "invalid") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class AssignmentError(UpdateError):
+    """The group's assignment document (signed by the hub) is malformed; nothing in it is acted on."""
+
+
+class StateError(UpdateError):
+    """The saved update state is unreadable: corrupt, inconsistent or of an unknown format.
+
+    `agent.update.StateFile.load_or_reset` moves such a file aside and starts afresh.
+    """

@@ -1,0 +1,201 @@
+"""Which version this device runs: the group's signed assignment, and the device's canary bucket.
+
+The hub signs one assignment per group (`hub.registry.deployments.assignment_document`):
+
+    {"format": "outpost-assignment/1", "group": ..., "model": ..., "serial": ...,
+     "stable": {"version", "manifest", "model", "sha256", "manifest_sha256"},
+     "candidate": {...} or null, "percent": 0..100, "salt": ..., "created": ...}
+
+A device runs the candidate when `bucket(salt, device_id) < percent`, with
+`bucket = int(sha256(salt + device_id)[:8], 16) % 100`: the contract in architecture.md, the same
+computation as the hub's `in_canary`. Keeping the salt while ramping 10% -> 50% keeps the first
+10% inside; a new salt draws a new, independent canary.
+
+Pure: parses and decides, no I/O. A malformed document raises AssignmentError naming the field;
+keys this agent does not know are ignored, so a newer hub can add some without breaking devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent.errors import AssignmentError
+from agent.update.lifecycle import VersionRef
+
+ASSIGNMENT_FORMAT = "outpost-assignment/1"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # hub.signing.layout's names
+_SALT = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces (the hub's rule)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+Role = Literal["stable", "candidate"]
+
+
+def bucket(salt: str, device_id: str) -> int:
+    """The device's bucket, 0..99, for this salt."""
+    return int(hashlib.sha256((salt + device_id).encode("utf-8")).hexdigest()[:8], 16) % 100
+
+
+def in_canary(salt: str, device_id: str, percent: int) -> bool:
+    """Whether the device runs the candidate of an assignment with this salt and percent."""
+    return bucket(salt, device_id) < percent
+
+
+@dataclass(frozen=True)
+class AssignedVersion:
+    """One version as the assignment names it: TUF target paths and the hashes that bind them."""
+
+    version: int
+    manifest: str  # target path of the manifest
+    model: str  # target path of the ONNX file
+    sha256: str  # of the ONNX file
+    manifest_sha256: str  # of the manifest bytes
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What this device should run under an assignment, and why."""
+
+    version: AssignedVersion
+    role: Role
+    bucket: int
+    model: str  # the model's name
+
+    @property
+    def ref(self) -> VersionRef:
+        """The version as the life cycle knows it (Event.assignment's target)."""
+        return VersionRef(self.model, self.version.version, self.version.sha256)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A group's assignment, validated. Build it with `Assignment.parse`."""
+
+    group: str
+    model: str
+    serial: int
+    stable: AssignedVersion
+    candidate: AssignedVersion | None
+    percent: int
+    salt: str
+    created: str
+    format: str = ASSIGNMENT_FORMAT
+
+    @classmethod
+    def parse(cls, doc: bytes | str | Mapping[str, Any], group: str | None = None) -> Assignment:
+        """Validate an assignment (its JSON bytes, or the decoded object).
+
+        `group`, when given, must be the document's group. Raises AssignmentError.
+        """
+        if isinstance(doc, bytes | str):
+            try:
+                doc = json.loads(doc, parse_constant=_no_constant)
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                raise AssignmentError(f"assignment: not valid JSON ({exc})") from exc
+        if not isinstance(doc, Mapping):
+            raise AssignmentError("assignment: the document must be a JSON object")
+        fmt = doc.get("format")
+        if fmt != ASSIGNMENT_FORMAT:
+            raise AssignmentError(
+                f"assignment: format {fmt!r} is not supported (this agent reads {ASSIGNMENT_FORMAT})"
+            )
+        doc_group = _name(doc, "group", "")
+        if group is not None and doc_group != group:
+            raise AssignmentError(f"assignment: it is for group {doc_group!r}, this device is in {group!r}")
+        model = _name(doc, "model", "")
+        stable = _version(_get(doc, "stable", Mapping, ""), model, "stable.")
+        if "candidate" not in doc:
+            raise AssignmentError("assignment: candidate is missing (null when there is none)")
+        candidate = None
+        if doc["candidate"] is not None:
+            candidate = _version(_get(doc, "candidate", Mapping, ""), model, "candidate.")
+            if candidate.version == stable.version:
+                raise AssignmentError("assignment: the candidate is the stable version")
+        percent = _int(doc, "percent", "", 0)
+        if percent > 100:
+            raise AssignmentError(f"assignment: percent must be 0..100, not {percent}")
+        if candidate is None and percent != 0:
+            raise AssignmentError(f"assignment: percent is {percent} but there is no candidate")
+        salt = _get(doc, "salt", str, "")
+        if not _SALT.fullmatch(salt):
+            raise AssignmentError("assignment: salt must be 1-128 printable ASCII characters without spaces")
+        return cls(
+            group=doc_group,
+            model=model,
+            serial=_int(doc, "serial", "", 0),
+            stable=stable,
+            candidate=candidate,
+            percent=percent,
+            salt=salt,
+            created=_get(doc, "created", str, ""),
+        )
+
+
+def choose(assignment: Assignment, device_id: str) -> Choice:
+    """Stable or candidate for this device: the candidate when its bucket is under `percent`."""
+    if not isinstance(device_id, str) or not device_id:
+        raise ValueError("choose: device_id must be a non-empty string")
+    b = bucket(assignment.salt, device_id)
+    if assignment.candidate is not None and b < assignment.percent:
+        return Choice(assignment.candidate, "candidate", b, assignment.model)
+    return Choice(assignment.stable, "stable", b, assignment.model)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _get(doc: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in doc:
+        raise AssignmentError(f"assignment: {where}{key} is missing")
+    value = doc[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise AssignmentError(f"assignment: {where}{key} must be {_KIND_NAMES.get(kind, kind.__name__)}")
+    return value
+
+
+_KIND_NAMES: dict[type, str] = {Mapping: "an object", str: "a string", int: "an integer"}
+
+
+def _int(doc: Mapping[str, Any], key: str, where: str, minimum: int) -> int:
+    value: int = _get(doc, key, int, where)
+    if value < minimum:
+        raise AssignmentError(f"assignment: {where}{key} must be at least {minimum}, not {value}")
+    return value
+
+
+def _name(doc: Mapping[str, Any], key: str, where: str) -> str:
+    value: str = _get(doc, key, str, where)
+    if not _NAME.fullmatch(value):
+        raise AssignmentError(f"assignment: {where}{key} {value!r} is not a valid name")
+    return value
+
+
+def _version(doc: Mapping[str, Any], model: str, where: str) -> AssignedVersion:
+    version = _int(doc, "version", where, 1)
+    prefix = f"models/{model}/{version}/"
+    paths = {}
+    for key in ("manifest", "model"):
+        path: str = _get(doc, key, str, where)
+        # The files must be this version's: a path elsewhere would install other bytes under
+        # this version's name. (TUF checks who signed them; this checks what they claim to be.)
+        if not path.startswith(prefix) or "/" in path[len(prefix) :] or path == prefix:
+            raise AssignmentError(f"assignment: {where}{key} {path!r} is not a file under {prefix}")
+        paths[key] = path
+    hashes = {}
+    for key in ("sha256", "manifest_sha256"):
+        digest: str = _get(doc, key, str, where)
+        if not _SHA256.fullmatch(digest):
+            raise AssignmentError(f"assignment: {where}{key} must be 64 lowercase hex digits")
+        hashes[key] = digest
+    return AssignedVersion(
+        version=version,
+        manifest=paths["manifest"],
+        model=paths["model"],
+        sha256=hashes["sha256"],
+        manifest_sha256=hashes["manifest_sha256"],
+    )
