@@ -96,6 +96,28 @@ def _cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_update(args: argparse.Namespace) -> int:
+    import time
+
+    from agent.client import call
+
+    cfg = _config(args)
+    status, doc = call(cfg.server.socket, "POST", "/v1/update")
+    if status != 200:
+        raise AgentError(doc.get("error", str(doc)) if isinstance(doc, dict) else str(doc))
+    time.sleep(args.wait)
+    _, doc = call(cfg.server.socket, "GET", "/v1/status")
+    update = doc.get("update", {}) if isinstance(doc, dict) else {}
+    print(
+        f"update check requested; state {update.get('state')}, current {update.get('current')}, "
+        f"pending {update.get('pending')}"
+    )
+    last = update.get("last_check") or {}
+    if last.get("error"):
+        print(f"  last check failed: {last['error']}")
+    return 0
+
+
 def _cmd_default(args: argparse.Namespace) -> int:
     from agent.client import call
 
@@ -128,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("install", help="install a model package (directory or .tar)"))
     p.add_argument("package")
     p.set_defaults(func=_cmd_install)
+    p = with_config(sub.add_parser("update", help="check the hub for a new assignment now"))
+    p.add_argument("--wait", type=float, default=1.0, help="seconds to wait before showing the state")
+    p.set_defaults(func=_cmd_update)
     p = with_config(sub.add_parser("default", help="pin a model's default version, or 'latest'"))
     p.add_argument("model")
     p.add_argument("version", help="a version number, or 'latest' to unpin")

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import AgentConfig
@@ -29,6 +29,9 @@ from agent.sdnotify import Notifier
 from agent.serving.app import App
 from agent.serving.http import HttpProtocol, ServerState
 from agent.serving.listen import bind_tcp, bind_unix, remove_socket_file
+
+if TYPE_CHECKING:
+    from agent.update.runner import UpdateRunner
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,13 @@ class Agent:
         self.infer_pool = ThreadPoolExecutor(config.runtime.workers, thread_name_prefix="infer")
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         self.registry = ModelRegistry(config.runtime, self.infer_pool, self.metrics)
-        self.app = App(self.registry, self.metrics, status_info=self._status_info, reload=self.reload)
+        self.app = App(
+            self.registry,
+            self.metrics,
+            status_info=self._status_info,
+            reload=self.reload,
+            update=self._update_now,
+        )
         self.state = ServerState(
             self.app.handle,
             max_body_bytes=config.server.max_body_bytes,
@@ -62,6 +71,11 @@ class Agent:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self.updater: UpdateRunner | None = None
+        if config.hub.url:
+            from agent.update.runner import UpdateRunner
+
+            self.updater = UpdateRunner(self)
 
     def _status_info(self) -> dict[str, Any]:
         cfg = self.config
@@ -78,6 +92,7 @@ class Agent:
                 "connections": len(self.state.connections),
             },
             "data_dir": cfg.data_dir,
+            "update": self.updater.status() if self.updater is not None else {"state": "off (no hub.url)"},
         }
 
     # -- loading ------------------------------------------------------------------------------
@@ -106,6 +121,8 @@ class Agent:
                 m = item.manifest
                 if self.registry.is_loaded(m.name, m.version):
                     continue
+                if self.updater is not None and not self.updater.keeps(m.name, m.version):
+                    continue  # the updater loads (and counts) versions it is bringing in
                 error = await self._load_one(item)
                 entry = {"name": m.name, "version": m.version}
                 if error is None:
@@ -113,6 +130,12 @@ class Agent:
                 else:
                     failed.append({**entry, "error": error})
             return {"loaded": loaded, "failed": failed}
+
+    async def _update_now(self) -> dict[str, Any]:
+        if self.updater is None:
+            raise AgentError("updates are off: hub.url is not set in the config")
+        self.updater.trigger()
+        return {"triggered": True}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -141,6 +164,9 @@ class Agent:
             log.info("serving on tcp:%s", cfg.server.tcp)
         self.app.started = True
         self._tasks.append(asyncio.ensure_future(self._sweeper()))
+        if self.updater is not None:
+            # In the background: serving starts now, with the committed version.
+            self._tasks.append(asyncio.ensure_future(self.updater.start()))
         interval = self.notifier.watchdog_interval()
         if interval:
             self._tasks.append(asyncio.ensure_future(self._watchdog(interval / 2)))
@@ -187,6 +213,8 @@ class Agent:
             log.warning("drain timeout: %d connection(s) still writing", self.state.open_transports)
         for task in self._tasks:
             task.cancel()
+        if self.updater is not None:
+            await self.updater.stop()
         # Only our own socket: a second agent that failed to start must not
         # delete the first one's.
         if self._socket_path is not None and self._own_socket:

@@ -276,8 +276,12 @@ class ModelRegistry:
 
     # -- switching (event loop thread) -------------------------------------------------------
 
-    def add(self, lv: LoadedVersion) -> None:
+    def add(self, lv: LoadedVersion, make_default: bool = True) -> None:
+        """Register a loaded version. With make_default=False the model's default stays what it
+        was (pinned if need be): the updater switches to a new version itself, when it decides."""
         model = self._models.setdefault(lv.name, _Model())
+        if not make_default and model.pinned is None and model.default is not None:
+            model.pinned = model.default.version
         model.versions[lv.version] = lv
         model.failed.pop(lv.version, None)
         model.recompute()

@@ -116,11 +116,13 @@ class App:
         *,
         status_info: Callable[[], dict[str, Any]],
         reload: AdminHook | None = None,
+        update: AdminHook | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self._status_info = status_info
         self._reload = reload
+        self._update = update
         self.started = False  # set once start-up loading has finished
         # Prediction ids: a random per-boot prefix and a counter, unique across
         # restarts without the cost of a uuid per request.
@@ -239,6 +241,11 @@ class App:
             if self._reload is None:
                 raise NotFound("reload is not available")
             return asyncio.ensure_future(self._admin(self._reload))
+        if parts == ["v1", "update"]:
+            self._only(req.method, "POST")
+            if self._update is None:
+                raise NotFound("updates are not available")
+            return asyncio.ensure_future(self._admin(self._update))
         if len(parts) == 4 and parts[1] == "models" and parts[3] == "default":
             self._only(req.method, "POST", "PUT")
             return self._pin(parts[2], req.body)

@@ -362,7 +362,9 @@ def test_written_manifest_is_the_packages(store: Store, package: Path) -> None:
     assert doc == json.loads((package / MANIFEST_FILE).read_text())
 
 
-def test_remove_deletes_one_version_and_leaves_the_others(store: Store, package: Path, tmp_path: Path) -> None:
+def test_remove_deletes_one_version_and_leaves_the_others(
+    store: Store, package: Path, tmp_path: Path
+) -> None:
     store.install(package)
     store.install(make_package(tmp_path / "v2", version=2))
     assert store.remove("iris", 1) is True

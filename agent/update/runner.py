@@ -1,0 +1,378 @@
+"""The update runner: the I/O around the pure life cycle (`lifecycle.step`).
+
+It polls the hub for the group's signed assignment (`tuf_client.UpdateClient`), picks stable
+or candidate by canary bucket, and feeds the machine events; the machine answers with actions
+that this module performs: download into staging, install (verify against the manifest),
+load and self-test, switch the model's default version (a pointer swap: requests in flight
+finish on the version they hold), probation, commit, fall back, garbage-collect.
+
+The record is saved (atomically) before any action runs, so a kill at any point resumes from a
+state that names the work under way. Blocking work (network, disk, onnxruntime) runs in the
+agent's loading thread; switching happens on the event loop thread.
+
+Failures to reach the hub or to verify its metadata never touch serving: the committed version
+keeps serving, the reason is kept for /v1/status, and the next check backs off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from agent.errors import AgentError, ModelLoadError, PackageError, UpdateError
+from agent.runtime.registry import LoadedVersion
+from agent.update.canary import Assignment, Choice, choose
+from agent.update.lifecycle import Action, ActionKind, Event, EventKind, State, UpdateRecord, VersionRef, step
+from agent.update.probation import LatencyWindow, Outcome, ProbationTracker
+from agent.update.state_file import StateFile
+from agent.update.tuf_client import UpdateClient
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PROBATION_CHECK_S = 0.5  # how often a version on probation is judged
+EVENTS_KEPT = 50  # transitions shown in /v1/status
+STATE_FILE = "update-state.json"
+
+
+class UpdateRunner:
+    def __init__(self, agent: Agent, client: UpdateClient | None = None) -> None:
+        self.agent = agent
+        cfg = agent.config
+        data = cfg.data_path
+        self.client = client or UpdateClient(
+            cfg.hub, cfg.group, data / "tuf" / "metadata", data / "tuf" / "targets"
+        )
+        self.downloads = data / "staging" / "downloads"
+        self.state_file = StateFile(data / STATE_FILE)
+        self.record: UpdateRecord = self.state_file.load_or_reset()
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
+        self.event_counts: dict[str, int] = {}
+        self.last_check: dict[str, Any] = {"at": None, "ok": None, "error": None}
+        self._choice: Choice | None = None
+        self._downloaded: Path | None = None
+        self._tracker: ProbationTracker | None = None
+        self._probation_task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._queue: collections.deque[Event] = collections.deque()
+        self._dispatching = False
+        self._failures = 0
+        # p50 of the committed version's recent answers: what a candidate's latency is judged against.
+        self.reference = LatencyWindow()
+
+    # -- what start-up loads ------------------------------------------------------------
+
+    def keeps(self, model: str, version: int) -> bool:
+        """Whether start-up should load this installed version: the committed and previous ones
+        of the model under update (the pending one is loaded by the machine, counted)."""
+        r = self.record
+        tracked = {v.model for v in (r.current, r.previous, r.pending, r.assigned) if v is not None}
+        if model not in tracked:
+            return True
+        return any(
+            v is not None and (v.model, v.version) == (model, version) for v in (r.current, r.previous)
+        )
+
+    # -- life ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._serve(self.record.current)
+        await self.dispatch(Event(EventKind.RESUME))
+        self._task = asyncio.ensure_future(self._poll_forever())
+
+    async def stop(self) -> None:
+        for task in (self._task, self._probation_task):
+            if task is not None:
+                task.cancel()
+        await asyncio.get_running_loop().run_in_executor(self.agent.load_pool, self.client.close)
+
+    def trigger(self) -> None:
+        """Check the hub now (outpost-agent update, POST /v1/update, the MQTT cmd topic)."""
+        self._wake.set()
+
+    async def _poll_forever(self) -> None:
+        interval = self.agent.config.hub.poll_interval_s
+        while True:
+            ok = await self.check_once()
+            self._failures = 0 if ok else self._failures + 1
+            # Back off on failures (full jitter, capped at 10 polls), so a fleet whose hub went
+            # down does not come back all at once.
+            delay = interval if ok else random.uniform(0, interval * min(10, 2**self._failures))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0.05))
+            self._wake.clear()
+
+    async def check_once(self) -> bool:
+        """One poll: True when the hub answered with verified metadata."""
+        self.last_check["at"] = time.time()
+        try:
+            signed = await self._blocking(self.client.check)
+            if signed is None:
+                self.last_check.update(ok=True, error=None, note="the group has no assignment")
+                return True
+            assignment = Assignment.parse(signed.document, group=self.agent.config.group)
+        except UpdateError as exc:
+            self.last_check.update(ok=False, error=str(exc))
+            log.warning("update check failed: %s", exc)
+            return False
+        self.last_check.update(ok=True, error=None, note=None, serial=assignment.serial)
+        choice = choose(assignment, self.agent.config.device_id)
+        self._choice = choice
+        target = choice.ref
+        r = self.record
+        if target != r.assigned or assignment.serial != r.assignment_serial:
+            await self.dispatch(Event.assignment(target, assignment.serial))
+        return True
+
+    # -- the machine ----------------------------------------------------------------------
+
+    async def dispatch(self, event: Event) -> None:
+        """Step the machine with `event` and perform the actions, then any events they produce."""
+        self._queue.append(event)
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while self._queue:
+                record, actions = step(self.record, self._queue.popleft())
+                await self._blocking(self.state_file.save, record)  # before any side effect
+                self.record = record
+                for action in actions:
+                    await self._perform(action)
+        finally:
+            self._dispatching = False
+
+    async def _perform(self, action: Action) -> None:
+        kind = action.kind
+        v = action.version
+        if kind is ActionKind.REPORT:
+            self._report(action.report)
+        elif kind is ActionKind.DOWNLOAD:
+            assert v is not None
+            await self._download(v, action.delay_s)
+        elif kind is ActionKind.VERIFY:
+            assert v is not None
+            await self._verify(v)
+        elif kind is ActionKind.INSTALL_AND_LOAD:
+            assert v is not None
+            await self._load(v)
+        elif kind is ActionKind.SWITCH_TO:
+            await self._serve(v)
+        elif kind is ActionKind.START_PROBATION:
+            assert v is not None
+            self._start_probation(v)
+        elif kind in (ActionKind.COMMIT, ActionKind.FALL_BACK):
+            self._end_probation()
+            await self._serve(v)
+            self._unload(action.leaving)
+        elif kind is ActionKind.MARK_BAD:
+            log.warning("%s marked bad: not tried again until the assignment changes", v)
+        elif kind is ActionKind.GC:
+            await self._gc(action.keep)
+
+    def _report(self, report: dict[str, Any]) -> None:
+        entry = {"ts": time.time(), **report}
+        self.events.append(entry)
+        name = str(report.get("event", "?"))
+        self.event_counts[name] = self.event_counts.get(name, 0) + 1
+        log.info(
+            "update: %s -> %s on %s (%s)%s",
+            report.get("from"),
+            report.get("to"),
+            name,
+            report.get("version"),
+            f": {report['reason']}" if report.get("reason") else "",
+        )
+
+    # -- actions --------------------------------------------------------------------------
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.agent.load_pool, fn, *args)
+
+    async def _download(self, v: VersionRef, delay_s: float) -> None:
+        if delay_s > 0:
+            await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))
+        choice = self._choice
+        manifest_sha = choice.version.manifest_sha256 if choice is not None and choice.ref == v else None
+        shutil.rmtree(self.downloads, ignore_errors=True)
+        try:
+            path = await self._blocking(
+                lambda: self.client.fetch_version(
+                    v.model, v.version, self.downloads, manifest_sha256=manifest_sha, model_sha256=v.sha256
+                )
+            )
+        except UpdateError as exc:
+            await self.dispatch(Event(EventKind.DOWNLOAD_FAILED, version=v, reason=str(exc)))
+            return
+        self._downloaded = path
+        await self.dispatch(Event(EventKind.DOWNLOADED, version=v))
+
+    async def _verify(self, v: VersionRef) -> None:
+        path = self._downloaded
+        if path is None:  # resumed in VERIFYING: the machine restarts downloads, so this is a bug
+            await self.dispatch(Event(EventKind.VERIFY_FAILED, version=v, reason="nothing downloaded"))
+            return
+        try:
+            installed = await self._blocking(self.agent.store.install, path)
+            m = installed.manifest
+            if (m.name, m.version, m.model.sha256) != (v.model, v.version, v.sha256):
+                raise PackageError(
+                    f"the package is {m.name} v{m.version} ({m.model.sha256[:12]}), the assignment named {v}"
+                )
+        except (PackageError, OSError) as exc:
+            await self.dispatch(Event(EventKind.VERIFY_FAILED, version=v, reason=str(exc)))
+            return
+        finally:
+            shutil.rmtree(self.downloads, ignore_errors=True)
+            self._downloaded = None
+        await self.dispatch(Event(EventKind.VERIFIED, version=v))
+
+    async def _load(self, v: VersionRef) -> None:
+        registry = self.agent.registry
+        if not registry.is_loaded(v.model, v.version):
+            try:
+                installed = next(
+                    (
+                        i
+                        for i in await self._blocking(self.agent.store.installed)
+                        if (i.manifest.name, i.manifest.version) == (v.model, v.version)
+                    ),
+                    None,
+                )
+                if installed is None:
+                    raise ModelLoadError(f"{v} is not installed")
+                lv = await self._blocking(registry.load, installed)
+            except (ModelLoadError, PackageError) as exc:
+                registry.record_failure(v.model, v.version, str(exc))
+                await self.dispatch(Event(EventKind.LOAD_FAILED, version=v, reason=str(exc)))
+                return
+            registry.add(lv, make_default=False)
+        await self.dispatch(Event(EventKind.LOADED, version=v))
+
+    async def _serve(self, v: VersionRef | None) -> None:
+        """Make `v` its model's default version (None: leave the model to its normal policy).
+
+        A committed version kept on disk but not in memory (the previous one, after a commit)
+        is loaded again first: a hub rollback or a fall back must not depend on memory."""
+        registry = self.agent.registry
+        if v is None:
+            return
+        if not registry.is_loaded(v.model, v.version):
+            installed = next(
+                (
+                    i
+                    for i in await self._blocking(self.agent.store.installed)
+                    if (i.manifest.name, i.manifest.version) == (v.model, v.version)
+                ),
+                None,
+            )
+            if installed is None:
+                log.error("cannot serve %s: it is not installed", v)
+                return
+            try:
+                registry.add(await self._blocking(registry.load, installed), make_default=False)
+            except (ModelLoadError, PackageError) as exc:
+                log.error("cannot serve %s: %s", v, exc)
+                return
+        lv = registry.pin(v.model, v.version)
+        if self.record.state is not State.PROBATION or self.record.pending != v:
+            lv.observer = self._observe_reference
+
+    def _observe_reference(self, ok: bool, seconds: float) -> None:
+        if ok:
+            self.reference.add(seconds)
+
+    def _start_probation(self, v: VersionRef) -> None:
+        lv = self._loaded(v)
+        if lv is None:
+            return
+        reference = self.reference.p50()
+        self._tracker = ProbationTracker(lv.manifest.probation, time.monotonic(), reference)
+        lv.observer = self._tracker.record
+        self._probation_task = asyncio.ensure_future(self._watch_probation(v))
+
+    async def _watch_probation(self, v: VersionRef) -> None:
+        while True:
+            await asyncio.sleep(PROBATION_CHECK_S)
+            tracker = self._tracker
+            if tracker is None or self.record.state is not State.PROBATION or self.record.pending != v:
+                return
+            verdict = tracker.verdict(time.monotonic())
+            if verdict.outcome is Outcome.PASSED:
+                await self.dispatch(Event(EventKind.PROBATION_PASSED, version=v, reason=verdict.reason))
+                return
+            if verdict.outcome is Outcome.FAILED:
+                await self.dispatch(Event(EventKind.PROBATION_FAILED, version=v, reason=verdict.reason))
+                return
+
+    def _end_probation(self) -> None:
+        self._tracker = None
+        task = self._probation_task
+        self._probation_task = None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _loaded(self, v: VersionRef) -> LoadedVersion | None:
+        try:
+            return self.agent.registry.get(v.model, str(v.version))
+        except AgentError:
+            return None
+
+    def _unload(self, v: VersionRef | None) -> None:
+        if v is None:
+            return
+        lv = self.agent.registry.remove(v.model, v.version)
+        if lv is not None:
+            lv.observer = None
+            self.reference = LatencyWindow()
+
+    async def _gc(self, keep: tuple[VersionRef, ...]) -> None:
+        if not keep:
+            return
+        model = keep[0].model
+        wanted = {v.version for v in keep}
+        for item in await self._blocking(self.agent.store.installed):
+            m = item.manifest
+            if m.name == model and m.version not in wanted:
+                self.agent.registry.remove(m.name, m.version)
+                await self._blocking(self.agent.store.remove, m.name, m.version)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        r = self.record
+        doc: dict[str, Any] = {
+            "state": r.state.value,
+            "current": str(r.current) if r.current else None,
+            "previous": str(r.previous) if r.previous else None,
+            "pending": str(r.pending) if r.pending else None,
+            "assigned": str(r.assigned) if r.assigned else None,
+            "assignment_serial": r.assignment_serial,
+            "bad": sorted(h[:12] for h in r.bad),
+            "reason": r.reason,
+            "last_check": dict(self.last_check),
+            "events": list(self.events)[-20:],
+        }
+        if self._choice is not None:
+            doc["canary"] = {"bucket": self._choice.bucket, "role": self._choice.role}
+        if self._tracker is not None:
+            t = self._tracker
+            doc["probation"] = {
+                "requests": t.requests,
+                "errors": t.errors,
+                "reference_p50_s": t.reference_p50_s,
+            }
+        return doc

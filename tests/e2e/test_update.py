@@ -1,0 +1,263 @@
+"""End to end: the real hub process and the real agent; the agent pulls signed versions,
+tries each on probation, commits it or falls back by itself."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.support.agentproc import AgentProcess
+from tests.support.hubproc import HubProcess
+
+pytestmark = pytest.mark.e2e
+
+FAST_PROBATION = {"min_requests": 20, "min_seconds": 1.0, "max_error_rate": 0.05, "max_latency_ratio": 50.0}
+
+
+def _retar(directory: Path, archive: Path) -> Path:
+    from agent.package.store import write_package_tar
+
+    archive.unlink(missing_ok=True)
+    write_package_tar(directory, archive)
+    return archive
+
+
+@pytest.fixture(scope="module")
+def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Versions 1-3 of the example model, with a probation short enough for a test."""
+    from examples.train_example import build_example
+    from hub.packager import PackageOptions, build_package
+
+    out = tmp_path_factory.mktemp("wine")
+    dirs = {1: build_example(out)}
+    for version in (2, 3):
+        dirs[version] = build_package(
+            out / "wine.joblib",
+            out / "wine-sample.csv",
+            PackageOptions(name="wine", version=version, out_dir=out, target="class", replace=True),
+        ).directory
+    packages = {}
+    for version, directory in dirs.items():
+        manifest = json.loads((directory / "manifest.json").read_text())
+        manifest["probation"] = FAST_PROBATION
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        packages[version] = _retar(directory, out / f"fast-wine-{version}.tar")
+    return packages
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubProcess]:
+    process = HubProcess(tmp_path / "hub").start()
+    yield process
+    process.kill()
+
+
+def device(tmp_path: Path, hub: HubProcess, name: str = "dev-001", group: str = "lab") -> AgentProcess:
+    root_file = tmp_path / f"{name}-root.json"
+    root_file.write_bytes(hub.root)
+    return AgentProcess(
+        tmp_path / name,
+        extra={
+            "device_id": name,
+            "group": group,
+            "hub": {"url": hub.url, "trusted_root": str(root_file), "poll_interval_s": 0.3},
+        },
+    )
+
+
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def update_status(agent: AgentProcess) -> dict[str, Any]:
+    status: dict[str, Any] = agent.json("GET", "/v1/status")[1]["update"]
+    return status
+
+
+def x_doc(n: int = 1) -> dict[str, Any]:
+    rows = np.random.default_rng(0).normal(size=(n, 13)).astype(np.float32) * 10 + 50
+    return {"inputs": [{"name": "input", "shape": [n, 13], "datatype": "FP32", "data": rows.tolist()}]}
+
+
+def served_version(agent: AgentProcess) -> str | None:
+    status, doc = agent.json("POST", "/v2/models/wine/infer", x_doc())
+    return doc["model_version"] if status == 200 else None
+
+
+class Traffic:
+    """Clients that keep asking for predictions and record every failure."""
+
+    def __init__(self, agent: AgentProcess, clients: int = 4) -> None:
+        self.agent = agent
+        self.failures: list[str] = []
+        self.answers = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, doc = self.agent.json("POST", "/v2/models/wine/infer", x_doc())
+            except OSError as exc:
+                self.failures.append(repr(exc))
+                continue
+            if status != 200:
+                self.failures.append(f"{status} {doc}")
+            self.answers += 1
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+
+def test_deploy_update_commit_and_hub_rollback(
+    tmp_path: Path, hub: HubProcess, wine: dict[int, Path]
+) -> None:
+    for version in (1, 2):
+        hub.outpost("push", str(wine[version]), "--quiet")
+    hub.outpost("deploy", "wine", "1", "--group", "lab")
+    agent = device(tmp_path, hub)
+    agent.start(wait_ready=False)
+    try:
+        wait_for("v1 to serve", lambda: served_version(agent) == "1")
+        with Traffic(agent) as traffic:
+            # The first version too is on probation until it has shown enough answers.
+            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed")
+            hub.outpost("deploy", "wine", "2", "--group", "lab")
+            wait_for("v2 on probation", lambda: update_status(agent)["state"] in ("probation", "committed"))
+            wait_for(
+                "v2 committed",
+                lambda: (
+                    update_status(agent)["state"] == "committed"
+                    and "v2" in (update_status(agent)["current"] or "")
+                ),
+            )
+            assert served_version(agent) == "2"
+            hub.outpost("rollback", "wine", "--group", "lab")
+            wait_for("hub rollback to v1", lambda: served_version(agent) == "1")
+        assert traffic.failures == []
+        assert traffic.answers > 20
+        events = [e["event"] for e in update_status(agent)["events"]]
+        assert "probation_passed" in events and "hub_rollback" in events
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
+
+
+def _sign_directly(hub: HubProcess, name: str, version: int, files: dict[str, bytes]) -> None:
+    """Sign a version without the registry's validation (a model the hub would refuse, as a
+    device with another onnxruntime might see it), then assign it through a forged deployment."""
+    from hub.settings import load_settings
+    from hub.signing import KeyStore, SignedRepository
+
+    settings = load_settings(hub.data)
+    repo = SignedRepository(
+        settings.tuf_dir, KeyStore(settings.online_keys, settings.offline_keys), settings.expiry_policy()
+    )
+    repo.add_model_version(name, version, files)
+
+
+def _assign(hub: HubProcess, group: str, doc: dict[str, Any]) -> None:
+    from hub.registry.deployments import canonical_json
+    from hub.settings import load_settings
+    from hub.signing import KeyStore, SignedRepository
+
+    settings = load_settings(hub.data)
+    repo = SignedRepository(
+        settings.tuf_dir, KeyStore(settings.online_keys, settings.offline_keys), settings.expiry_policy()
+    )
+    repo.set_assignment(group, canonical_json(doc))
+
+
+def _version_doc(files: dict[str, bytes], name: str, version: int) -> dict[str, Any]:
+    import hashlib
+
+    return {
+        "version": version,
+        "manifest": f"models/{name}/{version}/manifest.json",
+        "model": f"models/{name}/{version}/model.onnx",
+        "sha256": hashlib.sha256(files["model.onnx"]).hexdigest(),
+        "manifest_sha256": hashlib.sha256(files["manifest.json"]).hexdigest(),
+    }
+
+
+def _files(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+def _broken(files: dict[str, bytes], kind: str) -> dict[str, bytes]:
+    import hashlib
+
+    manifest = json.loads(files["manifest.json"])
+    model = files["model.onnx"]
+    manifest["version"] = 3
+    if kind == "load-fails":
+        model = b"\x08\x07" + b"not an onnx graph" * 20
+    elif kind == "self-test-fails":
+        manifest["self_test"]["outputs"][1]["data"] = [
+            (v + 0.5) for v in manifest["self_test"]["outputs"][1]["data"]
+        ]
+    manifest["model"] = {**manifest["model"], "sha256": hashlib.sha256(model).hexdigest(), "size": len(model)}
+    return {"manifest.json": json.dumps(manifest).encode(), "model.onnx": model}
+
+
+@pytest.mark.parametrize("kind", ["load-fails", "self-test-fails"])
+def test_a_broken_version_falls_back_by_itself_and_is_not_retried(
+    tmp_path: Path, hub: HubProcess, wine: dict[int, Path], kind: str
+) -> None:
+    hub.outpost("push", str(wine[1]), "--quiet")
+    hub.outpost("deploy", "wine", "1", "--group", "lab")
+    good = _files(wine[1])
+    bad = _broken(_files(wine[3]), kind)
+    _sign_directly(hub, "wine", 3, bad)
+    agent = device(tmp_path, hub)
+    agent.start(wait_ready=False)
+    try:
+        wait_for("v1 to serve", lambda: served_version(agent) == "1")
+        with Traffic(agent):
+            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed")
+        doc = {
+            "format": "outpost-assignment/1",
+            "group": "lab",
+            "model": "wine",
+            "serial": 1000,
+            "stable": _version_doc(bad, "wine", 3),
+            "candidate": None,
+            "percent": 0,
+            "salt": "s",
+            "created": "2026-11-27T00:00:00Z",
+        }
+        with Traffic(agent) as traffic:
+            _assign(hub, "lab", doc)
+            wait_for("the fall back", lambda: update_status(agent)["state"] == "rolled_back")
+            time.sleep(1.5)  # several more polls: the bad version must not be tried again
+        st = update_status(agent)
+        assert "v1" in st["current"]
+        assert served_version(agent) == "1"
+        assert traffic.failures == []
+        falls = [e for e in st["events"] if e["event"] == "load_failed"]
+        assert len(falls) == 1, st["events"]
+        assert falls[0]["reason"]
+        del good
+    finally:
+        agent.kill()
