@@ -9,7 +9,12 @@
 4. installs a second version while the agent serves, switches to it, and rolls back
    to version 1 by hand;
 5. stops the agent with SIGTERM (the way systemd does) and checks it exited 0 and
-   removed its socket.
+   removed its socket;
+6. starts a hub, pushes the versions (validated, signed), deploys with a canary, and checks
+   with an independent TUF client what a device of that group will see;
+7. starts a device agent connected to the hub: it pulls, verifies, probes and commits
+   version 1, then is assigned a deliberately slow version 3, which fails probation on
+   latency; the agent falls back to version 1 by itself, with no failed request.
 
 Exits non-zero if any step does not behave as described.
 """
@@ -24,13 +29,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
+
+
+DEMO_PROBATION = {"min_requests": 30, "min_seconds": 2.0, "max_error_rate": 0.02, "max_latency_ratio": 2.0}
 
 
 def step(text: str) -> None:
@@ -88,6 +98,15 @@ def build_packages(out: Path) -> tuple[Path, Path, Path]:
         PackageOptions(name="wine", version=2, out_dir=out, target="class", replace=True),
     ).directory
     print(f"package {v2.name} built")
+    # A short probation, so the demo does not wait for the default 50 answers and 30 s.
+    from agent.package.store import write_package_tar
+
+    for package in (v1, v2):
+        doc = json.loads((package / "manifest.json").read_text())
+        doc["probation"] = DEMO_PROBATION
+        (package / "manifest.json").write_text(json.dumps(doc))
+        package.with_suffix(".tar").unlink(missing_ok=True)
+        write_package_tar(package, package.with_suffix(".tar"))
     return v1, v2, sample_path
 
 
@@ -208,7 +227,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def hub_publish(work: Path, v1: Path, v2: Path) -> subprocess.Popen[bytes]:
+def hub_publish(work: Path, v1: Path, v2: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
     step("6. The hub: sign and publish the versions, assign one to a device group")
     data = work / "hub"
     run(str(BIN / "outpost-hub"), "init", "--data", str(data))
@@ -265,7 +284,87 @@ def hub_publish(work: Path, v1: Path, v2: Path) -> subprocess.Popen[bytes]:
         f"v{assignment['stable']['version']}, canary v{assignment['candidate']['version']} for "
         f"{assignment['percent']}% of devices; model {model.path} sha256 {model.hashes['sha256'][:12]}…"
     )
-    return hub
+    return hub, url, data
+
+
+class Traffic:
+    """A local app asking for predictions all along; counts the answers that were not 200."""
+
+    def __init__(self, sock: str, body: bytes) -> None:
+        import threading
+
+        self.sock, self.body = sock, body
+        self.answers = 0
+        self.failures = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                status = call(self.sock, "POST", "/v2/models/wine/infer", self.body)[0]
+            except OSError:
+                status = 0
+            self.answers += 1
+            self.failures += status != 200
+            time.sleep(0.002)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def device_updates(work: Path, url: str, hub_data: Path, v1: Path, body: bytes) -> None:
+    step("7. A device pulls its assignment, tries a new version, and falls back by itself")
+    from examples.broken_versions import make_slow_variant
+
+    sock = str(work / "device.sock")
+    config = work / "device.toml"
+    config.write_text(
+        f'device_id = "demo-002"\ngroup = "field"\ndata_dir = "{work / "device"}"\n'
+        f'[server]\nsocket = "{sock}"\n'
+        f'[hub]\nurl = "{url}"\ntrusted_root = "{hub_data / "tuf" / "metadata" / "root.json"}"\n'
+        "poll_interval_s = 0.5\n"
+    )
+    run(str(BIN / "outpost"), "deploy", "wine", "1", "--group", "field")
+    log = (work / "device.log").open("wb")
+    device = subprocess.Popen(
+        [str(BIN / "outpost-agent"), "run", "--config", str(config)], stdout=log, stderr=log
+    )
+    traffic = Traffic(sock, body)
+    try:
+        wait_until("the device to serve", lambda: call_ready(sock) == 200)
+        traffic.thread.start()
+
+        def update() -> dict[str, Any]:
+            doc: dict[str, Any] = json.loads(call(sock, "GET", "/v1/status")[2])["update"]
+            return doc
+
+        wait_until("v1 committed", lambda: update()["state"] == "committed")
+        print(f"  device demo-002 verified, probed and committed {update()['current']}")
+        slow = make_slow_variant(v1, work / "packages", 3)
+        print("  version 3: the same answers, many times slower per request (a deliberately broken build)")
+        run(str(BIN / "outpost"), "push", str(slow), "--quiet")
+        run(str(BIN / "outpost"), "deploy", "wine", "3", "--group", "field")
+        wait_until("the fall back", lambda: update()["state"] == "rolled_back")
+        st = update()
+        for event in st["events"]:
+            reason = f": {event['reason']}" if event.get("reason") else ""
+            print(f"  {event['from']:>11} -> {event['to']:<11} on {event['event']}{reason}")
+        print(f"  now serving {st['current']}; version 3 is marked bad and not retried")
+        assert "v1" in st["current"]
+    finally:
+        traffic.stop.set()
+        if traffic.thread.is_alive():
+            traffic.thread.join(10)
+        device.send_signal(signal.SIGTERM)
+        device.wait(30)
+    print(f"  {traffic.answers} predictions during the update and the fall back, {traffic.failures} failed")
+    assert traffic.failures == 0
 
 
 def main() -> int:
@@ -285,7 +384,8 @@ def main() -> int:
         switch_and_roll_back(sock, config, v2, body)
         stop_agent(agent, sock)
         agent = None
-        hub = hub_publish(work, v1, v2)
+        hub, url, hub_data = hub_publish(work, v1, v2)
+        device_updates(work, url, hub_data, v1, body)
         hub.terminate()
         hub.wait(30)
         hub = None

@@ -1,0 +1,67 @@
+"""Deliberately broken versions of a package, to show (and test) the agent falling back.
+
+`make_slow_variant(package_dir, out_dir, version)` keeps the model's answers exactly but adds a
+chain of large matrix products whose result is multiplied by zero into the probabilities: the
+hub accepts it (its self-test vectors still reproduce), and on a device it answers correctly but
+ten or more times slower than the version before, so its probation fails on latency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+def make_slow_variant(
+    package_dir: Path, out_dir: Path, version: int, width: int = 768, depth: int = 6
+) -> Path:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from agent.package.store import write_package_tar
+
+    model = onnx.load(str(package_dir / "model.onnx"))
+    graph = model.graph
+    features = graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    for node in graph.node:  # the real probabilities now go by another name, everywhere
+        node.output[:] = ["probabilities_fast" if o == "probabilities" else o for o in node.output]
+        node.input[:] = ["probabilities_fast" if i == "probabilities" else i for i in node.input]
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((features, width)) / 8).astype(np.float32), "slow_w0")
+    ]
+    nodes = [helper.make_node("MatMul", [graph.input[0].name, "slow_w0"], ["slow_h0"])]
+    for i in range(depth):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"slow_w{i + 1}"))
+        nodes.append(
+            helper.make_node("MatMul", [f"slow_t{i}" if i else "slow_h0", f"slow_w{i + 1}"], [f"slow_m{i}"])
+        )
+        nodes.append(helper.make_node("Tanh", [f"slow_m{i}"], [f"slow_t{i + 1}"]))  # bounded: no inf * 0
+    inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "slow_axis"))
+    inits.append(numpy_helper.from_array(np.array(0.0, dtype=np.float32), "slow_zero"))
+    nodes += [
+        helper.make_node("ReduceSum", [f"slow_t{depth}", "slow_axis"], ["slow_sum"], keepdims=1),
+        helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nothing"]),
+        helper.make_node("Add", ["probabilities_fast", "slow_nothing"], ["probabilities"]),
+    ]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    raw = model.SerializeToString()
+
+    out = out_dir / f"{package_dir.name}-slow-v{version}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / "model.onnx").write_bytes(raw)
+    manifest = json.loads((package_dir / "manifest.json").read_text())
+    manifest["version"] = version
+    manifest["model"] = {**manifest["model"], "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    archive = out.with_suffix(".tar")
+    archive.unlink(missing_ok=True)
+    write_package_tar(out, archive)
+    return archive
