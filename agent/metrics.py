@@ -129,6 +129,22 @@ class _AgentCollector:
         yield GaugeMetricFamily(
             "outpost_model_versions_ready", "Model versions loaded and ready", value=m.models_ready
         )
+        if m.update_state is not None:
+            transitions = CounterMetricFamily(
+                "outpost_update_transitions",
+                "Update life-cycle transitions, by the event that caused them",
+                labels=["event"],
+            )
+            for event, count in sorted(m.update_events.items()):
+                transitions.add_metric([event], count)
+            yield transitions
+            state = GaugeMetricFamily(
+                "outpost_update_state",
+                "The update life cycle's state (1 for the current one)",
+                labels=["state"],
+            )
+            state.add_metric([m.update_state], 1)
+            yield state
 
 
 class Metrics:
@@ -137,6 +153,9 @@ class Metrics:
         self.responses: dict[int, int] = {}
         self.models_ready = 0
         self.connections = connections
+        # Set by the updater when a hub is configured.
+        self.update_state: str | None = None
+        self.update_events: dict[str, int] = {}
         self._registry: CollectorRegistry | None = None
 
     def version(self, model: str, version: str) -> VersionMetrics:

@@ -58,7 +58,8 @@ class UpdateRunner:
         self.state_file = StateFile(data / STATE_FILE)
         self.record: UpdateRecord = self.state_file.load_or_reset()
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
-        self.event_counts: dict[str, int] = {}
+        self.event_counts = agent.metrics.update_events  # shared: /metrics shows them
+        agent.metrics.update_state = self.record.state.value
         self.last_check: dict[str, Any] = {"at": None, "ok": None, "error": None}
         self._choice: Choice | None = None
         self._downloaded: Path | None = None
@@ -149,6 +150,7 @@ class UpdateRunner:
                 record, actions = step(self.record, self._queue.popleft())
                 await self._blocking(self.state_file.save, record)  # before any side effect
                 self.record = record
+                self.agent.metrics.update_state = record.state.value
                 for action in actions:
                     await self._perform(action)
         finally:

@@ -158,6 +158,9 @@ def test_deploy_update_commit_and_hub_rollback(
         assert traffic.answers > 20
         events = [e["event"] for e in update_status(agent)["events"]]
         assert "probation_passed" in events and "hub_rollback" in events
+        metrics = agent.request("GET", "/metrics")[2].decode()
+        assert 'outpost_update_transitions_total{event="probation_passed"} 2.0' in metrics
+        assert 'outpost_update_state{state="rolled_back"} 1.0' in metrics
         assert agent.stop() == 0
     finally:
         agent.kill()
