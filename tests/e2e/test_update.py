@@ -73,13 +73,18 @@ def device(tmp_path: Path, hub: HubProcess, name: str = "dev-001", group: str = 
     )
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+def wait_for(
+    what: str, predicate: Callable[[], bool], timeout: float = 60.0, agent: AgentProcess | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    detail = ""
+    if agent is not None:
+        detail = f": {json.dumps(update_status(agent), indent=1)[-3000:]}"
+    raise AssertionError(f"timed out waiting for {what}{detail}")
 
 
 def update_status(agent: AgentProcess) -> dict[str, Any]:
@@ -297,5 +302,89 @@ def test_a_slower_version_fails_probation_on_latency_and_falls_back(
         assert "v1" in st["current"]
         assert served_version(agent) == "1"
         assert traffic.failures == []
+    finally:
+        agent.kill()
+
+
+def _ref(archive: Path) -> dict[str, Any]:
+    import hashlib
+
+    files = _files(archive)
+    manifest = json.loads(files["manifest.json"])
+    return {
+        "model": "wine",
+        "version": manifest["version"],
+        "sha256": hashlib.sha256(files["model.onnx"]).hexdigest(),
+    }
+
+
+@pytest.mark.parametrize("state", ["downloading", "verifying", "staged", "probation"])
+def test_power_loss_in_each_state_resumes_to_a_verified_version(
+    tmp_path: Path, hub: HubProcess, wine: dict[int, Path], state: str
+) -> None:
+    """The record is saved before each step's side effects, so a power cut in state X leaves a
+    record saying X (and maybe half-written files). Started on that, the agent must finish."""
+    hub.outpost("push", str(wine[1]), "--quiet")
+    hub.outpost("deploy", "wine", "1", "--group", "lab")
+    agent = device(tmp_path, hub)
+    record = {
+        "format": "outpost-update-state/1",
+        "state": state,
+        "pending": _ref(wine[1]),
+        "current": None,
+        "previous": None,
+        "attempts": 1 if state in ("staged", "probation") else 0,
+        "retries": 0,
+        "bad": [],
+        "assigned": _ref(wine[1]),
+        "assignment_serial": None,
+        "reason": "power cut",
+    }
+    agent.data_dir.mkdir(parents=True, exist_ok=True)
+    if state in ("staged", "probation"):
+        agent.install(wine[1])  # the runner installs while verifying: by staged, it is on disk
+    (agent.data_dir / "update-state.json").write_text(json.dumps(record))
+    half = agent.data_dir / "staging" / "downloads" / ".outpost-fetch-x"
+    half.mkdir(parents=True)
+    (half / "model.onnx").write_bytes(b"\x08half a model")  # a partial download must never load
+    agent.start(wait_ready=False)
+    try:
+        with Traffic(agent) as traffic:
+            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed", 60, agent)
+        assert served_version(agent) == "1"
+        assert not half.exists()
+        # Before its first hub version a fresh device has no model: 404 (unknown) or 503 only.
+        assert all(f.startswith(("404", "503")) for f in traffic.failures), traffic.failures[:3]
+    finally:
+        agent.kill()
+
+
+def test_kill_9_during_probation_and_a_crash_loop_falls_back(
+    tmp_path: Path, hub: HubProcess, wine: dict[int, Path]
+) -> None:
+    for version in (1, 2):
+        hub.outpost("push", str(wine[version]), "--quiet")
+    hub.outpost("deploy", "wine", "1", "--group", "lab")
+    agent = device(tmp_path, hub)
+    agent.start(wait_ready=False)
+    try:
+        wait_for("v1 to serve", lambda: served_version(agent) == "1")
+        with Traffic(agent):
+            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed")
+        hub.outpost("deploy", "wine", "2", "--group", "lab")
+        for attempt in range(1, 4):  # no traffic: v2 stays on probation until killed
+            wait_for(
+                f"v2 on probation (attempt {attempt})", lambda: update_status(agent)["state"] == "probation"
+            )
+            agent.kill()  # SIGKILL: nothing cleaned up
+            agent.start(wait_ready=False)
+            assert served_version(agent) in ("1", "2")  # always a verified version
+        wait_for(
+            "the crash loop to fall back", lambda: update_status(agent)["state"] == "rolled_back", 60, agent
+        )
+        st = update_status(agent)
+        assert "v1" in st["current"]
+        assert any(e["event"] == "crash_loop" for e in st["events"]), st["events"]
+        assert served_version(agent) == "1"
     finally:
         agent.kill()
