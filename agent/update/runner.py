@@ -66,6 +66,7 @@ class UpdateRunner:
         self._tracker: ProbationTracker | None = None
         self._probation_task: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._download_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._queue: collections.deque[Event] = collections.deque()
         self._dispatching = False
@@ -94,7 +95,7 @@ class UpdateRunner:
         self._task = asyncio.ensure_future(self._poll_forever())
 
     async def stop(self) -> None:
-        for task in (self._task, self._probation_task):
+        for task in (self._task, self._probation_task, self._download_task):
             if task is not None:
                 task.cancel()
         await asyncio.get_running_loop().run_in_executor(self.agent.load_pool, self.client.close)
@@ -147,7 +148,12 @@ class UpdateRunner:
         self._dispatching = True
         try:
             while self._queue:
-                record, actions = step(self.record, self._queue.popleft())
+                event = self._queue.popleft()
+                try:
+                    record, actions = step(self.record, event)
+                except RuntimeError as exc:  # an event the machine does not take here: a runner bug
+                    log.error("update: %s in state %s dropped: %s", event.kind, self.record.state, exc)
+                    continue
                 await self._blocking(self.state_file.save, record)  # before any side effect
                 self.record = record
                 self.agent.metrics.update_state = record.state.value
@@ -163,7 +169,11 @@ class UpdateRunner:
             self._report(action.report)
         elif kind is ActionKind.DOWNLOAD:
             assert v is not None
-            await self._download(v, action.delay_s)
+            # In its own task: a retry waiting out its backoff must not hold up polling (a new
+            # assignment, a hub rollback, the status of the hub) or the rest of the machine.
+            if self._download_task is not None:
+                self._download_task.cancel()
+            self._download_task = asyncio.ensure_future(self._download(v, action.delay_s))
         elif kind is ActionKind.VERIFY:
             assert v is not None
             await self._verify(v)
@@ -217,10 +227,17 @@ class UpdateRunner:
                 )
             )
         except UpdateError as exc:
-            await self.dispatch(Event(EventKind.DOWNLOAD_FAILED, version=v, reason=str(exc)))
+            if self._still_downloading(v):
+                await self.dispatch(Event(EventKind.DOWNLOAD_FAILED, version=v, reason=str(exc)))
+            return
+        if not self._still_downloading(v):  # the assignment moved on while this ran
+            shutil.rmtree(path, ignore_errors=True)
             return
         self._downloaded = path
         await self.dispatch(Event(EventKind.DOWNLOADED, version=v))
+
+    def _still_downloading(self, v: VersionRef) -> bool:
+        return self.record.state is State.DOWNLOADING and self.record.pending == v
 
     async def _verify(self, v: VersionRef) -> None:
         path = self._downloaded

@@ -144,7 +144,7 @@ def test_deploy_update_commit_and_hub_rollback(
     agent.start(wait_ready=False)
     try:
         wait_for("v1 to serve", lambda: served_version(agent) == "1")
-        with Traffic(agent) as traffic:
+        with Traffic(agent, clients=16) as traffic:
             # The first version too is on probation until it has shown enough answers.
             wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed")
             hub.outpost("deploy", "wine", "2", "--group", "lab")
@@ -386,5 +386,99 @@ def test_kill_9_during_probation_and_a_crash_loop_falls_back(
         assert "v1" in st["current"]
         assert any(e["event"] == "crash_loop" for e in st["events"]), st["events"]
         assert served_version(agent) == "1"
+    finally:
+        agent.kill()
+
+
+def test_canary_routes_the_devices_in_its_buckets(
+    tmp_path: Path, hub: HubProcess, wine: dict[int, Path]
+) -> None:
+    from agent.update.canary import bucket
+
+    for version in (1, 2):
+        hub.outpost("push", str(wine[version]), "--quiet")
+    result = hub.outpost("deploy", "wine", "1", "--group", "lab", "--canary", "2", "--percent", "50")
+    assert "canary v2 at 50%" in result.stdout
+    salt = hub.api("GET", "/api/v1/groups/lab").json()["current"]["salt"]
+    names = [f"dev-{i:03d}" for i in range(6)]
+    expected = {n: "2" if bucket(salt, n) < 50 else "1" for n in names}
+    assert set(expected.values()) == {"1", "2"}, "pick ids on both sides of the split"
+    agents = [device(tmp_path, hub, name=n) for n in names]
+    try:
+        for a in agents:
+            a.start(wait_ready=False)
+        for a, n in zip(agents, names, strict=True):
+            wait_for(f"{n} to serve", lambda a=a: served_version(a) is not None)
+            assert served_version(a) == expected[n], (n, update_status(a))
+            assert update_status(a)["canary"]["role"] == ("candidate" if expected[n] == "2" else "stable")
+    finally:
+        for a in agents:
+            a.kill()
+
+
+def test_tampered_download_is_refused_and_a_dead_hub_changes_nothing(
+    tmp_path: Path, hub: HubProcess, wine: dict[int, Path]
+) -> None:
+    for version in (1, 2, 3):
+        hub.outpost("push", str(wine[version]), "--quiet")
+    hub.outpost("deploy", "wine", "1", "--group", "lab")
+    agent = device(tmp_path, hub)
+    agent.start(wait_ready=False)
+    try:
+        wait_for("v1 to serve", lambda: served_version(agent) == "1")
+        with Traffic(agent) as traffic:
+            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed")
+            # A mirror (here: the hub's own disk) serves altered bytes for v2's model.
+            target = next((hub.data / "tuf" / "targets" / "models" / "wine" / "2").glob("*.model.onnx"))
+            original = target.read_bytes()
+            target.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+            hub.outpost("deploy", "wine", "2", "--group", "lab")
+            wait_for(
+                "the refusal",
+                lambda: any(e["event"] == "download_failed" for e in update_status(agent)["events"]),
+                agent=agent,
+            )
+            refusal = next(e for e in update_status(agent)["events"] if e["event"] == "download_failed")
+            assert "hash" in refusal["reason"].lower() or "length" in refusal["reason"].lower()
+            assert served_version(agent) == "1"
+            assert not (agent.data_dir / "models" / "wine" / "2").exists()  # nothing installed
+            target.write_bytes(original)
+            # The hub goes away: the device keeps serving what it verified and says why.
+            hub.kill()
+            agent.request("POST", "/v1/update")
+            wait_for(
+                "the failed check", lambda: update_status(agent)["last_check"]["ok"] is False, agent=agent
+            )
+            assert "hub" in update_status(agent)["last_check"]["error"].lower()
+            assert served_version(agent) == "1"
+        assert traffic.failures == []
+    finally:
+        agent.kill()
+
+
+def test_only_the_current_and_previous_versions_stay_on_disk(
+    tmp_path: Path, hub: HubProcess, wine: dict[int, Path]
+) -> None:
+    for version in (1, 2, 3):
+        hub.outpost("push", str(wine[version]), "--quiet")
+    hub.outpost("deploy", "wine", "1", "--group", "lab")
+    agent = device(tmp_path, hub)
+    agent.start(wait_ready=False)
+    try:
+        wait_for("v1 to serve", lambda: served_version(agent) == "1")
+        with Traffic(agent):
+            for version in (1, 2, 3):
+                if version > 1:
+                    hub.outpost("deploy", "wine", str(version), "--group", "lab")
+                wait_for(
+                    f"v{version} committed",
+                    lambda v=version: (
+                        update_status(agent)["state"] == "committed"
+                        and f"v{v} " in (update_status(agent)["current"] or "")
+                    ),
+                    agent=agent,
+                )
+        on_disk = sorted(p.name for p in (agent.data_dir / "models" / "wine").iterdir())
+        assert on_disk == ["2", "3"]
     finally:
         agent.kill()
