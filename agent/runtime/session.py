@@ -43,7 +43,7 @@ class OrtSession:
         # costs more than the few microseconds of wake-up it saves.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # errors reach the caller and our log; onnxruntime need not print them too
         try:
             self._session = ort.InferenceSession(
                 str(model_path), sess_options=so, providers=["CPUExecutionProvider"]

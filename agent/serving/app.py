@@ -50,11 +50,19 @@ AdminHook = Callable[[], Awaitable[dict[str, Any]]]
 
 
 def _runtime_status(exc: BaseException) -> tuple[int, str]:
-    """Map an onnxruntime failure to a status: its InvalidArgument is the caller's doing."""
-    name = type(exc).__name__
-    if name in ("InvalidArgument", "InvalidGraph") or "INVALID_ARGUMENT" in str(exc):
-        return 400, f"the model rejected the input: {exc}"
-    return 500, f"inference failed: {exc}"
+    """Map an onnxruntime failure to a status.
+
+    Requests reach onnxruntime only after their names, datatypes and shapes were checked
+    against the signature, so a failure while a node runs is the model's (500, and it counts
+    against a version on probation); an invalid argument onnxruntime finds before running
+    (a dimension the signature leaves open) is the caller's (400).
+    """
+    text = str(exc)
+    if "while running" in text:
+        return 500, f"the model failed on this input: {text}"
+    if type(exc).__name__ in ("InvalidArgument", "InvalidGraph") or "INVALID_ARGUMENT" in text:
+        return 400, f"the model rejected the input: {text}"
+    return 500, f"inference failed: {text}"
 
 
 class _InferTicket:

@@ -271,10 +271,11 @@ def test_a_broken_version_falls_back_by_itself_and_is_not_retried(
         agent.kill()
 
 
-def test_a_slower_version_fails_probation_on_latency_and_falls_back(
-    tmp_path: Path, hub: HubProcess, wine: dict[int, Path]
+@pytest.mark.parametrize(("variant", "reason"), [("slow", "latency"), ("failing", "error rate")])
+def test_a_version_failing_probation_falls_back(
+    tmp_path: Path, hub: HubProcess, wine: dict[int, Path], variant: str, reason: str
 ) -> None:
-    from examples.broken_versions import make_slow_variant
+    from examples.broken_versions import make_failing_variant, make_slow_variant
 
     hub.outpost("push", str(wine[1]), "--quiet")
     hub.outpost("deploy", "wine", "1", "--group", "lab")
@@ -286,22 +287,26 @@ def test_a_slower_version_fails_probation_on_latency_and_falls_back(
     manifest = json.loads((unpacked / "manifest.json").read_text())
     manifest["probation"] = {**FAST_PROBATION, "max_latency_ratio": 2.0}
     (unpacked / "manifest.json").write_text(json.dumps(manifest))
-    slow = make_slow_variant(unpacked, tmp_path, 3)
+    make = make_slow_variant if variant == "slow" else make_failing_variant
+    broken = make(unpacked, tmp_path, 3)
     agent = device(tmp_path, hub)
     agent.start(wait_ready=False)
     try:
         wait_for("v1 to serve", lambda: served_version(agent) == "1")
         with Traffic(agent) as traffic:
             wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed")
-            hub.outpost("push", str(slow), "--quiet")  # the hub accepts it: its answers are right
+            hub.outpost("push", str(broken), "--quiet")  # the hub accepts it: its self-test passes
             hub.outpost("deploy", "wine", "3", "--group", "lab")
             wait_for("the fall back", lambda: update_status(agent)["state"] == "rolled_back")
         st = update_status(agent)
         failed = [e for e in st["events"] if e["event"] == "probation_failed"]
-        assert failed and "latency" in failed[0]["reason"], st["events"]
+        assert failed and reason in failed[0]["reason"], st["events"]
         assert "v1" in st["current"]
         assert served_version(agent) == "1"
-        assert traffic.failures == []
+        if variant == "slow":
+            assert traffic.failures == []
+        else:  # the failing version's own errors, while it was on probation, and nothing else
+            assert all(f.startswith("500") for f in traffic.failures), traffic.failures[:3]
     finally:
         agent.kill()
 
