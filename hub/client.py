@@ -173,3 +173,12 @@ class HubClient:
     def groups(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/api/v1/groups")
         return result
+
+    def fleet(self, group: str | None = None) -> list[dict[str, Any]]:
+        params = {"group": group} if group else None
+        result: list[dict[str, Any]] = self._call("GET", "/api/v1/fleet", params=params)
+        return result
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/api/v1/fleet/{device_id}")
+        return result

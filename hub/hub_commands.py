@@ -1,4 +1,4 @@
-"""`outpost push | deploy | rollback | models | groups`: the operator's commands that talk to the hub.
+"""`outpost push | deploy | rollback | models | groups | fleet`: the operator's commands that talk to the hub.
 
 The hub URL and token come from --hub/--token or OUTPOST_HUB/OUTPOST_TOKEN.
 """
@@ -85,6 +85,41 @@ def _cmd_groups(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _versions(versions: Any) -> str:
+    if isinstance(versions, dict) and versions:
+        return ",".join(f"{k}={v}" for k, v in sorted(versions.items()))
+    return "-"
+
+
+def _update(update: Any) -> str:
+    if isinstance(update, dict) and update:
+        state = update.get("state")
+        return f" update {state}" if state else " update " + ",".join(f"{k}={v}" for k, v in update.items())
+    return ""
+
+
+def fleet_line(d: dict[str, Any]) -> str:
+    """One device: `dev-001  online   group default  wine=3  last seen 2024-...`."""
+    status = "online" if d.get("online") else "offline"
+    seen = d.get("last_seen") or "never"
+    return (
+        f"{d['device_id']}  {status:<7}  group {d['group']}  {_versions(d.get('versions'))}"
+        f"{_update(d.get('update'))}  last seen {seen}"
+    )
+
+
+def _cmd_fleet(args: argparse.Namespace, out: TextIO) -> int:
+    devices = _client(args).fleet(args.group)
+    if not devices:
+        print("no devices have reported (is the hub serving with --mqtt URL?)", file=out)
+    for d in devices:
+        print(fleet_line(d), file=out)
+    if devices:
+        online = sum(1 for d in devices if d.get("online"))
+        print(f"{len(devices)} devices, {online} online", file=out)
+    return 0
+
+
 def add_commands(commands: Any) -> None:
     p = commands.add_parser("push", help="upload a model package to the hub, which validates and signs it")
     p.add_argument("package", type=Path, metavar="PACKAGE", help="package directory or .tar")
@@ -114,3 +149,8 @@ def add_commands(commands: Any) -> None:
     p = commands.add_parser("groups", help="list device groups and what they are assigned")
     _hub_options(p)
     p.set_defaults(handler=_cmd_groups)
+
+    p = commands.add_parser("fleet", help="list devices: online or offline, group, versions, last seen")
+    p.add_argument("--group", help="only this group")
+    _hub_options(p)
+    p.set_defaults(handler=_cmd_fleet)

@@ -1,7 +1,9 @@
 """`outpost-hub`: set up and run the hub.
 
 outpost-hub init --data DIR [--offline-keys DIR]   keys, TUF metadata, database, a token
-outpost-hub serve --data DIR [--listen HOST:PORT]  the API and the TUF repository over HTTP
+outpost-hub serve --data DIR [--listen HOST:PORT] [--mqtt URL]
+                                                   the API and the TUF repository over HTTP;
+                                                   with an MQTT URL, the fleet consumer too
 outpost-hub keys rotate ROLE --data DIR            a new key for a role (root: chained)
 outpost-hub token create NAME --data DIR           another operator token
 """
@@ -73,6 +75,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from hub.api import create_app
 
     settings = load_settings(args.data)
+    if args.mqtt is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, mqtt_url=args.mqtt)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise HubError(f"--listen: expected HOST:PORT, got {args.listen!r}")
@@ -129,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the API and the TUF repository over HTTP")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    p.add_argument(
+        "--mqtt",
+        metavar="URL",
+        help="consume fleet telemetry from this broker, mqtt://HOST:PORT (default: mqtt_url in hub.toml; "
+        "empty: no MQTT)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)

@@ -38,6 +38,26 @@ class HubSettings:
     timestamp_expiry_s: float = 86400.0
     snapshot_expiry_s: float = 7 * 86400.0
     delegated_expiry_s: float = 90 * 86400.0
+    # Fleet telemetry over MQTT (hub.fleet). Empty URL: no MQTT (`serve --mqtt URL` overrides).
+    mqtt_url: str = ""
+    # Empty: outpost-hub-<hostname>-<hash of the data dir>, stable across restarts so the
+    # broker keeps the hub's session (and its QoS 1 messages) for mqtt_session_expiry_s.
+    # Several hub workers on one broker need distinct ids (they share the load by the
+    # shared subscription, not by the id).
+    mqtt_client_id: str = ""
+    mqtt_session_expiry_s: int = 3600
+    mqtt_queue_size: int = 10_000  # messages waiting for the database writer; beyond: dropped, counted
+    fleet_keep_messages_per_device: int = 1000  # retention of summaries/drift/events per device
+
+    @property
+    def mqtt_client_name(self) -> str:
+        if self.mqtt_client_id:
+            return self.mqtt_client_id
+        import hashlib
+        import socket
+
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
+        return f"outpost-hub-{socket.gethostname()}-{digest}"
 
     def expiry_policy(self) -> ExpiryPolicy:
         from datetime import timedelta

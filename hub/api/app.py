@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from hub import __version__
 from hub.api.upload import read_package_tar
 from hub.errors import AuthError, HubError, PackageTooLarge
+from hub.fleet import FleetConsumer, FleetStore, FleetUnavailable
 from hub.registry import BlobStore, Database, Deployment, Limits, Registry, VersionInfo
 from hub.settings import HubSettings
 from hub.signing import KeyStore, SignedRepository
@@ -50,6 +51,10 @@ class DeploymentRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     model: str | None = None
+
+
+class CommandRequest(BaseModel):
+    command: Literal["update"]
 
 
 def deployment_json(d: Deployment) -> dict[str, Any]:
@@ -114,6 +119,34 @@ class Hub:
             KeyStore(settings.online_keys, settings.offline_keys),
             expiry=settings.expiry_policy(),
         )
+        self.fleet = FleetStore(self.db, keep_per_device=settings.fleet_keep_messages_per_device)
+        self.fleet.create_tables()
+        self.consumer: FleetConsumer | None = None
+
+    def start_fleet(self) -> None:
+        """The MQTT consumer, when the settings name a broker (`serve --mqtt URL`)."""
+        if not self.settings.mqtt_url:
+            return
+        self.consumer = FleetConsumer(
+            self.fleet,
+            self.settings.mqtt_url,
+            self.settings.mqtt_client_name,
+            queue_size=self.settings.mqtt_queue_size,
+            session_expiry_s=self.settings.mqtt_session_expiry_s,
+        )
+        self.consumer.start()
+
+    def stop_fleet(self) -> None:
+        if self.consumer is not None:
+            self.consumer.stop()
+            self.consumer = None
+
+    def command(self, device_id: str, req: CommandRequest) -> dict[str, Any]:
+        if self.consumer is None:
+            raise FleetUnavailable("this hub runs without MQTT (outpost-hub serve --mqtt URL)")
+        device = self.fleet.device(device_id)
+        self.consumer.publish_command(device.group, device_id, {"command": req.command})
+        return {"device_id": device_id, "group": device.group, "command": req.command, "published": True}
 
     def push(self, data: bytes, actor: str) -> dict[str, Any]:
         upload = read_package_tar(data, self.settings.max_upload_bytes)
@@ -232,16 +265,37 @@ def _group_routes(app: FastAPI, hub: Hub) -> None:
         return {"current": deployment_json(history[0]), "history": [deployment_json(d) for d in history]}
 
 
+def _fleet_routes(app: FastAPI, hub: Hub) -> None:
+    @app.get("/api/v1/fleet")
+    async def fleet(_actor: Operator, group: str | None = None) -> list[dict[str, Any]]:
+        found = await threaded(hub.fleet.devices)(group)
+        return [d.to_json() for d in found]
+
+    @app.get("/api/v1/fleet/{device_id}")
+    async def device(device_id: str, _actor: Operator, limit: int = 50) -> dict[str, Any]:
+        info = await threaded(hub.fleet.device)(device_id)
+        recent = await threaded(hub.fleet.messages)(device_id, max(1, min(limit, 1000)))
+        return {**info.to_json(), "recent": [m.to_json() for m in recent]}
+
+    @app.post("/api/v1/fleet/{device_id}/command", status_code=202)
+    async def command(device_id: str, req: CommandRequest, actor: Operator) -> dict[str, Any]:
+        result: dict[str, Any] = await threaded(hub.command)(device_id, req)
+        log.info("%s sent %s to device %s", actor, req.command, device_id)
+        return result
+
+
 def create_app(settings: HubSettings) -> FastAPI:
     hub = Hub(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.ensure_future(hub.refresher())
+        hub.start_fleet()
         try:
             yield
         finally:
             task.cancel()
+            await run_in_threadpool(hub.stop_fleet)
 
     app = FastAPI(
         title="Outpost hub",
@@ -300,6 +354,7 @@ def create_app(settings: HubSettings) -> FastAPI:
         return Response(status_code=204)
 
     _group_routes(app, hub)
+    _fleet_routes(app, hub)
     # Only the two public trees: the repository's lock file and anything else stay private.
     for sub in ("metadata", "targets"):
         (settings.tuf_dir / sub).mkdir(parents=True, exist_ok=True)

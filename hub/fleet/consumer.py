@@ -1,0 +1,288 @@
+"""The hub's MQTT fleet consumer: paho-mqtt 2.x (MQTT 5) in, the fleet tables out.
+
+Threads: paho's network thread runs the callbacks, which only parse and enqueue; one worker
+thread takes batches off the queue and writes them in one transaction each. The database
+never blocks the network thread.
+
+Subscriptions (one SUBSCRIBE on every connect, so a reconnect restores them):
+- `$share/outpost-hub/outpost/v1/#` at QoS 1: the broker spreads devices' messages across
+  every hub worker that subscribes with the same share name (Mosquitto 2, EMQX, HiveMQ,
+  VerneMQ); each message goes to one of them.
+- `outpost/v1/+/+/state` at QoS 1, not shared: retained messages are never sent to shared
+  subscriptions, and the retained state is how a hub that starts learns which devices are
+  online. Every worker therefore also sees every live state (twice on the worker the shared
+  subscription picked); applying a state again changes nothing (see `hub.fleet.rules`).
+
+Delivery: QoS 1 with manual acknowledgement. A message is acknowledged only after the
+transaction that stored it committed, so a hub that dies with messages in its queue gets
+them again from the broker (its session persists for `session_expiry_s` under a stable
+client id) and the (device, seq) dedupe stores them once. The broker sends at most
+`receive_maximum` unacknowledged messages, which bounds the queue for QoS 1 traffic.
+The queue is bounded (`queue_size`): should it still fill (QoS 0 traffic, a database stalled
+for long), new messages are dropped, acknowledged so the broker does not stall, and counted
+(`stats["dropped"]`, a warning in the log). While the database cannot be written, the worker
+keeps its batch and retries with backoff.
+
+Messages received on a connection that has since dropped are stored but not acknowledged
+(their packet ids mean nothing on the new connection); the broker redelivers them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from hub.errors import HubError
+from hub.fleet.rules import SHARED_FILTER, STATE_FILTER, Invalid, cmd_topic, parse_message
+from hub.fleet.store import FleetStore, Incoming
+
+log = logging.getLogger("outpost-hub.fleet")
+
+DEFAULT_QUEUE_SIZE = 10_000
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_SESSION_EXPIRY_S = 3600
+KEEPALIVE_S = 30
+RETRY_MAX_S = 10.0
+PUBLISH_TIMEOUT_S = 10.0
+
+
+class FleetConfigError(HubError):
+    """The MQTT URL or the consumer's settings are unusable."""
+
+
+class FleetUnavailable(HubError):
+    """The hub cannot reach the devices right now: no MQTT, or the broker is not connected."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise FleetConfigError(f"MQTT URL {url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise FleetConfigError(f"MQTT URL {url!r}: bad port") from None
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return cls(parts.hostname, port, tls, user, password)
+
+
+@dataclass(frozen=True)
+class _Item:
+    incoming: Incoming | None  # None: nothing to store, only to acknowledge
+    mid: int
+    qos: int
+    generation: int
+
+
+class FleetConsumer:
+    def __init__(
+        self,
+        store: FleetStore,
+        url: str,
+        client_id: str,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+    ) -> None:
+        if queue_size < 1 or batch_size < 1:
+            raise FleetConfigError("queue_size and batch_size must be at least 1")
+        self.store = store
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id
+        self.batch_size = batch_size
+        self.session_expiry_s = session_expiry_s
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._publish_lock = threading.Lock()
+        self._generation = 0
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.stats: Counter[str] = Counter()
+        self._client = self._make_client(queue_size)
+
+    def _make_client(self, queue_size: int) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=True,
+        )
+        if self.address.tls:
+            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        if self.address.username is not None:
+            client.username_pw_set(self.address.username, self.address.password)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._receive_maximum = max(1, min(queue_size // 2, 65535))
+        return client
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.session_expiry_s
+        props.ReceiveMaximum = self._receive_maximum
+        self._worker = threading.Thread(target=self._run_worker, name="fleet-writer", daemon=True)
+        self._worker.start()
+        # connect_async: a broker that is down at start is retried by paho's loop, not fatal.
+        self._client.connect_async(
+            self.address.host, self.address.port, keepalive=KEEPALIVE_S, clean_start=False, properties=props
+        )
+        self._client.loop_start()
+        log.info(
+            "fleet: consuming MQTT from %s:%d as %s", self.address.host, self.address.port, self.client_id
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Disconnect, then let the worker store what is queued (bounded by `timeout`)."""
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout)
+            if self._worker.is_alive():
+                log.warning("fleet: the writer did not finish within %.0f s", timeout)
+        log.info("fleet: stopped (%s)", ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items())))
+
+    # -- paho callbacks (network thread: parse and enqueue only) ------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("fleet: broker refused the connection: %s", reason)
+            return
+        self._generation += 1
+        self.connected.set()
+        client.subscribe([(SHARED_FILTER, SubscribeOptions(qos=1)), (STATE_FILTER, SubscribeOptions(qos=1))])
+
+    def _on_subscribe(
+        self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[ReasonCode], _props: Any
+    ) -> None:
+        failed = [str(r) for r in reasons if r.is_failure]
+        if failed:
+            log.error("fleet: the broker refused a subscription: %s", ", ".join(failed))
+            return
+        log.info("fleet: subscribed to %s and %s", SHARED_FILTER, STATE_FILTER)
+        self.subscribed.set()
+
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        if not self._stop.is_set() and reason.is_failure:
+            log.warning("fleet: disconnected from the broker (%s); reconnecting", reason)
+
+    def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.stats["received"] += 1
+        incoming: Incoming | None = None
+        try:
+            parsed = parse_message(message.topic, bytes(message.payload))
+            if parsed is not None:
+                incoming = Incoming(parsed, retained=bool(message.retain))
+        except Invalid as exc:
+            self.stats["invalid"] += 1
+            if self.stats["invalid"] <= 10 or self.stats["invalid"] % 1000 == 0:
+                log.warning("fleet: ignored a message (%d so far): %s", self.stats["invalid"], exc)
+        item = _Item(incoming, message.mid, message.qos, self._generation)
+        if incoming is None:
+            self._ack(client, item)
+            return
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.stats["dropped"] += 1
+            if self.stats["dropped"] == 1 or self.stats["dropped"] % 1000 == 0:
+                log.warning("fleet: queue full, dropped %d messages so far", self.stats["dropped"])
+            self._ack(client, item)
+
+    def _ack(self, client: mqtt.Client, item: _Item) -> None:
+        if item.qos > 0 and item.generation == self._generation:
+            client.ack(item.mid, item.qos)
+
+    # -- the writer ---------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Item]:
+        try:
+            first = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run_worker(self) -> None:
+        while not (self._stop.is_set() and self._queue.empty()):
+            batch = self._take_batch()
+            if batch:
+                self._write(batch)
+
+    def _write(self, batch: list[_Item]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                report = self.store.apply([i.incoming for i in batch if i.incoming is not None])
+                break
+            except Exception:
+                if self._stop.is_set():
+                    log.exception("fleet: could not store %d messages at shutdown", len(batch))
+                    self.stats["lost_at_shutdown"] += len(batch)
+                    return
+                log.exception("fleet: storing %d messages failed; retrying in %.1f s", len(batch), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+        for key in ("stored", "duplicates", "too_old", "states_applied", "states_ignored", "pruned"):
+            self.stats[key] += getattr(report, key)
+        for item in batch:
+            self._ack(self._client, item)
+
+    # -- commands to devices ------------------------------------------------------------------
+
+    def publish_command(self, group: str, device_id: str, command: dict[str, Any]) -> None:
+        """Publish to the device's cmd topic at QoS 1 and wait until the broker has it."""
+        import json
+
+        if not self.connected.is_set():
+            raise FleetUnavailable("the hub is not connected to the MQTT broker right now")
+        with self._publish_lock:
+            info = self._client.publish(cmd_topic(group, device_id), json.dumps(command), qos=1)
+        info.wait_for_publish(PUBLISH_TIMEOUT_S)
+        if not info.is_published():
+            raise FleetUnavailable("the broker did not acknowledge the command in time")

@@ -1,0 +1,319 @@
+"""The fleet's tables and the writes the consumer makes, on the registry's database.
+
+    devices         device_id PK, group, online, bd_seq NULL (no state seen yet),
+                    last_seen NULL (hub clock of the last live message), state (JSON text,
+                    the last applied state), last_seq NULL (highest telemetry seq seen),
+                    pruned_seq NULL (messages at or below it were removed by retention)
+    fleet_messages  id, device_id, seq, kind (summary | drift | event), ts NULL (the
+                    device's, epoch seconds), received (hub clock), body (JSON text);
+                    UNIQUE(device_id, seq)
+
+Own DeclarativeBase (the registry's tables are not touched); created with `create_all` on the
+registry's engine, in the same database (SQLite by default, PostgreSQL unchanged).
+
+Dedupe: (device_id, seq) is unique and inserted with ON CONFLICT DO NOTHING, so a QoS 1
+redelivery, or the same message through two hub workers, is stored once.
+Retention (bounded): the newest `keep_per_device` messages per device are kept
+(DEFAULT_KEEP_PER_DEVICE); older ones are deleted and `pruned_seq` remembers where, so a
+message at or below it arriving late is dropped (counted as too old) instead of stored again.
+A retained state delivered on (re)subscribe does not move `last_seen` (it is not news).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, Float, String, Text, UniqueConstraint, delete, func, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from hub.errors import NotFoundError
+from hub.fleet.rules import Message, StateMsg, TelemetryMsg, state_applies
+from hub.registry import Database
+from hub.registry.db import UTCDateTime
+
+DEFAULT_KEEP_PER_DEVICE = 1000
+
+
+class FleetBase(DeclarativeBase):
+    pass
+
+
+class DeviceRow(FleetBase):
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group: Mapped[str] = mapped_column(String(64), index=True)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    bd_seq: Mapped[int | None] = mapped_column(BigInteger)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    state: Mapped[str] = mapped_column(Text, default="{}")
+    last_seq: Mapped[int | None] = mapped_column(BigInteger)
+    pruned_seq: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class FleetMessageRow(FleetBase):
+    __tablename__ = "fleet_messages"
+    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_fleet_messages_device_seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))
+    ts: Mapped[float | None] = mapped_column(Float)
+    received: Mapped[datetime] = mapped_column(UTCDateTime())
+    body: Mapped[str] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A parsed message and how it came: `retained` when the broker replayed a retained one."""
+
+    message: Message
+    retained: bool = False
+
+
+@dataclass
+class ApplyReport:
+    stored: int = 0
+    duplicates: int = 0
+    too_old: int = 0
+    states_applied: int = 0
+    states_ignored: int = 0
+    pruned: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device_id: str
+    group: str
+    online: bool
+    bd_seq: int | None
+    last_seen: datetime | None
+    last_seq: int | None
+    state: dict[str, Any] = field(default_factory=dict)
+    messages: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "group": self.group,
+            "online": self.online,
+            "bd_seq": self.bd_seq,
+            "last_seen": self.last_seen.isoformat() if self.last_seen else None,
+            "last_seq": self.last_seq,
+            "versions": self.state.get("versions"),
+            "update": self.state.get("update"),
+            "messages": self.messages,
+            "state": self.state,
+        }
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    device_id: str
+    seq: int
+    kind: str
+    ts: float | None
+    received: datetime
+    body: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "kind": self.kind,
+            "ts": self.ts,
+            "received": self.received.isoformat(),
+            "body": self.body,
+        }
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _insert_ignore(session: Session, values: dict[str, Any]) -> bool:
+    """Insert a message unless (device_id, seq) is there already; True if inserted."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        stmt: Any = sqlite_insert(FleetMessageRow).values(**values).on_conflict_do_nothing()
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt = pg_insert(FleetMessageRow).values(**values).on_conflict_do_nothing()
+    else:  # pragma: no cover - other backends: a savepoint per row
+        try:
+            with session.begin_nested():
+                session.add(FleetMessageRow(**values))
+            return True
+        except sa_exc.IntegrityError:
+            return False
+    result: Any = session.execute(stmt)
+    return bool(result.rowcount)
+
+
+class FleetStore:
+    def __init__(
+        self,
+        db: Database,
+        keep_per_device: int = DEFAULT_KEEP_PER_DEVICE,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        if keep_per_device < 1:
+            raise ValueError("keep_per_device must be at least 1")
+        self.db = db
+        self.keep_per_device = keep_per_device
+        self.clock = clock
+
+    def create_tables(self) -> None:
+        FleetBase.metadata.create_all(self.db.engine)
+
+    def apply(self, batch: Sequence[Incoming]) -> ApplyReport:
+        """Write a batch in one transaction. Retried once on a unique violation (another hub
+        worker created the same device row at the same moment)."""
+        try:
+            return self._apply(batch)
+        except sa_exc.IntegrityError:
+            return self._apply(batch)
+
+    def _apply(self, batch: Sequence[Incoming]) -> ApplyReport:
+        report = ApplyReport()
+        now = self.clock()
+        ids = sorted({item.message.device_id for item in batch})
+        with self.db.session(write=True) as session:
+            found = session.scalars(
+                select(DeviceRow).where(DeviceRow.device_id.in_(ids)).with_for_update()
+            ).all()
+            rows = {row.device_id: row for row in found}
+            touched: set[str] = set()
+            for item in batch:
+                msg = item.message
+                row = rows.get(msg.device_id)
+                if row is None:
+                    row = DeviceRow(device_id=msg.device_id, group=msg.group, online=False, state="{}")
+                    session.add(row)
+                    rows[msg.device_id] = row
+                if not item.retained:
+                    row.last_seen = now
+                    row.group = msg.group
+                if isinstance(msg, StateMsg):
+                    self._state(row, msg, report)
+                else:
+                    touched.add(msg.device_id)
+                    self._telemetry(session, row, msg, now, report)
+            session.flush()
+            for device_id in sorted(touched):
+                report.pruned += self._prune(session, rows[device_id])
+        return report
+
+    @staticmethod
+    def _state(row: DeviceRow, msg: StateMsg, report: ApplyReport) -> None:
+        stored = None if row.bd_seq is None else (row.online, row.bd_seq)
+        if not state_applies(stored, msg):
+            report.states_ignored += 1
+            return
+        report.states_applied += 1
+        # A birth states the whole session; a will says little, so what the device last
+        # told (versions) is kept under it.
+        state = dict(msg.state) if msg.online else {**json.loads(row.state or "{}"), **msg.state}
+        row.online = msg.online
+        row.bd_seq = msg.bd_seq
+        row.group = msg.group
+        row.state = json.dumps(state, sort_keys=True)
+
+    @staticmethod
+    def _telemetry(
+        session: Session, row: DeviceRow, msg: TelemetryMsg, now: datetime, report: ApplyReport
+    ) -> None:
+        if row.pruned_seq is not None and msg.seq <= row.pruned_seq:
+            report.too_old += 1
+            return
+        values = {
+            "device_id": msg.device_id,
+            "seq": msg.seq,
+            "kind": msg.kind,
+            "ts": msg.ts,
+            "received": now,
+            "body": json.dumps(msg.body, sort_keys=True),
+        }
+        if _insert_ignore(session, values):
+            report.stored += 1
+        else:
+            report.duplicates += 1
+        if row.last_seq is None or msg.seq > row.last_seq:
+            row.last_seq = msg.seq
+
+    def _prune(self, session: Session, row: DeviceRow) -> int:
+        cutoff = session.scalar(
+            select(FleetMessageRow.seq)
+            .where(FleetMessageRow.device_id == row.device_id)
+            .order_by(FleetMessageRow.seq.desc())
+            .offset(self.keep_per_device)
+            .limit(1)
+        )
+        if cutoff is None:
+            return 0
+        result: Any = session.execute(
+            delete(FleetMessageRow).where(
+                FleetMessageRow.device_id == row.device_id, FleetMessageRow.seq <= cutoff
+            )
+        )
+        row.pruned_seq = max(cutoff, row.pruned_seq or cutoff)
+        return int(result.rowcount or 0)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _info(row: DeviceRow, messages: int) -> DeviceInfo:
+        return DeviceInfo(
+            device_id=row.device_id,
+            group=row.group,
+            online=row.online,
+            bd_seq=row.bd_seq,
+            last_seen=row.last_seen,
+            last_seq=row.last_seq,
+            state=json.loads(row.state or "{}"),
+            messages=messages,
+        )
+
+    def devices(self, group: str | None = None) -> list[DeviceInfo]:
+        with self.db.session() as session:
+            counts = dict(
+                session.execute(
+                    select(FleetMessageRow.device_id, func.count()).group_by(FleetMessageRow.device_id)
+                ).tuples()
+            )
+            query = select(DeviceRow).order_by(DeviceRow.group, DeviceRow.device_id)
+            if group is not None:
+                query = query.where(DeviceRow.group == group)
+            return [self._info(row, counts.get(row.device_id, 0)) for row in session.scalars(query)]
+
+    def device(self, device_id: str) -> DeviceInfo:
+        with self.db.session() as session:
+            row = session.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFoundError(f"no device {device_id!r} has reported to this hub")
+            count = session.scalar(
+                select(func.count())
+                .select_from(FleetMessageRow)
+                .where(FleetMessageRow.device_id == device_id)
+            )
+            return self._info(row, int(count or 0))
+
+    def messages(self, device_id: str, limit: int = 50, kind: str | None = None) -> list[StoredMessage]:
+        """The device's newest messages first (by seq)."""
+        with self.db.session() as session:
+            query = select(FleetMessageRow).where(FleetMessageRow.device_id == device_id)
+            if kind is not None:
+                query = query.where(FleetMessageRow.kind == kind)
+            rows = session.scalars(query.order_by(FleetMessageRow.seq.desc()).limit(limit))
+            return [
+                StoredMessage(r.device_id, r.seq, r.kind, r.ts, r.received, json.loads(r.body)) for r in rows
+            ]
