@@ -33,6 +33,7 @@ from agent.update.tuf_client import SignedAssignment, UpdateClient
 from hub.signing import KeyStore
 from hub.signing._tuf import CryptoSigner, Metadata, MetaFile, Snapshot, TargetFile, Targets, Timestamp
 from tests.support.hubproc import HUB_BIN, HubProcess, free_port
+from tests.support.packages import wine_versions
 from tests.support.tamper_proxy import Reply, TamperProxy, endless
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -48,19 +49,7 @@ META = "/tuf/metadata"
 @pytest.fixture(scope="module")
 def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Versions 1-3 of the example model package (tar archives)."""
-    from examples.train_example import build_example
-    from hub.packager import PackageOptions, build_package
-
-    out = tmp_path_factory.mktemp("wine")
-    packages = {1: build_example(out).with_suffix(".tar")}
-    for version in (2, 3):
-        report = build_package(
-            out / "wine.joblib",
-            out / "wine-sample.csv",
-            PackageOptions(name="wine", version=version, out_dir=out, target="class", replace=True),
-        )
-        packages[version] = report.archive
-    return packages
+    return wine_versions(tmp_path_factory.mktemp("wine"))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.agentproc import AgentProcess
 from tests.support.hubproc import HubProcess
+from tests.support.packages import wine_versions
 
 pytestmark = pytest.mark.e2e
 
@@ -33,17 +34,8 @@ def _retar(directory: Path, archive: Path) -> Path:
 @pytest.fixture(scope="module")
 def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Versions 1-3 of the example model, with a probation short enough for a test."""
-    from examples.train_example import build_example
-    from hub.packager import PackageOptions, build_package
-
     out = tmp_path_factory.mktemp("wine")
-    dirs = {1: build_example(out)}
-    for version in (2, 3):
-        dirs[version] = build_package(
-            out / "wine.joblib",
-            out / "wine-sample.csv",
-            PackageOptions(name="wine", version=version, out_dir=out, target="class", replace=True),
-        ).directory
+    dirs = {v: archive.with_suffix("") for v, archive in wine_versions(out).items()}
     packages = {}
     for version, directory in dirs.items():
         manifest = json.loads((directory / "manifest.json").read_text())
@@ -90,6 +82,26 @@ def wait_for(
 def update_status(agent: AgentProcess) -> dict[str, Any]:
     status: dict[str, Any] = agent.json("GET", "/v1/status")[1]["update"]
     return status
+
+
+def committed_device(
+    tmp_path: Path, hub: HubProcess, wine: dict[int, Path], push: tuple[int, ...] = (1,)
+) -> AgentProcess:
+    """Push `push`, deploy v1 to group lab, start a device and wait until v1 is committed
+    (probation needs answers: some traffic runs meanwhile). The caller kills the agent."""
+    for version in push:
+        hub.outpost("push", str(wine[version]), "--quiet")
+    hub.outpost("deploy", "wine", "1", "--group", "lab")
+    agent = device(tmp_path, hub)
+    agent.start(wait_ready=False)
+    try:
+        wait_for("v1 to serve", lambda: served_version(agent) == "1")
+        with Traffic(agent):
+            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed", agent=agent)
+    except BaseException:
+        agent.kill()
+        raise
+    return agent
 
 
 def x_doc(n: int = 1) -> dict[str, Any]:
@@ -424,15 +436,9 @@ def test_canary_routes_the_devices_in_its_buckets(
 def test_tampered_download_is_refused_and_a_dead_hub_changes_nothing(
     tmp_path: Path, hub: HubProcess, wine: dict[int, Path]
 ) -> None:
-    for version in (1, 2, 3):
-        hub.outpost("push", str(wine[version]), "--quiet")
-    hub.outpost("deploy", "wine", "1", "--group", "lab")
-    agent = device(tmp_path, hub)
-    agent.start(wait_ready=False)
+    agent = committed_device(tmp_path, hub, wine, push=(1, 2, 3))
     try:
-        wait_for("v1 to serve", lambda: served_version(agent) == "1")
         with Traffic(agent) as traffic:
-            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed")
             # A mirror (here: the hub's own disk) serves altered bytes for v2's model.
             target = next((hub.data / "tuf" / "targets" / "models" / "wine" / "2").glob("*.model.onnx"))
             original = target.read_bytes()
@@ -464,17 +470,11 @@ def test_tampered_download_is_refused_and_a_dead_hub_changes_nothing(
 def test_only_the_current_and_previous_versions_stay_on_disk(
     tmp_path: Path, hub: HubProcess, wine: dict[int, Path]
 ) -> None:
-    for version in (1, 2, 3):
-        hub.outpost("push", str(wine[version]), "--quiet")
-    hub.outpost("deploy", "wine", "1", "--group", "lab")
-    agent = device(tmp_path, hub)
-    agent.start(wait_ready=False)
+    agent = committed_device(tmp_path, hub, wine, push=(1, 2, 3))
     try:
-        wait_for("v1 to serve", lambda: served_version(agent) == "1")
         with Traffic(agent):
-            for version in (1, 2, 3):
-                if version > 1:
-                    hub.outpost("deploy", "wine", str(version), "--group", "lab")
+            for version in (2, 3):
+                hub.outpost("deploy", "wine", str(version), "--group", "lab")
                 wait_for(
                     f"v{version} committed",
                     lambda v=version: (

@@ -21,6 +21,7 @@ from tuf.api.exceptions import (
 from tuf.ngclient import Updater
 
 from tests.support.hubproc import HubProcess
+from tests.support.packages import wine_versions
 
 pytestmark = pytest.mark.e2e
 
@@ -30,20 +31,7 @@ EXPIRY_S = 4.0  # timestamp expiry of the test hub: it must re-sign while runnin
 @pytest.fixture(scope="module")
 def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Versions 1-3 of the example model (same model, new version numbers)."""
-    from examples.train_example import build_example
-    from hub.packager import PackageOptions, build_package
-
-    out = tmp_path_factory.mktemp("wine")
-    v1 = build_example(out)
-    packages = {1: v1.with_suffix(".tar")}
-    for version in (2, 3):
-        report = build_package(
-            out / "wine.joblib",
-            out / "wine-sample.csv",
-            PackageOptions(name="wine", version=version, out_dir=out, target="class", replace=True),
-        )
-        packages[version] = report.archive
-    return packages
+    return wine_versions(tmp_path_factory.mktemp("wine"))
 
 
 @pytest.fixture(scope="module")

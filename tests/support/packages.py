@@ -145,3 +145,25 @@ def typed_package(out: Path) -> Path:
         inputs=[TensorSpec(n, dt, (-1, 2)) for n, dt in TYPED_DATATYPES.items()],
         outputs=[TensorSpec(f"{n}_out", dt, (-1, 2)) for n, dt in TYPED_DATATYPES.items()],
     )
+
+
+def wine_versions(out: Path, versions: tuple[int, ...] = (1, 2, 3)) -> dict[int, Path]:
+    """The example model (examples/train_example.py) packaged as each of `versions`: tar archives.
+
+    Version 1 is the example's own package; the others package the same pipeline again under
+    a new number, as a retrained model would be.
+    """
+    from examples.train_example import build_example
+    from hub.packager import PackageOptions, build_package
+
+    packages = {1: build_example(out).with_suffix(".tar")}
+    for version in versions:
+        if version == 1:
+            continue
+        report = build_package(
+            out / "wine.joblib",
+            out / "wine-sample.csv",
+            PackageOptions(name="wine", version=version, out_dir=out, target="class", replace=True),
+        )
+        packages[version] = report.archive
+    return {v: packages[v] for v in versions}
