@@ -285,11 +285,10 @@ class FleetStore:
 
     def devices(self, group: str | None = None) -> list[DeviceInfo]:
         with self.db.session() as session:
-            counts = dict(
-                session.execute(
-                    select(FleetMessageRow.device_id, func.count()).group_by(FleetMessageRow.device_id)
-                ).tuples()
-            )
+            rows = session.execute(
+                select(FleetMessageRow.device_id, func.count()).group_by(FleetMessageRow.device_id)
+            ).tuples()
+            counts = {device_id: int(n) for device_id, n in rows}
             query = select(DeviceRow).order_by(DeviceRow.group, DeviceRow.device_id)
             if group is not None:
                 query = query.where(DeviceRow.group == group)

@@ -40,13 +40,13 @@ class HubProcess:
         self.token = (data / "operator.token").read_text().strip()
         self.root = (data / "tuf" / "metadata" / "root.json").read_bytes()
 
-    def start(self) -> HubProcess:
+    def start(self, mqtt_url: str | None = None) -> HubProcess:
+        """Serve; with `mqtt_url`, also consume fleet telemetry from that broker (--mqtt)."""
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [HUB_BIN, "serve", "--data", str(self.data), "--listen", f"127.0.0.1:{self.port}"],
-            stdout=log,
-            stderr=log,
-        )
+        args = [HUB_BIN, "serve", "--data", str(self.data), "--listen", f"127.0.0.1:{self.port}"]
+        if mqtt_url is not None:
+            args += ["--mqtt", mqtt_url]
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
