@@ -106,7 +106,42 @@ class HubConfig:
 
 @dataclass(frozen=True)
 class MqttConfig:
+    # mqtt://HOST[:PORT] (1883) or mqtts://HOST[:PORT] (TLS, 8883). Empty: nothing is published,
+    # telemetry is still buffered in the outbox on disk (within its bounds).
     url: str = ""
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""  # PEM CAs that sign the broker's certificate; empty = the system's (with mqtts)
+    cert_file: str = ""  # PEM client certificate for mutual TLS; empty = none
+    key_file: str = ""  # its private key, when it is a separate file
+    tls_insecure: bool = False  # true only for testing: do not check the broker's host name
+    keepalive_s: int = 60
+    qos: int = 1  # of summary, drift and event messages (state is always QoS 1)
+    # The outbox (SQLite under data_dir): when full, the OLDEST messages are dropped and counted.
+    outbox_max_messages: int = 10_000
+    outbox_max_bytes: int = 64 * 1024 * 1024
+    outbox_max_age_s: float = 7 * 24 * 3600.0
+    # Reconnect: wait reconnect_min_s after a failure, doubling up to reconnect_max_s.
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    publish_timeout_s: float = 10.0  # waiting for the broker's PUBACK before re-sending
+    max_inflight: int = 20  # messages published and not yet acknowledged (also bounds paho's memory queue)
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("mqtt://", "mqtts://")):
+            raise ConfigError(f"mqtt.url: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]: {self.url!r}")
+        if self.qos not in (0, 1, 2):
+            raise ConfigError("mqtt.qos: must be 0, 1 or 2")
+        for key in ("keepalive_s", "outbox_max_messages", "outbox_max_bytes", "max_inflight"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"mqtt.{key}: must be at least 1")
+        for key in ("outbox_max_age_s", "reconnect_min_s", "reconnect_max_s", "publish_timeout_s"):
+            if not getattr(self, key) > 0:  # `not x > 0` also refuses NaN
+                raise ConfigError(f"mqtt.{key}: must be a positive number")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ConfigError("mqtt.reconnect_min_s: must not be greater than mqtt.reconnect_max_s")
+        if self.key_file and not self.cert_file:
+            raise ConfigError("mqtt.key_file: is set but mqtt.cert_file is empty")
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@
     │   ├── NotFound                unknown model or version (404)
     │   └── PayloadTooLarge         body over the configured limit (413)
     ├── Unavailable                 nothing ready to answer (503)
-    └── UpdateError                 an update check or download failed; serving goes on as before
-        ├── HubUnreachable          network, DNS, TLS, timeout or HTTP error talking to the hub
-        ├── VerificationError       the hub's answer did not verify (TUF): a possible attack;
-        │                           `reason` names the class (expired, rollback, bad-signature, ...)
-        ├── AssignmentError         the signed assignment document is malformed; nothing in it is used
-        └── StateError              the saved update state is unreadable (corrupt, unknown format)
+    ├── UpdateError                 an update check or download failed; serving goes on as before
+    │   ├── HubUnreachable          network, DNS, TLS, timeout or HTTP error talking to the hub
+    │   ├── VerificationError       the hub's answer did not verify (TUF): a possible attack;
+    │   │                           `reason` names the class (expired, rollback, bad-signature, ...)
+    │   ├── AssignmentError         the signed assignment document is malformed; nothing in it is used
+    │   └── StateError              the saved update state is unreadable (corrupt, unknown format)
+    └── TelemetryError              MQTT telemetry failed; serving and updates go on without it
+        └── OutboxError             the on-disk outbox (SQLite) cannot be opened, read or written
 
 Foreign exceptions (onnxruntime, json, OS) are mapped at the boundary with
 `raise ... from exc`, so no caller ever sees a traceback.
@@ -95,4 +97,15 @@ class StateError(UpdateError):
     """The saved update state is unreadable: corrupt, inconsistent or of an unknown format.
 
     `agent.update.StateFile.load_or_reset` moves such a file aside and starts afresh.
+    """
+
+
+class TelemetryError(AgentError):
+    """Telemetry (MQTT, the on-disk outbox) failed; serving and updates go on without it."""
+
+
+class OutboxError(TelemetryError):
+    """The telemetry outbox (SQLite) could not be opened, read or written.
+
+    The message names the file; a disk that is full or read-only is the usual cause.
     """
