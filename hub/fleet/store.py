@@ -287,8 +287,8 @@ class FleetStore:
         with self.db.session() as session:
             rows = session.execute(
                 select(FleetMessageRow.device_id, func.count()).group_by(FleetMessageRow.device_id)
-            ).tuples()
-            counts = {device_id: int(n) for device_id, n in rows}
+            )
+            counts = {str(r[0]): int(r[1]) for r in rows}
             query = select(DeviceRow).order_by(DeviceRow.group, DeviceRow.device_id)
             if group is not None:
                 query = query.where(DeviceRow.group == group)

@@ -304,3 +304,33 @@ def test_a_killed_device_goes_offline_through_its_will(hub: HubProcess, broker: 
         lambda: (x := fleet(hub).get("dev-006")) and x["bd_seq"] == 9 and not x["online"] and x, "will"
     )
     assert d["group"] == "plant-e"
+
+
+def test_two_hub_workers_split_the_stream(tmp_path: Path) -> None:
+    """Two consumers in one share group: each message reaches one of them, all are stored once.
+    (A broker of its own: the module's hub process would take its share of the stream too.)"""
+    from hub.fleet import FleetConsumer
+
+    broker = Mosquitto(tmp_path).start()
+    device = Device(broker)
+    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    db.create_all()
+    store = FleetStore(db)
+    store.create_tables()
+    workers = [FleetConsumer(store, broker.url, f"test-worker-{i}", session_expiry_s=0) for i in (1, 2)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            assert w.subscribed.wait(WAIT_S)
+        for seq in range(100):
+            device.event("split", f"split-{seq % 4}", seq)
+        wait_for(lambda: sum(d.messages for d in store.devices("split")) == 100, "100 events")
+        shares = [w.stats["stored"] + w.stats["duplicates"] for w in workers]
+        assert sum(shares) == 100 and all(s > 0 for s in shares), shares
+    finally:
+        for w in workers:
+            w.stop()
+        device.close()
+        broker.stop()
+        db.dispose()
