@@ -1,6 +1,8 @@
 """The hub's HTTP service (FastAPI on uvicorn).
 
     /api/v1/...     the operator API; every call needs `Authorization: Bearer <token>`
+    /api/v1/fleet   devices as their MQTT state and telemetry left them (hub.fleet; the
+                    consumer runs when the settings name a broker: `serve --mqtt URL`)
     /tuf/metadata/  TUF metadata, public: devices verify it against their provisioned root
     /tuf/targets/   signed model files and group assignments, public for the same reason
     /healthz        liveness, public

@@ -21,7 +21,13 @@ client id) and the (device, seq) dedupe stores them once. The broker sends at mo
 The queue is bounded (`queue_size`): should it still fill (QoS 0 traffic, a database stalled
 for long), new messages are dropped, acknowledged so the broker does not stall, and counted
 (`stats["dropped"]`, a warning in the log). While the database cannot be written, the worker
-keeps its batch and retries with backoff.
+keeps its batch and retries with backoff; a batch that fails for any other reason (a message
+the database refuses) is retried one message at a time, and the messages that still fail are
+dropped, acknowledged and counted (`stats["failed"]`), so one bad message cannot wedge the
+stream.
+
+Stopping: the consumer waits (bounded) until what is queued is stored and acknowledged, then
+disconnects; its session keeps anything that arrives later for the next start.
 
 Messages received on a connection that has since dropped are stored but not acknowledged
 (their packet ids mean nothing on the new connection); the broker redelivers them.
@@ -46,7 +52,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from hub.errors import HubError
+from hub.errors import HubError, RegistryError
 from hub.fleet.rules import SHARED_FILTER, STATE_FILTER, Invalid, cmd_topic, parse_message
 from hub.fleet.store import FleetStore, Incoming
 
@@ -166,12 +172,15 @@ class FleetConsumer:
         )
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Disconnect, then let the worker store what is queued (bounded by `timeout`)."""
+        """Store and acknowledge what is queued, then disconnect (bounded by `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
         self._client.disconnect()
         self._client.loop_stop()
         self._stop.set()
         if self._worker is not None:
-            self._worker.join(timeout)
+            self._worker.join(max(0.1, deadline - time.monotonic()))
             if self._worker.is_alive():
                 log.warning("fleet: the writer did not finish within %.0f s", timeout)
         log.info("fleet: stopped (%s)", ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items())))
@@ -255,16 +264,36 @@ class FleetConsumer:
                 self._write(batch)
 
     def _write(self, batch: list[_Item]) -> None:
+        try:
+            self._store(batch)
+        except RegistryError:  # the database cannot be used: only stopping gives up
+            self.stats["lost_at_shutdown"] += len(batch)
+        except Exception:
+            log.exception("fleet: a batch of %d failed; storing its messages one by one", len(batch))
+            for item in batch:
+                try:
+                    self._store([item])
+                except RegistryError:
+                    self.stats["lost_at_shutdown"] += 1
+                except Exception as exc:
+                    self.stats["failed"] += 1
+                    log.error("fleet: dropped a message the database refuses (%s): %s", exc, item.incoming)
+                    self._ack(self._client, item)
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+
+    def _store(self, batch: list[_Item]) -> None:
+        """Apply and acknowledge; while the database is unusable, retry with backoff."""
         delay = 0.5
         while True:
             try:
                 report = self.store.apply([i.incoming for i in batch if i.incoming is not None])
                 break
-            except Exception:
+            except RegistryError:
                 if self._stop.is_set():
                     log.exception("fleet: could not store %d messages at shutdown", len(batch))
-                    self.stats["lost_at_shutdown"] += len(batch)
-                    return
+                    raise
                 log.exception("fleet: storing %d messages failed; retrying in %.1f s", len(batch), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)

@@ -39,6 +39,7 @@ STATE = "state"
 CMD = "cmd"
 COMMANDS = frozenset({"update"})
 MAX_ID_LEN = 64
+MAX_SEQ = 2**63 - 1  # the columns are BIGINT
 
 
 class Invalid(ValueError):
@@ -88,8 +89,8 @@ def parse_topic(topic: str) -> tuple[str, str, str] | None:
 
 def _int(doc: dict[str, Any], key: str) -> int:
     value = doc.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise Invalid(f"{key} must be a non-negative integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQ:
+        raise Invalid(f"{key} must be an integer from 0 to 2**63-1, got {value!r}")
     return value
 
 

@@ -334,3 +334,27 @@ def test_two_hub_workers_split_the_stream(tmp_path: Path) -> None:
         device.close()
         broker.stop()
         db.dispose()
+
+
+def test_a_message_the_database_refuses_does_not_wedge_the_stream(tmp_path: Path) -> None:
+    from hub.fleet.consumer import FleetConsumer, _Item
+    from hub.fleet.store import ApplyReport
+
+    class Refusing(FleetStore):
+        def apply(self, batch: Any) -> ApplyReport:
+            if any(i.message.device_id == "bad" for i in batch):
+                raise ValueError("refused")
+            return ApplyReport(stored=len(batch))
+
+    consumer = FleetConsumer(Refusing(Database("sqlite://")), "mqtt://127.0.0.1:1", "unused")
+    items = [
+        _Item(incoming(f"outpost/v1/g/{name}/event", {"seq": 1}), mid=0, qos=0, generation=0)
+        for name in ("a", "bad", "b")
+    ]
+    for item in items:
+        consumer._queue.put(item)
+    consumer._write(consumer._take_batch())
+    assert consumer.stats["stored"] == 2 and consumer.stats["failed"] == 1
+    assert consumer._queue.unfinished_tasks == 0
+    with pytest.raises(Invalid):
+        parse_message("outpost/v1/g/d/event", b'{"seq": 9223372036854775808}')
