@@ -56,7 +56,7 @@ class RollbackRequest(BaseModel):
 
 
 class CommandRequest(BaseModel):
-    command: Literal["update"]
+    command: Literal["update", "rebirth"]  # rebirth: the device publishes its state again
 
 
 def deployment_json(d: Deployment) -> dict[str, Any]:
@@ -146,9 +146,12 @@ class Hub:
     def command(self, device_id: str, req: CommandRequest) -> dict[str, Any]:
         if self.consumer is None:
             raise FleetUnavailable("this hub runs without MQTT (outpost-hub serve --mqtt URL)")
+        import uuid
+
         device = self.fleet.device(device_id)
-        self.consumer.publish_command(device.group, device_id, {"command": req.command})
-        return {"device_id": device_id, "group": device.group, "command": req.command, "published": True}
+        doc = {"command": req.command, "id": uuid.uuid4().hex}
+        self.consumer.publish_command(device.group, device_id, doc)
+        return {"device_id": device_id, "group": device.group, **doc, "published": True}
 
     def push(self, data: bytes, actor: str) -> dict[str, Any]:
         upload = read_package_tar(data, self.settings.max_upload_bytes)

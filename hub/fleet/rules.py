@@ -37,8 +37,8 @@ STATE_FILTER = f"{TOPIC_ROOT}/+/+/state"
 TELEMETRY_KINDS = frozenset({"summary", "drift", "event"})
 STATE = "state"
 CMD = "cmd"
-COMMANDS = frozenset({"update"})
-MAX_ID_LEN = 64
+COMMANDS = ("update", "rebirth")  # what the agent understands
+MAX_ID_LEN = 128  # the agent's limit on a topic level (agent.telemetry.messages)
 MAX_SEQ = 2**63 - 1  # the columns are BIGINT
 
 

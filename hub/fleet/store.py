@@ -46,8 +46,8 @@ class FleetBase(DeclarativeBase):
 class DeviceRow(FleetBase):
     __tablename__ = "devices"
 
-    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    group: Mapped[str] = mapped_column(String(64), index=True)
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    group: Mapped[str] = mapped_column(String(128), index=True)
     online: Mapped[bool] = mapped_column(Boolean, default=False)
     bd_seq: Mapped[int | None] = mapped_column(BigInteger)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -61,7 +61,7 @@ class FleetMessageRow(FleetBase):
     __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_fleet_messages_device_seq"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(128))
     seq: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(16))
     ts: Mapped[float | None] = mapped_column(Float)

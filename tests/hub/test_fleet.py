@@ -18,8 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from hub.fleet import FleetStore, Incoming, Invalid, StateMsg, parse_message, state_applies
 from hub.registry import Database
+from tests.support.broker import Mosquitto
 from tests.support.hubproc import HubProcess
-from tests.support.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.e2e
 
@@ -249,7 +249,8 @@ def test_command_reaches_the_device(hub: HubProcess, broker: Mosquitto, device: 
     resp = hub.api("POST", "/api/v1/fleet/dev-004/command", json={"command": "update"})
     assert resp.status_code == 202, resp.text
     msg = wait_for(lambda: device.received and device.received[0], "the command")
-    assert json.loads(msg.payload) == {"command": "update"} and msg.qos == 1
+    sent = json.loads(msg.payload)
+    assert sent == {"command": "update", "id": resp.json()["id"]} and msg.qos == 1
     bad = hub.api("POST", "/api/v1/fleet/dev-004/command", json={"command": "format-disk"})
     assert bad.status_code == 422
 
