@@ -191,6 +191,7 @@ class TelemetryClient:
             self._connected = True
             self._conn_gen += 1
             self._bd_seq = self._pending_bd_seq
+            self._last_error = ""
         log.info("telemetry: connected to %s (bd_seq %d)", self.config.url, self._bd_seq)
         self._wake.set()
 
@@ -209,7 +210,7 @@ class TelemetryClient:
         with self._lock:
             was = self._connected
             self._connected = False
-            if reason.is_failure or reason.value != 0:
+            if reason.value != 0:  # 0: a DISCONNECT we asked for
                 self._last_error = f"disconnected: {reason}"
         if was and not self._stopping.is_set():
             log.warning("telemetry: disconnected from %s (%s); buffering on disk", self.config.url, reason)
@@ -272,14 +273,17 @@ class TelemetryClient:
             return "rejected"
         return "acked"
 
-    def _await(self, info: paho.MQTTMessageInfo, gen: int, timeout: float) -> bool:
-        """Wait for one PUBACK while connection `gen` lasts (and at most `timeout`)."""
+    def _await(self, info: paho.MQTTMessageInfo, gen: int, timeout: float, stopping: bool = False) -> bool:
+        """Wait for one PUBACK while connection `gen` lasts: at most `timeout`, and (unless `stopping`)
+        only until stop() is called."""
         deadline = time.monotonic() + timeout
         while True:
             result = self._result(info)
             if result is not None:
                 return result == "acked"
             if not self._alive(gen) or time.monotonic() > deadline:
+                return False
+            if self._stopping.is_set() and not stopping:
                 return False
             try:
                 info.wait_for_publish(_POLL_S)
@@ -293,7 +297,7 @@ class TelemetryClient:
         seq = self._outbox.reserve_seq()
         topic, payload = messages.envelope(kind, self.device_id, self.group, seq, self._clock(), body)
         info = self._send(topic, payload, STATE_QOS, retain)
-        return info is not None and self._await(info, gen, timeout)
+        return info is not None and self._await(info, gen, timeout, stopping=self._stopping.is_set())
 
     def _birth(self, gen: int) -> bool:
         with self._lock:
@@ -402,6 +406,9 @@ class TelemetryClient:
                     done_gen = gen
                 self._drain(gen)
                 if self._outbox_pending():
+                    # _drain returned with work left: a rebirth to do, or paho refused to queue more
+                    # (a full window cut by a disconnect). Come back soon, without spinning.
+                    time.sleep(_POLL_S)
                     self._wake.set()
             except OutboxError as exc:
                 self._error(exc)
