@@ -31,6 +31,7 @@ from agent.serving.http import HttpProtocol, ServerState
 from agent.serving.listen import bind_tcp, bind_unix, remove_socket_file
 
 if TYPE_CHECKING:
+    from agent.telemetry import Command, TelemetryClient
     from agent.update.runner import UpdateRunner
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class Agent:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self.telemetry: TelemetryClient | None = None
+        # What the retained `state` message says besides online: read by the telemetry
+        # thread, so it is a dict replaced whole on the loop thread, never changed in place.
+        self._state_snapshot: dict[str, Any] = {}
         self.updater: UpdateRunner | None = None
         if config.hub.url:
             from agent.update.runner import UpdateRunner
@@ -93,6 +98,7 @@ class Agent:
             },
             "data_dir": cfg.data_dir,
             "update": self.updater.status() if self.updater is not None else {"state": "off (no hub.url)"},
+            "telemetry": self.telemetry.status() if self.telemetry is not None else {"enabled": False},
         }
 
     # -- loading ------------------------------------------------------------------------------
@@ -131,6 +137,68 @@ class Agent:
                     failed.append({**entry, "error": error})
             return {"loaded": loaded, "failed": failed}
 
+    # -- telemetry ----------------------------------------------------------------------------
+
+    def _refresh_state(self) -> None:
+        versions = {m["name"]: m["default_version"] for m in self.registry.status()}
+        state: dict[str, Any] = {"versions": versions}
+        if self.updater is not None:
+            r = self.updater.record
+            state["update"] = {
+                "state": r.state.value,
+                "current": r.current.version if r.current else None,
+                "pending": r.pending.version if r.pending else None,
+            }
+        self._state_snapshot = state
+
+    def on_update_event(self, entry: dict[str, Any]) -> None:
+        """An update transition: published as an `event`, and the retained state renewed."""
+        if self.telemetry is None:
+            return
+        # The envelope carries its own ts; the transition's time goes as `at`, and the
+        # machine's event name as `transition` (`event` says what kind of event this is).
+        body = {k: v for k, v in entry.items() if k not in ("ts", "event")}
+        body.update(event="update", transition=entry.get("event"), at=entry.get("ts"))
+        try:
+            self.telemetry.publish("event", body)
+        except (AgentError, ValueError) as exc:  # the outbox refused (disk): serving goes on
+            log.warning("telemetry: update event not recorded: %s", exc)
+        if entry.get("to") in ("committed", "rolled_back", "probation"):
+            self._refresh_state()
+            self.telemetry.rebirth()
+
+    def _on_command(self, command: Command) -> None:
+        if command.command == "update" and self.updater is not None:
+            log.info("command from the hub: check for an update now")
+            self.updater.trigger()
+
+    async def _start_telemetry(self) -> None:
+        from agent.telemetry import Outbox, TelemetryClient, on_loop
+
+        cfg = self.config.mqtt
+        outbox = Outbox(
+            self.config.data_path / "telemetry" / "outbox.db",
+            max_messages=cfg.outbox_max_messages,
+            max_bytes=cfg.outbox_max_bytes,
+            max_age_s=cfg.outbox_max_age_s,
+        )
+        self._refresh_state()
+        self.telemetry = TelemetryClient(
+            cfg,
+            self.config.device_id,
+            self.config.group,
+            outbox,
+            on_command=on_loop(asyncio.get_running_loop(), self._on_command),
+            state_fields=lambda: self._state_snapshot,
+        )
+        await asyncio.get_running_loop().run_in_executor(self.load_pool, self.telemetry.start)
+
+    async def _run_updater(self, updater: UpdateRunner) -> None:
+        try:
+            await updater.start()
+        except Exception:  # a bug must be seen, not vanish with its task; serving goes on
+            log.exception("the updater failed to start; updates are off until a restart")
+
     async def _update_now(self) -> dict[str, Any]:
         if self.updater is None:
             raise AgentError("updates are off: hub.url is not set in the config")
@@ -164,9 +232,13 @@ class Agent:
             log.info("serving on tcp:%s", cfg.server.tcp)
         self.app.started = True
         self._tasks.append(asyncio.ensure_future(self._sweeper()))
+        try:
+            await self._start_telemetry()
+        except AgentError as exc:  # a bad outbox or broker setting must not stop serving
+            log.error("telemetry off: %s", exc)
         if self.updater is not None:
             # In the background: serving starts now, with the committed version.
-            self._tasks.append(asyncio.ensure_future(self.updater.start()))
+            self._tasks.append(asyncio.ensure_future(self._run_updater(self.updater)))
         interval = self.notifier.watchdog_interval()
         if interval:
             self._tasks.append(asyncio.ensure_future(self._watchdog(interval / 2)))
@@ -215,6 +287,9 @@ class Agent:
             task.cancel()
         if self.updater is not None:
             await self.updater.stop()
+        if self.telemetry is not None:
+            # The death state (online: false) goes out before the socket closes.
+            await asyncio.get_running_loop().run_in_executor(None, self.telemetry.stop)
         # Only our own socket: a second agent that failed to start must not
         # delete the first one's.
         if self._socket_path is not None and self._own_socket:

@@ -107,7 +107,11 @@ class UpdateRunner:
     async def _poll_forever(self) -> None:
         interval = self.agent.config.hub.poll_interval_s
         while True:
-            ok = await self.check_once()
+            try:
+                ok = await self.check_once()
+            except Exception:  # a bug in one cycle must not end updates for good
+                log.exception("update cycle failed")
+                ok = False
             self._failures = 0 if ok else self._failures + 1
             # Back off on failures (full jitter, capped at 10 polls), so a fleet whose hub went
             # down does not come back all at once.
@@ -197,6 +201,7 @@ class UpdateRunner:
     def _report(self, report: dict[str, Any]) -> None:
         entry = {"ts": time.time(), **report}
         self.events.append(entry)
+        self.agent.on_update_event(entry)
         name = str(report.get("event", "?"))
         self.event_counts[name] = self.event_counts.get(name, 0) + 1
         log.info(
