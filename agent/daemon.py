@@ -163,7 +163,12 @@ class Agent:
             self.telemetry.publish("event", body)
         except (AgentError, ValueError) as exc:  # the outbox refused (disk): serving goes on
             log.warning("telemetry: update event not recorded: %s", exc)
-        if entry.get("to") in ("committed", "rolled_back", "probation"):
+
+    def on_update_settled(self, state: str) -> None:
+        """A step's actions are done (the default version switched): renew the retained state."""
+        if self.telemetry is None:
+            return
+        if state in ("committed", "rolled_back", "probation"):
             self._refresh_state()
             self.telemetry.rebirth()
 

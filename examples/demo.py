@@ -14,7 +14,8 @@
    with an independent TUF client what a device of that group will see;
 7. starts a device agent connected to the hub: it pulls, verifies, probes and commits
    version 1, then is assigned a deliberately slow version 3, which fails probation on
-   latency; the agent falls back to version 1 by itself, with no failed request.
+   latency; the agent falls back to version 1 by itself, with no failed request; the device
+   reports over MQTT (a local Mosquitto) and the hub's fleet view shows what happened.
 
 Exits non-zero if any step does not behave as described.
 """
@@ -227,7 +228,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def hub_publish(work: Path, v1: Path, v2: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+def start_broker(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A Mosquitto for the demo's telemetry, on a free loopback port (make demo installs it)."""
+    import os
+    import pwd
+
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
+    if os.geteuid() == 0:  # as root Mosquitto would switch to a user that cannot read the temp dir
+        lines.append(f"user {pwd.getpwuid(0).pw_name}")
+    conf.write_text("\n".join(lines) + "\n")
+    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import socket
+
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if broker.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("demo: mosquitto did not start (make sysdeps installs it)")
+        time.sleep(0.05)
+    return broker, f"mqtt://127.0.0.1:{port}"
+
+
+def hub_publish(work: Path, v1: Path, v2: Path, mqtt_url: str) -> tuple[subprocess.Popen[bytes], str, Path]:
     step("6. The hub: sign and publish the versions, assign one to a device group")
     data = work / "hub"
     run(str(BIN / "outpost-hub"), "init", "--data", str(data))
@@ -235,7 +262,16 @@ def hub_publish(work: Path, v1: Path, v2: Path) -> tuple[subprocess.Popen[bytes]
     url = f"http://127.0.0.1:{port}"
     log = (work / "hub.log").open("wb")
     hub = subprocess.Popen(
-        [str(BIN / "outpost-hub"), "serve", "--data", str(data), "--listen", f"127.0.0.1:{port}"],
+        [
+            str(BIN / "outpost-hub"),
+            "serve",
+            "--data",
+            str(data),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--mqtt",
+            mqtt_url,
+        ],
         stdout=log,
         stderr=log,
     )
@@ -318,7 +354,7 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 120.0) -> 
         time.sleep(0.1)
 
 
-def device_updates(work: Path, url: str, hub_data: Path, v1: Path, body: bytes) -> None:
+def device_updates(work: Path, url: str, hub_data: Path, v1: Path, body: bytes, mqtt_url: str) -> None:
     step("7. A device pulls its assignment, tries a new version, and falls back by itself")
     from examples.broken_versions import make_slow_variant
 
@@ -329,6 +365,7 @@ def device_updates(work: Path, url: str, hub_data: Path, v1: Path, body: bytes) 
         f'[server]\nsocket = "{sock}"\n'
         f'[hub]\nurl = "{url}"\ntrusted_root = "{hub_data / "tuf" / "metadata" / "root.json"}"\n'
         "poll_interval_s = 0.5\n"
+        f'[mqtt]\nurl = "{mqtt_url}"\n'
     )
     run(str(BIN / "outpost"), "deploy", "wine", "1", "--group", "field")
     log = (work / "device.log").open("wb")
@@ -357,6 +394,12 @@ def device_updates(work: Path, url: str, hub_data: Path, v1: Path, body: bytes) 
             print(f"  {event['from']:>11} -> {event['to']:<11} on {event['event']}{reason}")
         print(f"  now serving {st['current']}; version 3 is marked bad and not retried")
         assert "v1" in st["current"]
+        print("  what the hub's fleet view says (telemetry over MQTT):")
+        wait_until(
+            "the fleet view",
+            lambda: "rolled_back" in run_quiet(str(BIN / "outpost"), "fleet"),
+        )
+        run(str(BIN / "outpost"), "fleet")
     finally:
         traffic.stop.set()
         if traffic.thread.is_alive():
@@ -371,6 +414,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="outpost-demo-"))
     agent: subprocess.Popen[bytes] | None = None
     hub: subprocess.Popen[bytes] | None = None
+    broker: subprocess.Popen[bytes] | None = None
     try:
         v1, v2, sample_path = build_packages(work / "packages")
         sock = str(work / "agent.sock")
@@ -384,19 +428,27 @@ def main() -> int:
         switch_and_roll_back(sock, config, v2, body)
         stop_agent(agent, sock)
         agent = None
-        hub, url, hub_data = hub_publish(work, v1, v2)
-        device_updates(work, url, hub_data, v1, body)
+        broker, mqtt_url = start_broker(work)
+        hub, url, hub_data = hub_publish(work, v1, v2, mqtt_url)
+        device_updates(work, url, hub_data, v1, body, mqtt_url)
         hub.terminate()
         hub.wait(30)
         hub = None
+        broker.terminate()
+        broker.wait(30)
+        broker = None
         print("\ndemo finished: all steps behaved as described")
         return 0
     finally:
-        for proc in (agent, hub):
+        for proc in (agent, hub, broker):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_quiet(*args: str) -> str:
+    return subprocess.run(args, capture_output=True, text=True, check=False).stdout
 
 
 def call_ready(sock: str) -> int:

@@ -153,6 +153,7 @@ class UpdateRunner:
         try:
             while self._queue:
                 event = self._queue.popleft()
+                before = self.record.state
                 try:
                     record, actions = step(self.record, event)
                 except RuntimeError as exc:  # an event the machine does not take here: a runner bug
@@ -163,6 +164,8 @@ class UpdateRunner:
                 self.agent.metrics.update_state = record.state.value
                 for action in actions:
                     await self._perform(action)
+                if record.state is not before:
+                    self.agent.on_update_settled(record.state.value)
         finally:
             self._dispatching = False
 
