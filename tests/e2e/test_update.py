@@ -417,9 +417,12 @@ def test_canary_routes_the_devices_in_its_buckets(
     result = hub.outpost("deploy", "wine", "1", "--group", "lab", "--canary", "2", "--percent", "50")
     assert "canary v2 at 50%" in result.stdout
     salt = hub.api("GET", "/api/v1/groups/lab").json()["current"]["salt"]
-    names = [f"dev-{i:03d}" for i in range(6)]
-    expected = {n: "2" if bucket(salt, n) < 50 else "1" for n in names}
-    assert set(expected.values()) == {"1", "2"}, "pick ids on both sides of the split"
+    # The salt is random: pick three ids on each side of the split, so both are exercised.
+    candidates = [f"dev-{i:03d}" for i in range(200)]
+    inside = [n for n in candidates if bucket(salt, n) < 50][:3]
+    outside = [n for n in candidates if bucket(salt, n) >= 50][:3]
+    names = inside + outside
+    expected = {n: "2" if n in inside else "1" for n in names}
     agents = [device(tmp_path, hub, name=n) for n in names]
     try:
         for a in agents:
