@@ -237,10 +237,13 @@ class Agent:
             log.info("serving on tcp:%s", cfg.server.tcp)
         self.app.started = True
         self._tasks.append(asyncio.ensure_future(self._sweeper()))
-        try:
-            await self._start_telemetry()
-        except AgentError as exc:  # a bad outbox or broker setting must not stop serving
-            log.error("telemetry off: %s", exc)
+        # Telemetry (sqlite3 and paho: about 2 MB of RSS) only when there is a broker or
+        # something to report: a device that only serves sideloaded models has neither.
+        if cfg.mqtt.url or self.updater is not None:
+            try:
+                await self._start_telemetry()
+            except AgentError as exc:  # a bad outbox or broker setting must not stop serving
+                log.error("telemetry off: %s", exc)
         if self.updater is not None:
             # In the background: serving starts now, with the committed version.
             self._tasks.append(asyncio.ensure_future(self._run_updater(self.updater)))
