@@ -388,6 +388,7 @@ class UpdateRunner:
             "pending": str(r.pending) if r.pending else None,
             "assigned": str(r.assigned) if r.assigned else None,
             "assignment_serial": r.assignment_serial,
+            "attempts": r.attempts,
             "bad": sorted(h[:12] for h in r.bad),
             "reason": r.reason,
             "last_check": dict(self.last_check),

@@ -40,7 +40,7 @@ def test_curl_example_request_shape(tmp_path: Path, wine_package: Path) -> None:
     import json
 
     text = README.read_text()
-    body = re.search(r"-d '(\{.*?\})'", text, re.S)
+    body = re.search(r"/infer -d '(\{.*?\})'", text, re.S)
     assert body is not None
     with running_agent(tmp_path, wine_package) as agent:
         status, doc = agent.json("POST", "/v2/models/wine/infer", json.loads(body.group(1)))
