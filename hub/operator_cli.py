@@ -1,7 +1,7 @@
 """`outpost`: the operator's command line.
 
     outpost package MODEL.joblib --sample DATA.csv --name NAME --version N --out DIR
-    outpost push PACKAGE | deploy MODEL VERSION --group G | rollback MODEL --group G | models | groups
+    outpost push PACKAGE | deploy MODEL VERSION --group G | rollback MODEL --group G | models | groups | fleet
 
 Each subcommand is a function taking the parsed arguments and returning an exit code;
 the heavy imports (scikit-learn, onnxruntime) happen inside them, so `outpost --help`
