@@ -1,0 +1,500 @@
+"""Per-window summaries of one model version: what it was asked, what it answered, how fast.
+
+Pure: numpy and the standard library, no I/O, no clocks read behind the caller's back
+(the clock is injected). The caller feeds every request to `WindowSummary.observe`,
+asks `due(now)` and publishes what `close(now)` returns.
+
+Everything in a closed window is a count (or an integer sum), so windows add up:
+`merge(a, b)` sums two windows of the same model version, across time or across
+devices, and is associative and commutative (exactly: latency sums are integer
+microseconds, not floats).
+
+Window schema (JSON-ready, `SCHEMA`):
+
+    {"schema": "outpost-summary/1", "model": "wine", "version": 3,
+     "start": 1700000000.0, "end": 1700000060.0,   # clock seconds; merge: min / max
+     "windows": 1,                                  # windows merged into this one
+     "requests": 120, "errors": 2,                  # requests observed, of which failed
+     "rows": 470,                                   # input rows of the successful requests
+     "latency": {"bounds": [...LATENCY_BUCKETS], "counts": [...], "sum_us": 81234},
+                                                    # counts[i]: bounds[i-1] < s <= bounds[i];
+                                                    # the last count is above the last bound
+     "features": [{"name": "alcohol", "kind": "numeric",
+                   "counts": [...],                 # one per reference bin / category
+                   "missing": 0,                    # NaN (numeric) or NaN/None/"" (categorical)
+                   "other": 0}],                    # categorical: not a reference category;
+                                                    # numeric: present values when the reference
+                                                    # had no bins (every reference value missing)
+     "prediction": {"kind": "classification", "labels": ["0", "1", "2"],
+                    "counts": [...], "other": 0, "missing": 0}
+              or   {"kind": "regression", "counts": [...], "other": 0, "missing": 0}
+              or   null}                            # task "other", or no prediction profile
+
+For every feature, sum(counts) + missing + other == rows; likewise for the prediction.
+
+Binning follows hub.packager.profile exactly: with edges e0 < ... < ek, bin i holds
+e_i <= v < e_(i+1), the last bin is closed (v == ek counts in it), and values outside the
+reference range count in the first bin (v < e0, -inf) or the last (v > ek, +inf): the
+reference profile was built the same way, so the live and reference counts compare.
+The edges themselves are not repeated in the window: the hub has the signed profile of
+the model version.
+
+Only failed requests' counts and latencies are recorded for them: their inputs may be
+malformed and they have no outputs, so they add nothing to the feature and prediction
+counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from bisect import bisect_left
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from agent.metrics import LATENCY_BUCKETS
+
+__all__ = ["SCHEMA", "Binned", "FeatureBinner", "WindowSummary", "merge"]
+
+SCHEMA = "outpost-summary/1"
+LABEL = "label"
+PROBABILITIES = "probabilities"
+PREDICTION = "prediction"
+
+IntArray = NDArray[np.int64]
+
+
+def _edges_index(edges: NDArray[np.float64], values: NDArray[np.float64]) -> IntArray:
+    """Bin index of present (non-NaN) values; edges has at least two entries."""
+    index: IntArray = np.searchsorted(edges, values, side="right").astype(np.int64) - 1
+    np.clip(index, 0, edges.size - 2, out=index)
+    return index
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class _Categories:
+    """Maps values to the index of their category, or -1 (other), or -2 (missing)."""
+
+    def __init__(self, categories: Sequence[Any]) -> None:
+        self.size = len(categories)
+        self.numeric = bool(categories) and all(_is_number(c) for c in categories)
+        if self.numeric:
+            values = np.asarray([float(c) for c in categories], dtype=np.float64)
+            self.order = np.argsort(values, kind="stable").astype(np.int64)
+            self.sorted = values[self.order]
+        self.by_text = {str(c): i for i, c in enumerate(categories)}
+
+    def _lookup(self, value: Any) -> int:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return -2
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        if text in ("", "nan", "None"):
+            return -2
+        if text in self.by_text:
+            return self.by_text[text]
+        if self.numeric:
+            try:
+                number = float(text)
+            except ValueError:
+                return -1
+            pos = int(np.searchsorted(self.sorted, number).clip(0, self.size - 1))
+            return int(self.order[pos]) if self.sorted[pos] == number else -1
+        return -1
+
+    def index(self, column: NDArray[Any]) -> IntArray:
+        if self.numeric and column.dtype.kind in "fiub":
+            values = column.astype(np.float64, copy=False)
+            out = np.full(values.shape, -1, dtype=np.int64)
+            out[np.isnan(values)] = -2
+            pos = np.searchsorted(self.sorted, values).clip(0, self.size - 1)
+            hit = self.sorted[pos] == values
+            out[hit] = self.order[pos[hit]]
+            return out
+        # Text (or mixed) values: one dictionary look-up per DISTINCT value, not per row.
+        try:
+            unique, inverse = np.unique(column, return_inverse=True)
+        except TypeError:  # objects that do not sort together (None among strings)
+            unique, inverse = np.unique(np.asarray(column).astype(np.str_), return_inverse=True)
+        table = np.empty(unique.size, dtype=np.int64)
+        for u, value in enumerate(unique.tolist()):
+            table[u] = self._lookup(value)
+        mapped: IntArray = table[inverse.ravel()]
+        return mapped
+
+
+@dataclass(frozen=True)
+class Binned:
+    """Counts of one batch: `counts` is every feature's bins end to end (see `FeatureBinner.offsets`)."""
+
+    counts: IntArray  # (total bins,)
+    missing: IntArray  # (features,)
+    other: IntArray  # (features,)
+    offsets: tuple[int, ...]  # feature f's bins are counts[offsets[f]:offsets[f + 1]]
+
+    def per_feature(self) -> list[IntArray]:
+        return [self.counts[a:b] for a, b in zip(self.offsets, self.offsets[1:], strict=False)]
+
+
+class FeatureBinner:
+    """Bins the rows of a batch into the reference profile's bins and categories.
+
+    Numeric features are binned together in one broadcast comparison against a matrix of
+    edges (padded with +inf), categorical ones with a sorted look-up or one dictionary
+    look-up per distinct value; the counts of all features come from one bincount.
+    No Python work per row.
+    """
+
+    def __init__(self, features: Sequence[Mapping[str, Any]]) -> None:
+        self.names = tuple(str(f.get("name", f"f{i}")) for i, f in enumerate(features))
+        self.kinds = tuple(str(f.get("kind", "numeric")) for f in features)
+        sizes: list[int] = []
+        numeric: list[int] = []  # columns with at least one bin
+        unbinned: list[int] = []  # numeric columns whose reference had no bins
+        edges: list[list[float]] = []
+        self._categorical: list[tuple[int, _Categories]] = []
+        for i, (f, kind) in enumerate(zip(features, self.kinds, strict=True)):
+            if kind == "numeric":
+                e = [float(v) for v in f.get("bin_edges", [])]
+                if any(b < a for a, b in itertools.pairwise(e)) or any(math.isnan(v) for v in e):
+                    raise ValueError(f"reference profile: feature {self.names[i]!r} has unsorted bin edges")
+                if len(e) >= 2:
+                    numeric.append(i)
+                    edges.append(e)
+                    sizes.append(len(e) - 1)
+                else:
+                    unbinned.append(i)
+                    sizes.append(0)
+            elif kind == "categorical":
+                cats = _Categories(list(f.get("categories", [])))
+                self._categorical.append((i, cats))
+                sizes.append(cats.size)
+            else:
+                raise ValueError(f"reference profile: feature {self.names[i]!r} has unknown kind {kind!r}")
+        offsets = [0]
+        for s in sizes:
+            offsets.append(offsets[-1] + s)
+        self.offsets = tuple(offsets)
+        self.total_bins = offsets[-1]
+        self._numeric = np.asarray(numeric, dtype=np.int64)
+        self._unbinned = np.asarray(unbinned, dtype=np.int64)
+        width = max((len(e) for e in edges), default=0)
+        matrix = np.full((len(edges), width), np.inf, dtype=np.float64)
+        for row, e in enumerate(edges):
+            matrix[row, : len(e)] = e
+        # (1, numeric features, edges): v >= edge counts the edges at or below v, which is
+        # searchsorted(edges, v, side="right"); +inf padding is never below a finite value.
+        self._edges = matrix[np.newaxis, :, :]
+        self._last_bin = np.asarray([len(e) - 2 for e in edges], dtype=np.int64)
+        self._numeric_offsets = np.asarray([offsets[i] for i in numeric], dtype=np.int64)
+
+    @classmethod
+    def from_profile(cls, profile: Mapping[str, Any], input_names: Sequence[str] = ()) -> FeatureBinner:
+        """The binner of a manifest's `reference_profile`.
+
+        `input_names` (the manifest's `features`), when given, must be the profile's feature
+        names in the same order: the profile describes the input columns positionally.
+        """
+        features = list(profile.get("features", []))
+        binner = cls(features)
+        if input_names and tuple(input_names) != binner.names:
+            raise ValueError(
+                f"reference profile features {list(binner.names)} are not the inputs {list(input_names)}"
+            )
+        return binner
+
+    @property
+    def n_features(self) -> int:
+        return len(self.names)
+
+    def empty(self) -> Binned:
+        n = self.n_features
+        return Binned(
+            np.zeros(self.total_bins, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64), self.offsets
+        )
+
+    def bin_rows(self, x: NDArray[Any]) -> Binned:
+        """Counts of the rows of `x` (rows x features, in profile order) per bin, missing and other."""
+        if x.ndim == 1:
+            x = x.reshape(-1, 1) if self.n_features == 1 else x.reshape(1, -1)
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"inputs of shape {list(x.shape)}: expected rows x {self.n_features} features")
+        missing = np.zeros(self.n_features, dtype=np.int64)
+        other = np.zeros(self.n_features, dtype=np.int64)
+        flat: list[IntArray] = []
+        if self._numeric.size:
+            values = x[:, self._numeric].astype(np.float64, copy=False)
+            nan = np.isnan(values)
+            missing[self._numeric] = nan.sum(axis=0)
+            index = (values[:, :, np.newaxis] >= self._edges).sum(axis=2, dtype=np.int64) - 1
+            np.clip(index, 0, self._last_bin, out=index)
+            index += self._numeric_offsets
+            flat.append(index[~nan])
+        if self._unbinned.size:
+            values = x[:, self._unbinned].astype(np.float64, copy=False)
+            nan = np.isnan(values)
+            missing[self._unbinned] = nan.sum(axis=0)
+            other[self._unbinned] = (~nan).sum(axis=0)
+        for col, cats in self._categorical:
+            index = cats.index(x[:, col])
+            missing[col] = int((index == -2).sum())
+            other[col] = int((index == -1).sum())
+            flat.append(index[index >= 0] + self.offsets[col])
+        if flat:
+            counts = np.bincount(np.concatenate(flat), minlength=self.total_bins).astype(np.int64)
+        else:
+            counts = np.zeros(self.total_bins, dtype=np.int64)
+        return Binned(counts, missing, other, self.offsets)
+
+
+class _Predictions:
+    """Counts predictions: classes (label output, else argmax of probabilities) or regression bins."""
+
+    def __init__(self, task: str, profile: Mapping[str, Any], labels: Sequence[str]) -> None:
+        self.kind: str | None = None
+        pred = profile.get("prediction") or {}
+        if task == "classification":
+            self.kind = task
+            self.labels = tuple(labels) or tuple(str(v) for v in pred.get("labels", []))
+            self.size = len(self.labels)
+            self._classes = _Categories(self._label_values(self.labels))
+        elif task == "regression":
+            self.kind = task
+            edges = [float(v) for v in pred.get("bin_edges", [])]
+            self._edges = np.asarray(edges, dtype=np.float64)
+            self.size = max(len(edges) - 1, 0)
+        self.reset()
+
+    @staticmethod
+    def _label_values(labels: tuple[str, ...]) -> list[Any]:
+        # Labels are the text of the classes ("0", "setosa"); integer classes also match
+        # an INT64 label output, or a float one, by number.
+        try:
+            return [int(v) for v in labels]
+        except ValueError:
+            return list(labels)
+
+    def reset(self) -> None:
+        self.counts = np.zeros(getattr(self, "size", 0), dtype=np.int64)
+        self.other = 0
+        self.missing = 0
+
+    def observe(self, outputs: Mapping[str, NDArray[Any]], rows: int) -> None:
+        if self.kind == "classification":
+            if LABEL in outputs:
+                index = self._classes.index(np.asarray(outputs[LABEL]).ravel())
+            elif PROBABILITIES in outputs:
+                probs = np.asarray(outputs[PROBABILITIES])
+                index = np.argmax(probs.reshape(probs.shape[0], -1), axis=1).astype(np.int64)
+                index[index >= self.size] = -1
+            else:
+                self.missing += rows
+                return
+            self.missing += int((index == -2).sum())
+            self.other += int((index == -1).sum())
+            self.counts += np.bincount(index[index >= 0], minlength=self.size)
+        elif self.kind == "regression":
+            if PREDICTION in outputs:
+                values = np.asarray(outputs[PREDICTION], dtype=np.float64).ravel()
+            elif len(outputs) == 1:
+                values = np.asarray(next(iter(outputs.values())), dtype=np.float64).ravel()
+            else:
+                self.missing += rows
+                return
+            nan = np.isnan(values)
+            self.missing += int(nan.sum())
+            present = values[~nan]
+            if self.size == 0:
+                self.other += int(present.size)
+                return
+            self.counts += np.bincount(_edges_index(self._edges, present), minlength=self.size)
+
+    def to_json(self) -> dict[str, Any] | None:
+        if self.kind is None:
+            return None
+        doc: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "classification":
+            doc["labels"] = list(self.labels)
+        doc.update(counts=[int(c) for c in self.counts], other=self.other, missing=self.missing)
+        return doc
+
+
+class WindowSummary:
+    """The running window of one model version; see the module docstring for what it holds.
+
+    A window is due when it has seen `window_requests` requests, or `window_seconds` have
+    passed since it started (either may be None, not both). `clock` gives the start of the
+    first window; afterwards each window starts where the previous one was closed.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        version: int,
+        profile: Mapping[str, Any],
+        labels: Sequence[str] = (),
+        task: str = "other",
+        window_requests: int | None = None,
+        window_seconds: float | None = None,
+        clock: Callable[[], float] | None = None,
+        input_names: Sequence[str] = (),
+    ) -> None:
+        if window_requests is None and window_seconds is None:
+            raise ValueError("a summary window needs window_requests, window_seconds or both")
+        if (window_requests is not None and window_requests < 1) or (
+            window_seconds is not None and not window_seconds > 0
+        ):
+            raise ValueError("window_requests must be >= 1 and window_seconds > 0")
+        if clock is None:
+            import time
+
+            clock = time.time
+        self.model = model
+        self.version = version
+        self.window_requests = window_requests
+        self.window_seconds = window_seconds
+        self.binner = FeatureBinner.from_profile(profile, input_names)
+        self._predictions = _Predictions(task, profile, labels)
+        self._reset(clock())
+
+    def _reset(self, start: float) -> None:
+        self.start = start
+        self.requests = 0
+        self.errors = 0
+        self.rows = 0
+        self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_us = 0
+        self._binned = self.binner.empty()
+        self._counts = self._binned.counts.copy()
+        self._missing = self._binned.missing.copy()
+        self._other = self._binned.other.copy()
+        self._predictions.reset()
+
+    def observe(
+        self,
+        inputs: NDArray[Any] | None,
+        outputs: Mapping[str, NDArray[Any]] | None,
+        latency_s: float,
+        ok: bool,
+    ) -> None:
+        """Record one request: its input rows, its outputs (when ok) and its latency."""
+        self.requests += 1
+        self._latency[bisect_left(LATENCY_BUCKETS, latency_s)] += 1
+        self._latency_us += max(round(latency_s * 1e6), 0)
+        if not ok:
+            self.errors += 1
+            return
+        rows = 0
+        if inputs is not None:
+            x = np.asarray(inputs)
+            rows = int(x.shape[0]) if x.ndim >= 1 else 1
+            if self.binner.n_features:
+                binned = self.binner.bin_rows(x)
+                self._counts += binned.counts
+                self._missing += binned.missing
+                self._other += binned.other
+        self.rows += rows
+        if outputs is not None:
+            self._predictions.observe(outputs, rows)
+
+    def due(self, now: float) -> bool:
+        if self.window_requests is not None and self.requests >= self.window_requests:
+            return True
+        return self.window_seconds is not None and now - self.start >= self.window_seconds
+
+    def close(self, now: float) -> dict[str, Any]:
+        """The window as JSON values; a new, empty window starts at `now`."""
+        features = []
+        for f, (name, kind) in enumerate(zip(self.binner.names, self.binner.kinds, strict=True)):
+            lo, hi = self.binner.offsets[f], self.binner.offsets[f + 1]
+            features.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "counts": [int(c) for c in self._counts[lo:hi]],
+                    "missing": int(self._missing[f]),
+                    "other": int(self._other[f]),
+                }
+            )
+        window = {
+            "schema": SCHEMA,
+            "model": self.model,
+            "version": self.version,
+            "start": self.start,
+            "end": now,
+            "windows": 1,
+            "requests": self.requests,
+            "errors": self.errors,
+            "rows": self.rows,
+            "latency": {
+                "bounds": list(LATENCY_BUCKETS),
+                "counts": list(self._latency),
+                "sum_us": self._latency_us,
+            },
+            "features": features,
+            "prediction": self._predictions.to_json(),
+        }
+        self._reset(now)
+        return window
+
+
+_SUMMED = ("windows", "requests", "errors", "rows")
+_COUNTS = ("counts", "missing", "other")
+
+
+def _add_counts(a: Mapping[str, Any], b: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Adds the count fields of two feature / prediction entries whose other fields are equal."""
+    layout_a = {k: v for k, v in a.items() if k not in _COUNTS}
+    layout_b = {k: v for k, v in b.items() if k not in _COUNTS}
+    if layout_a != layout_b or len(a["counts"]) != len(b["counts"]):
+        raise ValueError(f"cannot merge windows: {where} differs")
+    return {
+        **layout_a,
+        "counts": [x + y for x, y in zip(a["counts"], b["counts"], strict=True)],
+        "missing": a["missing"] + b["missing"],
+        "other": a["other"] + b["other"],
+    }
+
+
+def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """The sum of two windows of the same model version (of one device or several).
+
+    Counts add, start is the earlier start and end the later end. Raises ValueError when
+    the windows are not of the same schema, model, version and layout (bins, labels).
+    Returns a new dict; neither argument is changed.
+    """
+    for key in ("schema", "model", "version"):
+        if a[key] != b[key]:
+            raise ValueError(f"cannot merge windows: {key} {a[key]!r} != {b[key]!r}")
+    la, lb = a["latency"], b["latency"]
+    if la["bounds"] != lb["bounds"]:
+        raise ValueError("cannot merge windows: latency bounds differ")
+    if len(a["features"]) != len(b["features"]):
+        raise ValueError("cannot merge windows: feature count differs")
+    pa, pb = a["prediction"], b["prediction"]
+    if (pa is None) != (pb is None):
+        raise ValueError("cannot merge windows: prediction differs")
+    return {
+        "schema": a["schema"],
+        "model": a["model"],
+        "version": a["version"],
+        "start": min(a["start"], b["start"]),
+        "end": max(a["end"], b["end"]),
+        **{k: a[k] + b[k] for k in _SUMMED},
+        "latency": {
+            "bounds": list(la["bounds"]),
+            "counts": [x + y for x, y in zip(la["counts"], lb["counts"], strict=True)],
+            "sum_us": la["sum_us"] + lb["sum_us"],
+        },
+        "features": [
+            _add_counts(fa, fb, f"feature {i}")
+            for i, (fa, fb) in enumerate(zip(a["features"], b["features"], strict=True))
+        ],
+        "prediction": None if pa is None else _add_counts(pa, pb, "prediction"),
+    }
