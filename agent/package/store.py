@@ -181,6 +181,14 @@ class Store:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def get(self, name: str, version: int) -> InstalledVersion:
+        """One installed version (its manifest read and checked); PackageError if it is not there."""
+        directory = self.version_dir(name, version)
+        manifest = read_manifest(directory)
+        if (manifest.name, manifest.version) != (name, version):
+            raise PackageError(f"{directory}: its manifest says {manifest.name} version {manifest.version}")
+        return InstalledVersion(manifest, directory)
+
     def remove(self, name: str, version: int) -> bool:
         """Delete an installed version: renamed out of `models/` first (one atomic step), then
         deleted, so a crash never leaves half a version that looks installed."""

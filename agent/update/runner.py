@@ -271,23 +271,18 @@ class UpdateRunner:
         registry = self.agent.registry
         if not registry.is_loaded(v.model, v.version):
             try:
-                installed = next(
-                    (
-                        i
-                        for i in await self._blocking(self.agent.store.installed)
-                        if (i.manifest.name, i.manifest.version) == (v.model, v.version)
-                    ),
-                    None,
-                )
-                if installed is None:
-                    raise ModelLoadError(f"{v} is not installed")
-                lv = await self._blocking(registry.load, installed)
+                await self._load_from_store(v)
             except (ModelLoadError, PackageError) as exc:
                 registry.record_failure(v.model, v.version, str(exc))
                 await self.dispatch(Event(EventKind.LOAD_FAILED, version=v, reason=str(exc)))
                 return
-            registry.add(lv, make_default=False)
         await self.dispatch(Event(EventKind.LOADED, version=v))
+
+    async def _load_from_store(self, v: VersionRef) -> None:
+        """Load an installed version beside the others; the default version stays as it is."""
+        installed = await self._blocking(self.agent.store.get, v.model, v.version)
+        lv = await self._blocking(self.agent.registry.load, installed)
+        self.agent.registry.add(lv, make_default=False)
 
     async def _serve(self, v: VersionRef | None) -> None:
         """Make `v` its model's default version (None: leave the model to its normal policy).
@@ -298,19 +293,8 @@ class UpdateRunner:
         if v is None:
             return
         if not registry.is_loaded(v.model, v.version):
-            installed = next(
-                (
-                    i
-                    for i in await self._blocking(self.agent.store.installed)
-                    if (i.manifest.name, i.manifest.version) == (v.model, v.version)
-                ),
-                None,
-            )
-            if installed is None:
-                log.error("cannot serve %s: it is not installed", v)
-                return
             try:
-                registry.add(await self._blocking(registry.load, installed), make_default=False)
+                await self._load_from_store(v)
             except (ModelLoadError, PackageError) as exc:
                 log.error("cannot serve %s: %s", v, exc)
                 return

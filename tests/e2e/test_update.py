@@ -245,17 +245,10 @@ def _broken(files: dict[str, bytes], kind: str) -> dict[str, bytes]:
 def test_a_broken_version_falls_back_by_itself_and_is_not_retried(
     tmp_path: Path, hub: HubProcess, wine: dict[int, Path], kind: str
 ) -> None:
-    hub.outpost("push", str(wine[1]), "--quiet")
-    hub.outpost("deploy", "wine", "1", "--group", "lab")
-    good = _files(wine[1])
     bad = _broken(_files(wine[3]), kind)
     _sign_directly(hub, "wine", 3, bad)
-    agent = device(tmp_path, hub)
-    agent.start(wait_ready=False)
+    agent = committed_device(tmp_path, hub, wine)
     try:
-        wait_for("v1 to serve", lambda: served_version(agent) == "1")
-        with Traffic(agent):
-            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed")
         doc = {
             "format": "outpost-assignment/1",
             "group": "lab",
@@ -278,7 +271,6 @@ def test_a_broken_version_falls_back_by_itself_and_is_not_retried(
         falls = [e for e in st["events"] if e["event"] == "load_failed"]
         assert len(falls) == 1, st["events"]
         assert falls[0]["reason"]
-        del good
     finally:
         agent.kill()
 
@@ -379,15 +371,8 @@ def test_power_loss_in_each_state_resumes_to_a_verified_version(
 def test_kill_9_during_probation_and_a_crash_loop_falls_back(
     tmp_path: Path, hub: HubProcess, wine: dict[int, Path]
 ) -> None:
-    for version in (1, 2):
-        hub.outpost("push", str(wine[version]), "--quiet")
-    hub.outpost("deploy", "wine", "1", "--group", "lab")
-    agent = device(tmp_path, hub)
-    agent.start(wait_ready=False)
+    agent = committed_device(tmp_path, hub, wine, push=(1, 2))
     try:
-        wait_for("v1 to serve", lambda: served_version(agent) == "1")
-        with Traffic(agent):
-            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed")
         hub.outpost("deploy", "wine", "2", "--group", "lab")
         for attempt in range(1, 4):  # no traffic: v2 stays on probation until killed
             wait_for(
