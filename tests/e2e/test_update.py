@@ -375,8 +375,13 @@ def test_kill_9_during_probation_and_a_crash_loop_falls_back(
     try:
         hub.outpost("deploy", "wine", "2", "--group", "lab")
         for attempt in range(1, 4):  # no traffic: v2 stays on probation until killed
+            # Wait for this run's own load of v2 (attempt n), not the state a restart reads back.
             wait_for(
-                f"v2 on probation (attempt {attempt})", lambda: update_status(agent)["state"] == "probation"
+                f"v2 on probation (attempt {attempt})",
+                lambda n=attempt: (
+                    (st := update_status(agent))["state"] == "probation" and st["attempts"] == n
+                ),
+                agent=agent,
             )
             agent.kill()  # SIGKILL: nothing cleaned up
             agent.start(wait_ready=False)
