@@ -145,6 +145,44 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """[monitor]: per-version summaries, drift tests and feedback (agent.monitor)."""
+
+    enabled: bool = True
+    # A window closes after window_s seconds, or after window_requests requests when that
+    # is not 0, whichever comes first. Windows with no traffic publish nothing.
+    window_s: float = 300.0
+    window_requests: int = 0
+    # Drift tests run on a closed window of at least drift_min_rows input rows, against the
+    # signed reference profile; p-values are corrected across features ("bh" or
+    # "bonferroni") at drift_alpha, and an alert needs the same feature drifted in
+    # drift_k windows in a row. psi_threshold > 0 also counts PSI above it as drift.
+    drift_min_rows: int = 200
+    drift_alpha: float = 0.05
+    drift_k: int = 3
+    drift_correction: str = "bh"
+    psi_threshold: float = 0.0
+    # Prediction ids remembered for POST /v1/feedback (the oldest are forgotten first).
+    feedback_ids: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not self.window_s > 0:
+            raise ConfigError("monitor.window_s: must be a positive number")
+        for key in ("window_requests", "feedback_ids"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"monitor.{key}: must not be negative")
+        for key in ("drift_min_rows", "drift_k"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"monitor.{key}: must be at least 1")
+        if not 0.0 < self.drift_alpha < 1.0:
+            raise ConfigError("monitor.drift_alpha: must be between 0 and 1")
+        if self.drift_correction not in ("bh", "bonferroni"):
+            raise ConfigError('monitor.drift_correction: expected "bh" or "bonferroni"')
+        if not self.psi_threshold >= 0:
+            raise ConfigError("monitor.psi_threshold: must be a number, not negative")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = "dev-001"
     group: str = "default"
@@ -154,6 +192,7 @@ class AgentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     @property
     def data_path(self) -> Path:

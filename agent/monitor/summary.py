@@ -28,9 +28,14 @@ Window schema (JSON-ready, `SCHEMA`):
      "prediction": {"kind": "classification", "labels": ["0", "1", "2"],
                     "counts": [...], "other": 0, "missing": 0}
               or   {"kind": "regression", "counts": [...], "other": 0, "missing": 0}
-              or   null}                            # task "other", or no prediction profile
+              or   null,                            # task "other", or no prediction profile
+     "feedback": {"labelled": 40, "correct": 37}   # classification: labels fed back this window
+              or {"labelled": 40, "abs_error_sum": 3.2, "sq_error_sum": 0.9}   # regression
+              or null}                              # no prediction kind: nothing to score
 
 For every feature, sum(counts) + missing + other == rows; likewise for the prediction.
+Feedback counts the labels that arrived during the window (for predictions made in it or
+earlier), so accuracy over a range is sum(correct) / sum(labelled) of its windows.
 
 Binning follows hub.packager.profile exactly: with edges e0 < ... < ek, bin i holds
 e_i <= v < e_(i+1), the last bin is closed (v == ek counts in it), and values outside the
@@ -285,7 +290,9 @@ class _Predictions:
         self.other = 0
         self.missing = 0
 
-    def observe(self, outputs: Mapping[str, NDArray[Any]], rows: int) -> None:
+    def observe(self, outputs: Mapping[str, NDArray[Any]], rows: int) -> NDArray[Any] | None:
+        """Count the rows' predictions; returns them per row (class index, -1 for a class not in
+        the labels, -2 missing; or the regression value), None when there are none to score."""
         if self.kind == "classification":
             if LABEL in outputs:
                 index = self._classes.index(np.asarray(outputs[LABEL]).ravel())
@@ -295,25 +302,28 @@ class _Predictions:
                 index[index >= self.size] = -1
             else:
                 self.missing += rows
-                return
+                return None
             self.missing += int((index == -2).sum())
             self.other += int((index == -1).sum())
             self.counts += np.bincount(index[index >= 0], minlength=self.size)
-        elif self.kind == "regression":
+            return index
+        if self.kind == "regression":
             if PREDICTION in outputs:
                 values = np.asarray(outputs[PREDICTION], dtype=np.float64).ravel()
             elif len(outputs) == 1:
                 values = np.asarray(next(iter(outputs.values())), dtype=np.float64).ravel()
             else:
                 self.missing += rows
-                return
+                return None
             nan = np.isnan(values)
             self.missing += int(nan.sum())
             present = values[~nan]
             if self.size == 0:
                 self.other += int(present.size)
-                return
-            self.counts += np.bincount(_edges_index(self._edges, present), minlength=self.size)
+            else:
+                self.counts += np.bincount(_edges_index(self._edges, present), minlength=self.size)
+            return values
+        return None
 
     def to_json(self) -> dict[str, Any] | None:
         if self.kind is None:
@@ -375,6 +385,18 @@ class WindowSummary:
         self._missing = self._binned.missing.copy()
         self._other = self._binned.other.copy()
         self._predictions.reset()
+        self.labelled = 0
+        self.correct = 0
+        self.abs_error_sum = 0.0
+        self.sq_error_sum = 0.0
+
+    @property
+    def prediction_kind(self) -> str | None:
+        return self._predictions.kind
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._predictions.labels if self._predictions.kind == "classification" else ()
 
     def observe(
         self,
@@ -384,12 +406,39 @@ class WindowSummary:
         ok: bool,
     ) -> None:
         """Record one request: its input rows, its outputs (when ok) and its latency."""
-        self.requests += 1
-        self._latency[bisect_left(LATENCY_BUCKETS, latency_s)] += 1
-        self._latency_us += max(round(latency_s * 1e6), 0)
-        if not ok:
-            self.errors += 1
-            return
+        if ok:
+            self.observe_batch(inputs, outputs, (latency_s,), 0)
+        else:
+            self.observe_batch(None, None, (latency_s,), 1)
+
+    def observe_batch(
+        self,
+        inputs: NDArray[Any] | None,
+        outputs: Mapping[str, NDArray[Any]] | None,
+        latencies_s: Sequence[float],
+        failed: int,
+    ) -> NDArray[Any] | None:
+        """Record many requests at once, which costs about what one does.
+
+        `latencies_s` has one entry per request, failed ones included, of which `failed`
+        failed; `inputs` and `outputs` are the rows of the successful ones, concatenated.
+        Returns the per-row predictions (see `_Predictions.observe`) for scoring feedback.
+        """
+        n = len(latencies_s)
+        if not 0 <= failed <= n:
+            raise ValueError("failed must be between 0 and the number of latencies")
+        self.requests += n
+        self.errors += failed
+        if n == 1:  # the common case of observe(): no arrays for one number
+            latency = latencies_s[0]
+            self._latency[bisect_left(LATENCY_BUCKETS, latency)] += 1
+            self._latency_us += max(round(latency * 1e6), 0)
+        elif n:
+            lat = np.asarray(latencies_s, dtype=np.float64)
+            buckets = np.searchsorted(LATENCY_BUCKETS, lat, side="left")
+            counts = np.bincount(buckets, minlength=len(self._latency))
+            self._latency = [a + int(b) for a, b in zip(self._latency, counts.tolist(), strict=True)]
+            self._latency_us += int(np.maximum(np.rint(lat * 1e6), 0).sum())
         rows = 0
         if inputs is not None:
             x = np.asarray(inputs)
@@ -401,7 +450,30 @@ class WindowSummary:
                 self._other += binned.other
         self.rows += rows
         if outputs is not None:
-            self._predictions.observe(outputs, rows)
+            return self._predictions.observe(outputs, rows)
+        return None
+
+    def add_feedback(
+        self, labelled: int, correct: int = 0, abs_error: float = 0.0, sq_error: float = 0.0
+    ) -> None:
+        """Labels fed back for `labelled` rows: how many were right (classification), or the sums
+        of absolute and squared errors (regression)."""
+        self.labelled += labelled
+        self.correct += correct
+        self.abs_error_sum += abs_error
+        self.sq_error_sum += sq_error
+
+    def _feedback_json(self) -> dict[str, Any] | None:
+        kind = self._predictions.kind
+        if kind == "classification":
+            return {"labelled": self.labelled, "correct": self.correct}
+        if kind == "regression":
+            return {
+                "labelled": self.labelled,
+                "abs_error_sum": self.abs_error_sum,
+                "sq_error_sum": self.sq_error_sum,
+            }
+        return None
 
     def due(self, now: float) -> bool:
         if self.window_requests is not None and self.requests >= self.window_requests:
@@ -439,6 +511,7 @@ class WindowSummary:
             },
             "features": features,
             "prediction": self._predictions.to_json(),
+            "feedback": self._feedback_json(),
         }
         self._reset(now)
         return window
@@ -497,4 +570,15 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
             for i, (fa, fb) in enumerate(zip(a["features"], b["features"], strict=True))
         ],
         "prediction": None if pa is None else _add_counts(pa, pb, "prediction"),
+        "feedback": _add_feedback(a.get("feedback"), b.get("feedback")),
     }
+
+
+def _add_feedback(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if a is None or b is None:
+        if a is not b:
+            raise ValueError("cannot merge windows: feedback differs")
+        return None
+    if set(a) != set(b):
+        raise ValueError("cannot merge windows: feedback differs")
+    return {k: a[k] + b[k] for k in a}
