@@ -31,6 +31,7 @@ from agent.serving.http import HttpProtocol, ServerState
 from agent.serving.listen import bind_tcp, bind_unix, remove_socket_file
 
 if TYPE_CHECKING:
+    from agent.monitor.service import Monitor
     from agent.telemetry import Command, TelemetryClient
     from agent.update.runner import UpdateRunner
 
@@ -49,13 +50,25 @@ class Agent:
         # not stall requests to the models already serving.
         self.infer_pool = ThreadPoolExecutor(config.runtime.workers, thread_name_prefix="infer")
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
-        self.registry = ModelRegistry(config.runtime, self.infer_pool, self.metrics)
+        self.monitor: Monitor | None = None
+        if config.monitor.enabled:
+            from agent.monitor.service import Monitor
+
+            self.monitor = Monitor(config.monitor)
+        self.registry = ModelRegistry(
+            config.runtime,
+            self.infer_pool,
+            self.metrics,
+            on_add=self.monitor.attach if self.monitor is not None else None,
+            on_remove=self.monitor.detach if self.monitor is not None else None,
+        )
         self.app = App(
             self.registry,
             self.metrics,
             status_info=self._status_info,
             reload=self.reload,
             update=self._update_now,
+            feedback=self.monitor.feedback if self.monitor is not None else None,
         )
         self.state = ServerState(
             self.app.handle,
@@ -99,6 +112,7 @@ class Agent:
             "data_dir": cfg.data_dir,
             "update": self.updater.status() if self.updater is not None else {"state": "off (no hub.url)"},
             "telemetry": self.telemetry.status() if self.telemetry is not None else {"enabled": False},
+            "monitor": self.monitor.status() if self.monitor is not None else {"enabled": False},
         }
 
     # -- loading ------------------------------------------------------------------------------
@@ -197,6 +211,19 @@ class Agent:
             state_fields=lambda: self._state_snapshot,
         )
         await asyncio.get_running_loop().run_in_executor(self.load_pool, self.telemetry.start)
+        if self.monitor is not None:
+            self.monitor.publish = self.telemetry.publish
+
+    async def _monitor_ticks(self, monitor: Monitor) -> None:
+        # Often enough that a window closes within a second of being due; each tick also
+        # counts what requests are pending, so the work comes in small steps.
+        every = min(1.0, self.config.monitor.window_s / 4)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                monitor.tick()
+            except Exception:  # a bug must be seen, but serving goes on
+                log.exception("monitor tick failed")
 
     async def _run_updater(self, updater: UpdateRunner) -> None:
         try:
@@ -238,12 +265,15 @@ class Agent:
         self.app.started = True
         self._tasks.append(asyncio.ensure_future(self._sweeper()))
         # Telemetry (sqlite3 and paho: about 2 MB of RSS) only when there is a broker or
-        # something to report: a device that only serves sideloaded models has neither.
-        if cfg.mqtt.url or self.updater is not None:
+        # something to report: with the monitor on, its windows are kept in the outbox
+        # even without a broker, until one is configured.
+        if cfg.mqtt.url or self.updater is not None or self.monitor is not None:
             try:
                 await self._start_telemetry()
             except AgentError as exc:  # a bad outbox or broker setting must not stop serving
                 log.error("telemetry off: %s", exc)
+        if self.monitor is not None:
+            self._tasks.append(asyncio.ensure_future(self._monitor_ticks(self.monitor)))
         if self.updater is not None:
             # In the background: serving starts now, with the committed version.
             self._tasks.append(asyncio.ensure_future(self._run_updater(self.updater)))
@@ -295,6 +325,8 @@ class Agent:
             task.cancel()
         if self.updater is not None:
             await self.updater.stop()
+        if self.monitor is not None:
+            self.monitor.close_all()  # the open windows go into the outbox before it closes
         if self.telemetry is not None:
             # The death state (online: false) goes out before the socket closes.
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.stop)

@@ -417,16 +417,33 @@ class WindowSummary:
         outputs: Mapping[str, NDArray[Any]] | None,
         latencies_s: Sequence[float],
         failed: int,
+        rows: int | None = None,
     ) -> NDArray[Any] | None:
         """Record many requests at once, which costs about what one does.
 
         `latencies_s` has one entry per request, failed ones included, of which `failed`
         failed; `inputs` and `outputs` are the rows of the successful ones, concatenated.
+        `rows` (the successful requests' rows) is needed only when `inputs` is None.
         Returns the per-row predictions (see `_Predictions.observe`) for scoring feedback.
         """
         n = len(latencies_s)
         if not 0 <= failed <= n:
             raise ValueError("failed must be between 0 and the number of latencies")
+        # What can fail (an input of the wrong shape) runs before anything is counted, so a
+        # batch is counted whole or not at all.
+        binned = None
+        if inputs is not None:
+            x = np.asarray(inputs)
+            rows = int(x.shape[0]) if x.ndim >= 1 else 1
+            if self.binner.n_features:
+                binned = self.binner.bin_rows(x)
+        rows = rows or 0
+        predictions = self._predictions.observe(outputs, rows) if outputs is not None else None
+        if binned is not None:
+            self._counts += binned.counts
+            self._missing += binned.missing
+            self._other += binned.other
+        self.rows += rows
         self.requests += n
         self.errors += failed
         if n == 1:  # the common case of observe(): no arrays for one number
@@ -439,19 +456,7 @@ class WindowSummary:
             counts = np.bincount(buckets, minlength=len(self._latency))
             self._latency = [a + int(b) for a, b in zip(self._latency, counts.tolist(), strict=True)]
             self._latency_us += int(np.maximum(np.rint(lat * 1e6), 0).sum())
-        rows = 0
-        if inputs is not None:
-            x = np.asarray(inputs)
-            rows = int(x.shape[0]) if x.ndim >= 1 else 1
-            if self.binner.n_features:
-                binned = self.binner.bin_rows(x)
-                self._counts += binned.counts
-                self._missing += binned.missing
-                self._other += binned.other
-        self.rows += rows
-        if outputs is not None:
-            return self._predictions.observe(outputs, rows)
-        return None
+        return predictions
 
     def add_feedback(
         self, labelled: int, correct: int = 0, abs_error: float = 0.0, sq_error: float = 0.0

@@ -87,6 +87,7 @@ def verify_package_dir(directory: Path) -> Manifest:
 def _extract_tar(archive: Path, into: Path) -> Path:
     """Extract a package archive safely (regular files only, no paths outside `into`)."""
     import tarfile  # only installs need it; the serving daemon does not load it
+
     try:
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
@@ -111,6 +112,7 @@ def write_package_tar(directory: Path, archive: Path) -> None:
     """Pack a package directory into a tar file (manifest first, then the model)."""
     import io
     import tarfile
+
     manifest = read_manifest(directory)
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w") as tar:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from agent.package.store import InstalledVersion
 from agent.runtime.batcher import Batcher, Tensors
 from agent.runtime.session import OrtSession, SessionOptions
 from agent.serving.datatypes import numpy_dtype
+
+if TYPE_CHECKING:
+    from agent.monitor.service import VersionMonitor
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,8 @@ class LoadedVersion:
     # Told of every answer this version gives (ok, seconds); the updater sets it while the
     # version is on probation.
     observer: Callable[[bool, float], None] | None = None
+    # Summaries, drift and feedback (agent.monitor); set by the registry's on_add hook.
+    monitor: VersionMonitor | None = None
 
     @property
     def version_str(self) -> str:
@@ -228,7 +233,16 @@ class _Model:
 
 
 class ModelRegistry:
-    def __init__(self, config: RuntimeConfig, executor: Executor, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        executor: Executor,
+        metrics: Metrics,
+        on_add: Callable[[LoadedVersion], None] | None = None,
+        on_remove: Callable[[LoadedVersion], None] | None = None,
+    ) -> None:
+        self._on_add = on_add
+        self._on_remove = on_remove
         self._config = config
         self._executor = executor
         self._metrics = metrics
@@ -286,6 +300,8 @@ class ModelRegistry:
         model.failed.pop(lv.version, None)
         model.recompute()
         self._metrics.models_ready = self.ready_count()
+        if self._on_add is not None:
+            self._on_add(lv)
 
     def record_failure(self, name: str, version: int, reason: str) -> None:
         self._models.setdefault(name, _Model()).failed[version] = reason
@@ -297,6 +313,8 @@ class ModelRegistry:
         lv = model.versions.pop(version, None)
         model.recompute()
         self._metrics.models_ready = self.ready_count()
+        if lv is not None and self._on_remove is not None:
+            self._on_remove(lv)
         return lv
 
     def pin(self, name: str, version: int | None) -> LoadedVersion:

@@ -8,6 +8,7 @@
     GET  /metrics          Prometheus text format
     POST /v1/reload        load versions newly installed in the store
     POST /v1/models/{m}/default   {"version": N} pins the default version; null unpins
+    POST /v1/feedback      {"id": "<prediction id>", "label": ...} ground truth for a prediction
 
 Access control is the socket's file mode and group: whoever may connect may use
 every route, as with the Docker socket.
@@ -92,10 +93,13 @@ class _InferTicket:
         if isinstance(outcome, BaseException):
             vm.failed()
             status, message = _runtime_status(outcome)
-            if status == 500:
+            if status == 500:  # the model failed, not the caller
                 log.error("%s version %d: %s", lv.name, lv.version, message)
-                if lv.observer is not None:  # the model failed, not the caller
-                    lv.observer(False, time.perf_counter() - self.started)
+                elapsed = time.perf_counter() - self.started
+                if lv.observer is not None:
+                    lv.observer(False, elapsed)
+                if lv.monitor is not None:
+                    lv.monitor.record(None, None, elapsed, 0, None)
             return error_response(status, message)
         parsed = self.parsed
         req_id = parsed.id if parsed.id is not None else self.app.next_id()
@@ -111,6 +115,8 @@ class _InferTicket:
         vm.answered(elapsed)
         if lv.observer is not None:
             lv.observer(True, elapsed)
+        if lv.monitor is not None:
+            lv.monitor.record(parsed.inputs, outcome, elapsed, parsed.rows, req_id)
         if header_len is None:
             return Response(200, body)
         return Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])
@@ -125,12 +131,14 @@ class App:
         status_info: Callable[[], dict[str, Any]],
         reload: AdminHook | None = None,
         update: AdminHook | None = None,
+        feedback: Callable[[Any, Any], dict[str, Any]] | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self._status_info = status_info
         self._reload = reload
         self._update = update
+        self._feedback = feedback
         self.started = False  # set once start-up loading has finished
         # Prediction ids: a random per-boot prefix and a counter, unique across
         # restarts without the cost of a uuid per request.
@@ -254,6 +262,9 @@ class App:
             if self._update is None:
                 raise NotFound("updates are not available")
             return asyncio.ensure_future(self._admin(self._update))
+        if parts == ["v1", "feedback"]:
+            self._only(req.method, "POST")
+            return self._label(req.body)
         if len(parts) == 4 and parts[1] == "models" and parts[3] == "default":
             self._only(req.method, "POST", "PUT")
             return self._pin(parts[2], req.body)
@@ -264,6 +275,17 @@ class App:
             return json_response(200, await hook())
         except AgentError as exc:
             return error_response(getattr(exc, "status", 500), str(exc))
+
+    def _label(self, body: bytes) -> Response:
+        if self._feedback is None:
+            raise NotFound("feedback is off: monitor.enabled is false in the config")
+        try:
+            doc = orjson.loads(body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(f"body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or "id" not in doc or "label" not in doc:
+            raise RequestError('body must be {"id": "<prediction id>", "label": <label, or a list per row>}')
+        return json_response(200, self._feedback(doc["id"], doc["label"]))
 
     def _pin(self, name: str, body: bytes) -> Response:
         try:
