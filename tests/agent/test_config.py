@@ -277,7 +277,40 @@ ERRORS = [
         "runtime.models.iris.max_queue_delay_ms",
         id="model-negative-delay",
     ),
+    pytest.param({"monitor": {"window_s": 0}}, "monitor.window_s", id="monitor-zero-window"),
+    pytest.param({"monitor": {"window_requests": -1}}, "monitor.window_requests", id="monitor-neg-requests"),
+    pytest.param({"monitor": {"drift_k": 0}}, "monitor.drift_k", id="monitor-zero-k"),
+    pytest.param({"monitor": {"drift_alpha": 1.0}}, "monitor.drift_alpha", id="monitor-alpha-one"),
+    pytest.param({"monitor": {"drift_correction": "holm"}}, "monitor.drift_correction", id="monitor-method"),
+    pytest.param({"monitor": {"psi_threshold": float("nan")}}, "monitor.psi_threshold", id="monitor-nan-psi"),
+    pytest.param({"monitor": {"feedback_ids": -5}}, "monitor.feedback_ids", id="monitor-neg-ids"),
+    pytest.param({"monitor": {"window": 5}}, "monitor.window", id="monitor-unknown-key"),
 ]
+
+
+def test_monitor_keys_are_read() -> None:
+    doc = {
+        "monitor": {
+            "enabled": False,
+            "window_s": 30,
+            "window_requests": 500,
+            "drift_min_rows": 50,
+            "drift_alpha": 0.01,
+            "drift_correction": "bonferroni",
+            "drift_k": 5,
+            "psi_threshold": 0.25,
+            "feedback_ids": 0,
+        }
+    }
+    m = parse_config(doc).monitor
+    assert (m.enabled, m.window_s, m.window_requests, m.drift_min_rows) == (False, 30.0, 500, 50)
+    assert (m.drift_alpha, m.drift_correction, m.drift_k, m.psi_threshold, m.feedback_ids) == (
+        0.01,
+        "bonferroni",
+        5,
+        0.25,
+        0,
+    )
 
 
 @pytest.mark.parametrize(("doc", "key"), ERRORS)
