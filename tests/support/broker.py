@@ -5,6 +5,7 @@
     broker.stop()          # SIGTERM; with persistence=True, sessions and retained messages are saved
 
 The port stays the same across stop()/start(), so clients reconnect to the same URL.
+`config=` replaces the generated configuration with the caller's (see its docstring).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -32,7 +34,16 @@ def mosquitto_available() -> bool:
 
 
 class Mosquitto:
-    def __init__(self, directory: Path, persistence: bool = False, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        persistence: bool = False,
+        extra_config: str = "",
+        config: Callable[[Mosquitto], str] | None = None,
+    ) -> None:
+        """`config`, when given, writes the whole configuration instead of the generated one: it is
+        called with this broker (port, dir, log_path chosen) and must listen on 127.0.0.1:port and
+        log to log_path; `persistence` and `extra_config` are then unused."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -51,6 +62,9 @@ class Mosquitto:
         if os.geteuid() == 0:
             # As root, Mosquitto drops to the "mosquitto" user, which cannot write the temp dir.
             lines.append(f"user {pwd.getpwuid(0).pw_name}")
+        if config is not None:
+            lines = [config(self), *(line for line in lines if line.startswith("user "))]
+            extra_config = ""
         self.conf_path.write_text("\n".join(lines) + "\n" + extra_config)
         self.proc: subprocess.Popen[bytes] | None = None
 
