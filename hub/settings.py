@@ -48,6 +48,20 @@ class HubSettings:
     mqtt_session_expiry_s: int = 3600
     mqtt_queue_size: int = 10_000  # messages waiting for the database writer; beyond: dropped, counted
     fleet_keep_messages_per_device: int = 1000  # retention of summaries/drift/events per device
+    # Summary and drift windows indexed for fleet sums, and alerts, are kept this long (seconds).
+    fleet_window_retention_s: float = 30 * 86400.0
+    # Fleet alerts (hub.fleet.alerts): a model version's errors / requests over the summary
+    # windows ending in one bucket of alert_error_window_s seconds, once it has at least
+    # alert_error_min_requests requests; critical at alert_error_rate_critical.
+    alert_error_rate: float = 0.05
+    alert_error_rate_critical: float = 0.25
+    alert_error_min_requests: int = 100
+    alert_error_window_s: float = 300.0
+    # Fleet drift on summed counts (GET /api/v1/fleet/drift): level, correction ("bh" or
+    # "bonferroni") and the fewest summed rows that get a verdict.
+    fleet_drift_alpha: float = 0.05
+    fleet_drift_method: str = "bh"
+    fleet_drift_min_rows: int = 100
 
     @property
     def mqtt_client_name(self) -> str:

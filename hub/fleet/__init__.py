@@ -5,10 +5,17 @@
     consumer.start(); ...; consumer.stop()
     store.devices(); store.device("dev-001"); store.messages("dev-001")
 
+    queries = FleetQueries(store, registry); queries.summary("wine", 3, since="1h")
+    queries.drift("wine", 3); queries.alerts(kind="rollback")
+
 Modules: `rules` (pure: topics, payloads, the bd_seq state order), `store` (tables, dedupe,
-retention), `consumer` (paho-mqtt 2.x subscriber with a bounded queue and a writer thread).
+retention), `consumer` (paho-mqtt 2.x subscriber with a bounded queue and a writer thread),
+`ledger` (summary/drift windows indexed for aggregation, alerts; kept by age), `alerts` (pure:
+which telemetry raises which alert), `aggregate` (pure: sums, derived figures, fleet drift),
+`queries` (the API's answers from the store, the registry and `aggregate`).
 """
 
+from hub.fleet.alerts import AlertRules
 from hub.fleet.consumer import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_SESSION_EXPIRY_S,
@@ -17,6 +24,7 @@ from hub.fleet.consumer import (
     FleetConsumer,
     FleetUnavailable,
 )
+from hub.fleet.queries import DriftSettings, FleetQueries, TimeRange
 from hub.fleet.rules import (
     SHARED_FILTER,
     STATE_FILTER,
@@ -35,17 +43,21 @@ __all__ = [
     "DEFAULT_SESSION_EXPIRY_S",
     "SHARED_FILTER",
     "STATE_FILTER",
+    "AlertRules",
     "ApplyReport",
     "BrokerAddress",
     "DeviceInfo",
+    "DriftSettings",
     "FleetConfigError",
     "FleetConsumer",
+    "FleetQueries",
     "FleetStore",
     "FleetUnavailable",
     "Incoming",
     "Invalid",
     "StateMsg",
     "TelemetryMsg",
+    "TimeRange",
     "cmd_topic",
     "parse_message",
     "state_applies",

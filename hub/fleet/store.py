@@ -17,6 +17,11 @@ Retention (bounded): the newest `keep_per_device` messages per device are kept
 (DEFAULT_KEEP_PER_DEVICE); older ones are deleted and `pruned_seq` remembers where, so a
 message at or below it arriving late is dropped (counted as too old) instead of stored again.
 A retained state delivered on (re)subscribe does not move `last_seen` (it is not news).
+
+Summary and drift windows are also indexed in `fleet_windows`, and alerts raised in
+`fleet_alerts` (hub.fleet.ledger), in the same transaction; those are kept by age
+(`window_retention_s`, DEFAULT_WINDOW_RETENTION_S), not by the per-device count, so fleet
+sums over recent ranges never miss a window the message retention dropped.
 """
 
 from __future__ import annotations
@@ -24,23 +29,24 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Float, String, Text, UniqueConstraint, delete, func, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from hub.errors import NotFoundError
+from hub.fleet import ledger
+from hub.fleet.alerts import AlertRules
+from hub.fleet.ledger import FleetBase
 from hub.fleet.rules import Message, StateMsg, TelemetryMsg, state_applies
 from hub.registry import Database
 from hub.registry.db import UTCDateTime
 
 DEFAULT_KEEP_PER_DEVICE = 1000
-
-
-class FleetBase(DeclarativeBase):
-    pass
+DEFAULT_WINDOW_RETENTION_S = 30 * 86400.0
+EXPIRE_EVERY_S = 60.0  # how often a write also deletes windows and alerts past their age
 
 
 class DeviceRow(FleetBase):
@@ -85,6 +91,9 @@ class ApplyReport:
     states_applied: int = 0
     states_ignored: int = 0
     pruned: int = 0
+    windows: int = 0  # summary and drift windows indexed for aggregation
+    alerts: int = 0  # alerts raised or renewed
+    expired: int = 0  # windows and alerts deleted by age
 
 
 @dataclass(frozen=True)
@@ -136,28 +145,6 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _insert_ignore(session: Session, values: dict[str, Any]) -> bool:
-    """Insert a message unless (device_id, seq) is there already; True if inserted."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        stmt: Any = sqlite_insert(FleetMessageRow).values(**values).on_conflict_do_nothing()
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        stmt = pg_insert(FleetMessageRow).values(**values).on_conflict_do_nothing()
-    else:  # pragma: no cover - other backends: a savepoint per row
-        try:
-            with session.begin_nested():
-                session.add(FleetMessageRow(**values))
-            return True
-        except sa_exc.IntegrityError:
-            return False
-    result: Any = session.execute(stmt)
-    return bool(result.rowcount)
-
-
 class FleetStore:
     def __init__(
         self,
@@ -165,12 +152,19 @@ class FleetStore:
         keep_per_device: int = DEFAULT_KEEP_PER_DEVICE,
         *,
         clock: Callable[[], datetime] = utc_now,
+        window_retention_s: float = DEFAULT_WINDOW_RETENTION_S,
+        rules: AlertRules | None = None,
     ) -> None:
         if keep_per_device < 1:
             raise ValueError("keep_per_device must be at least 1")
+        if not window_retention_s > 0:
+            raise ValueError("window_retention_s must be positive")
         self.db = db
         self.keep_per_device = keep_per_device
         self.clock = clock
+        self.window_retention = timedelta(seconds=window_retention_s)
+        self.rules = rules or AlertRules()
+        self._expired_at: datetime | None = None
 
     def create_tables(self) -> None:
         FleetBase.metadata.create_all(self.db.engine)
@@ -211,6 +205,9 @@ class FleetStore:
             session.flush()
             for device_id in sorted(touched):
                 report.pruned += self._prune(session, rows[device_id])
+            if self._expired_at is None or (now - self._expired_at).total_seconds() >= EXPIRE_EVERY_S:
+                report.expired += ledger.expire(session, now - self.window_retention)
+                self._expired_at = now
         return report
 
     @staticmethod
@@ -228,10 +225,15 @@ class FleetStore:
         row.group = msg.group
         row.state = json.dumps(state, sort_keys=True)
 
-    @staticmethod
     def _telemetry(
-        session: Session, row: DeviceRow, msg: TelemetryMsg, now: datetime, report: ApplyReport
+        self, session: Session, row: DeviceRow, msg: TelemetryMsg, now: datetime, report: ApplyReport
     ) -> None:
+        if msg.kind in ledger.WINDOW_KINDS:
+            # Indexed even when the message is too old for fleet_messages: the window table
+            # dedupes by (device_id, seq) itself and keeps windows by age.
+            indexed, alerts = ledger.record_window(session, msg, now, self.rules)
+            report.windows += int(indexed)
+            report.alerts += alerts
         if row.pruned_seq is not None and msg.seq <= row.pruned_seq:
             report.too_old += 1
             return
@@ -243,8 +245,10 @@ class FleetStore:
             "received": now,
             "body": json.dumps(msg.body, sort_keys=True),
         }
-        if _insert_ignore(session, values):
+        if ledger.insert_ignore(session, FleetMessageRow, values):
             report.stored += 1
+            if msg.kind == "event":
+                report.alerts += ledger.record_event(session, msg, now)
         else:
             report.duplicates += 1
         if row.last_seq is None or msg.seq > row.last_seq:
@@ -316,3 +320,45 @@ class FleetStore:
             return [
                 StoredMessage(r.device_id, r.seq, r.kind, r.ts, r.received, json.loads(r.body)) for r in rows
             ]
+
+    # -- windows and alerts (hub.fleet.ledger) ------------------------------------------------
+
+    def windows(
+        self,
+        kind: str,
+        model: str,
+        version: int,
+        since: float,
+        until: float,
+        group: str | None = None,
+        limit: int | None = None,
+    ) -> list[ledger.Window]:
+        """The model version's windows whose end is in (since, until], oldest first."""
+        with self.db.session() as session:
+            return ledger.select_windows(session, kind, model, version, since, until, group, limit)
+
+    def count_windows(
+        self, kind: str, model: str, version: int, since: float, until: float, group: str | None = None
+    ) -> int:
+        with self.db.session() as session:
+            return ledger.count_windows(session, kind, model, version, since, until, group)
+
+    def latest_windows(
+        self, kind: str, model: str, version: int, since: float, until: float, group: str | None = None
+    ) -> list[ledger.Window]:
+        """Each device's latest window in the range (by window start)."""
+        with self.db.session() as session:
+            return ledger.latest_windows(session, kind, model, version, since, until, group)
+
+    def alerts(
+        self,
+        since: datetime | None = None,
+        kind: str | None = None,
+        model: str | None = None,
+        version: int | None = None,
+        device_id: str | None = None,
+        limit: int = 200,
+    ) -> list[ledger.Alert]:
+        """Alerts last seen at or after `since`, the most recently seen first."""
+        with self.db.session() as session:
+            return ledger.select_alerts(session, since, kind, model, version, device_id, limit)
