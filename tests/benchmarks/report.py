@@ -274,6 +274,10 @@ def render_text(results: dict[str, Any]) -> str:
     if vt:
         parts += [text_table(["target", "contender", "measured", "needed", "verdict"], vt), ""]
     parts += [f"note: {s}" for s in statuses(results)]
+    if "drift_power" in results:
+        from tests.benchmarks.drift_power import render
+
+        parts += ["", render(results["drift_power"])]
     return "\n".join(parts)
 
 
@@ -300,6 +304,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     notes = statuses(results)
     if notes:
         lines += ["## Notes", "", *(f"- {s}" for s in notes), ""]
+    if "drift_power" in results:
+        from tests.benchmarks.drift_power import render
+
+        lines += [render(results["drift_power"], markdown=True), ""]
     return "\n".join(lines)
 
 

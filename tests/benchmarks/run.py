@@ -1,6 +1,6 @@
 """One benchmark run: every contender, the same client and packages, side by side.
 
-    python -m tests.benchmarks.run [--quick] [--only limit,peer,agent,...] [--out bench-results]
+    python -m tests.benchmarks.run [--quick] [--only limit,peer,agent,...,drift] [--out bench-results]
 
 Contenders: `limit` (onnxruntime in-process), `peer` (tests/benchmarks/peer.py, inference on
 the event loop -- the faster variant, the one the targets compare against), `peer_threadpool`
@@ -11,6 +11,9 @@ set for this machine, labelled). For each server: one instance with only the tab
 (JSON and binary tensors). Before each measured load one answer is checked against onnxruntime
 in-process, so a fast wrong server cannot win. A contender that cannot start is reported as
 'unavailable: <reason>' and the run goes on.
+
+One more section, `drift` (tests/benchmarks/drift_power.py, no server): the detection power of
+the agent's binned KS against scipy's exact KS at the same false-alarm rate, ~45 s (~7 s quick).
 
 Writes bench-results/results.json and results.md, prints the table and PASS/FAIL per target.
 """
@@ -34,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks import report
+from tests.benchmarks import drift_power, report
 from tests.benchmarks.client import (
     ClientError,
     Load,
@@ -77,6 +80,7 @@ CONTENDERS = {
     "agent": ("agent", "outpost-agent run, default config (only data_dir, socket, identity)"),
     "agent_tuned": ("agent (tuned)", "outpost-agent run, default config plus [runtime] {tuned}"),
 }
+SECTIONS = ("drift",)  # selectable with --only like the contenders, but not servers
 
 
 @dataclass(frozen=True)
@@ -410,8 +414,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per scenario (1)")
     parser.add_argument("--client-procs", type=int, default=1,
                         help="load client processes (1: the client then uses a fraction of a core)")
-    parser.add_argument("--only", default=",".join(CONTENDERS),
-                        help=f"comma-separated contenders out of {', '.join(CONTENDERS)}")
+    parser.add_argument("--only", default=",".join([*CONTENDERS, *SECTIONS]),
+                        help=f"comma-separated contenders out of {', '.join(CONTENDERS)}, "
+                             f"and sections out of {', '.join(SECTIONS)}")
     parser.add_argument("--tuned", default=DEFAULT_TUNED,
                         help=f"[runtime] keys of the tuned agent ({DEFAULT_TUNED})")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -420,9 +425,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.tuned_runtime = parse_runtime(args.tuned)
     except ValueError as exc:
         parser.error(str(exc))
-    unknown = set(args.only.split(",")) - set(CONTENDERS)
+    unknown = set(args.only.split(",")) - set(CONTENDERS) - set(SECTIONS)
     if unknown:
-        parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}")
+        parser.error(f"unknown contender(s) or section(s) {', '.join(sorted(unknown))}")
     return args
 
 
@@ -446,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     tuned = ", ".join(f"{k} = {v}" for k, v in args.tuned_runtime.items())
     print(f"outpost bench: {results['machine']['cpu']}, {cpu_count()} cores, "
           f"{st.duration_s:g} s per scenario after {st.warmup_s:g} s warm-up", flush=True)
-    packages = build_packages(args.out / "packages")
-    wl = make_workload(packages)
+    if wanted:
+        packages = build_packages(args.out / "packages")
+        wl = make_workload(packages)
     workdir = Path(tempfile.mkdtemp(prefix="ob-"))  # short: Unix socket paths are <108 bytes
     try:
         for key in wanted:
@@ -469,6 +475,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     agents = [k for k in ("agent", "agent_tuned") if k in wanted]
     results["targets"] = report.evaluate(results["figures"], agents) if "peer" in wanted else []
+    if "drift" in args.only.split(","):
+        print("- drift detection power ...", flush=True)
+        try:
+            results["drift_power"] = drift_power.run(drift_power.QUICK if args.quick else None)
+        except Exception as exc:  # a failure here must not lose the servers' figures
+            traceback.print_exc()
+            results["drift_power"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
+        results["targets"].append(drift_power.verdict(results["drift_power"]))
     with contextlib.suppress(OSError):
         results["machine"]["loadavg_at_end"] = " ".join(
             Path("/proc/loadavg").read_text().split()[:3])
