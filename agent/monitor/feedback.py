@@ -7,13 +7,14 @@ prediction) and `score` compares: for classification, how many rows were right; 
 the sums of absolute and squared errors. Those counts go into the version's current summary
 window, so accuracy adds up across windows and devices like every other figure.
 
-Memory: one dict entry per id holding an int or float for a single-row prediction (a tuple for
-several rows), about 150 bytes each: the default 10,000 ids cost about 1.5 MB.
+Memory: per prediction its id string (which the response made anyway) and its predicted value in
+a list, about 100 bytes: the default 10,000 ids cost about 1 MB.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -28,42 +29,88 @@ class FeedbackError(ValueError):
     """A label that cannot be scored against its prediction (the caller's mistake)."""
 
 
+@dataclass
+class _Batch(Generic[Owner]):
+    owner: Owner
+    ids: list[str | None]  # None: no id, or already labelled
+    predictions: list[Any]  # one per row
+    offsets: list[int] | None  # ids[i] predicted rows offsets[i]:offsets[i + 1]; None: one row each
+
+
+@dataclass(frozen=True)
+class Found(Generic[Owner]):
+    owner: Owner
+    prediction: Prediction
+    batch: _Batch[Owner]
+    index: int
+    prediction_id: str
+
+
 class PredictionBook(Generic[Owner]):
-    """The newest `capacity` prediction ids, each with its owner (the version) and prediction."""
+    """The newest `capacity` predictions (give or take one batch), each with its owner (the version).
+
+    Kept as the batches the monitor counted them in: adding costs a list per batch, not a dict
+    entry per prediction, which matters on the request path; finding an id scans the batches,
+    newest first (a reused id means the newest prediction), which is a C-speed list search of
+    at most `capacity` strings, once per label.
+    """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 0:
             raise ValueError("capacity must not be negative")
         self.capacity = capacity
-        self._entries: dict[str, tuple[Owner, Prediction]] = {}
-        self.forgotten = 0  # ids pushed out by newer ones
+        self._batches: deque[_Batch[Owner]] = deque()
+        self._size = 0
+        self.forgotten = 0  # predictions pushed out by newer ones
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._size
 
-    def __contains__(self, prediction_id: str) -> bool:
-        return prediction_id in self._entries
+    def add_batch(
+        self, owner: Owner, ids: list[str | None], predictions: list[Any], offsets: list[int] | None = None
+    ) -> None:
+        if self.capacity == 0 or not ids:
+            return
+        self._batches.append(_Batch(owner, ids, predictions, offsets))
+        self._size += len(ids)
+        while self._size - len(self._batches[0].ids) >= self.capacity:
+            gone = self._batches.popleft()
+            self._size -= len(gone.ids)
+            self.forgotten += len(gone.ids)
 
     def add(self, prediction_id: str, owner: Owner, prediction: Prediction) -> None:
-        if self.capacity == 0:
-            return
-        entries = self._entries
-        # A reused id (clients choose their own) is a new prediction: it moves to the newest end.
-        entries.pop(prediction_id, None)
-        entries[prediction_id] = (owner, prediction)
-        if len(entries) > self.capacity:
-            del entries[next(iter(entries))]  # dicts keep insertion order: the oldest goes
-            self.forgotten += 1
+        """One prediction (of one row, or a tuple of rows)."""
+        if isinstance(prediction, tuple):
+            self.add_batch(owner, [prediction_id], list(prediction), [0, len(prediction)])
+        else:
+            self.add_batch(owner, [prediction_id], [prediction])
 
-    def take(self, prediction_id: str) -> tuple[Owner, Prediction] | None:
-        return self._entries.pop(prediction_id, None)
+    def take(self, prediction_id: str) -> Found[Owner] | None:
+        """Find a prediction and mark it labelled (one label per prediction); `restore` undoes that."""
+        for batch in reversed(self._batches):
+            try:
+                i = batch.ids.index(prediction_id)
+            except ValueError:
+                continue
+            batch.ids[i] = None
+            if batch.offsets is None:
+                prediction: Prediction = batch.predictions[i]
+            else:
+                prediction = tuple(batch.predictions[batch.offsets[i] : batch.offsets[i + 1]])
+            return Found(batch.owner, prediction, batch, i, prediction_id)
+        return None
+
+    def restore(self, found: Found[Owner]) -> None:
+        """The label was refused: the prediction may be labelled again."""
+        found.batch.ids[found.index] = found.prediction_id
 
     def drop_owner(self, owner: Owner) -> int:
         """Forget the predictions of an owner that is gone (an unloaded version)."""
-        gone = [k for k, (o, _) in self._entries.items() if o is owner]
-        for k in gone:
-            del self._entries[k]
-        return len(gone)
+        kept = deque(b for b in self._batches if b.owner is not owner)
+        dropped = self._size - sum(len(b.ids) for b in kept)
+        self._batches = kept
+        self._size -= dropped
+        return dropped
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ in `status()["errors"]`, and the requests it held are left out of the window.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -154,7 +155,8 @@ class VersionMonitor:
             return None
         if len(columns) == 1:
             name = columns[0]
-            return np.concatenate([np.asarray(b[name]).reshape(len(b[name]), -1) for b in batch])
+            x = np.concatenate([b[name] for b in batch])
+            return x.reshape(len(x), -1) if x.ndim != 2 else x
         parts = [np.column_stack([np.asarray(b[c]).reshape(-1) for c in columns]) for b in batch]
         return np.concatenate(parts)
 
@@ -187,31 +189,22 @@ class VersionMonitor:
                         )
 
     def _count(self, pending: list[_Pending]) -> None:
+        # Per request only list comprehensions run here; the rest is numpy over the batch.
         latencies = [p[2] for p in pending]
         answered = [p for p in pending if p[1] is not None]
         failed = len(pending) - len(answered)
         if not answered:
             self.summary.observe_batch(None, None, latencies, failed)
             return
-        x = self._matrix([p[0] for p in answered if p[0] is not None])
-        first = answered[0][1]
-        assert first is not None
-        outputs = {
-            k: np.concatenate([np.asarray(p[1][k]) for p in answered if p[1] is not None]) for k in first
-        }
-        rows = sum(p[3] for p in answered)
+        x = self._matrix([p[0] for p in answered])  # type: ignore[misc]  # answered: inputs set
+        outputs = {k: np.concatenate([p[1][k] for p in answered]) for k in answered[0][1]}  # type: ignore[index, union-attr]
+        rows_each = [p[3] for p in answered]
+        rows = sum(rows_each)
         predictions = self.summary.observe_batch(x, outputs, latencies, failed, rows=rows)
-        if predictions is None or self._book.capacity == 0:
-            return
-        values = predictions.tolist()
-        if len(values) != rows:
-            return  # outputs not one per row: nothing to score feedback against
-        at = 0
-        add = self._book.add
-        for _inputs, _outputs, _latency, n, pid in answered:
-            if pid is not None:
-                add(pid, self, values[at] if n == 1 else tuple(values[at : at + n]))
-            at += n
+        if predictions is None or self._book.capacity == 0 or len(predictions) != rows:
+            return  # nothing to score feedback against (or not one output per row)
+        offsets = None if rows == len(answered) else [0, *itertools.accumulate(rows_each)]
+        self._book.add_batch(self, [p[4] for p in answered], predictions.tolist(), offsets)
 
     # -- feedback and windows -----------------------------------------------------------------
 
@@ -331,21 +324,20 @@ class Monitor:
         """Score a label against the prediction it belongs to (POST /v1/feedback)."""
         if not isinstance(prediction_id, str) or not prediction_id:
             raise RequestError("id must be the non-empty string returned as the prediction's id")
-        entry = self.book.take(prediction_id)
-        if entry is None:  # it may still be waiting in a version's pending list
+        found = self.book.take(prediction_id)
+        if found is None:  # it may still be waiting in a version's pending list
             for vm in self._versions.values():
                 vm.flush()
-            entry = self.book.take(prediction_id)
-        if entry is None:
+            found = self.book.take(prediction_id)
+        if found is None:
             raise NotFound(
                 f"no prediction with id {prediction_id!r} awaits a label: unknown, already labelled, "
                 f"or older than the newest {self.book.capacity} predictions"
             )
-        vm, prediction = entry
         try:
-            result = vm.add_feedback(prediction, label)
+            result = found.owner.add_feedback(found.prediction, label)
         except FeedbackError as exc:
-            self.book.add(prediction_id, vm, prediction)  # a corrected label may follow
+            self.book.restore(found)  # a corrected label may follow
             raise RequestError(str(exc)) from None
         return {"id": prediction_id, **result}
 

@@ -171,15 +171,31 @@ def test_prediction_book_is_bounded_and_forgets_the_oldest() -> None:
         book.add(f"id{i}", "v1", i)
     assert len(book) == 3 and book.forgotten == 2
     assert book.take("id0") is None and book.take("id1") is None
-    assert book.take("id4") == ("v1", 4)
+    found = book.take("id4")
+    assert found is not None and (found.owner, found.prediction) == ("v1", 4)
     assert book.take("id4") is None  # one label per prediction
-    book.add("id2", "v2", 9)  # a reused id is the newer prediction
-    assert book.take("id2") == ("v2", 9)
+    book.restore(found)  # ... unless the label was refused
+    assert book.take("id4") is not None
+    book.add("id2", "v2", 9)  # a reused id means the newest prediction
+    found = book.take("id2")
+    assert found is not None and (found.owner, found.prediction) == ("v2", 9)
     book.add("x", "gone", 1)
-    assert book.drop_owner("gone") == 1 and "x" not in book
+    assert book.drop_owner("gone") == 1 and book.take("x") is None
     off: PredictionBook[str] = PredictionBook(0)
     off.add("a", "v", 1)
-    assert len(off) == 0
+    assert len(off) == 0 and off.take("a") is None
+
+
+def test_prediction_book_keeps_batches_with_rows_per_id() -> None:
+    book: PredictionBook[str] = PredictionBook(100)
+    book.add_batch("v", ["a", None, "c"], [1, 0, 0, 1, 1, 0], [0, 2, 3, 6])
+    found = book.take("c")
+    assert found is not None and found.prediction == (1, 1, 0)
+    found = book.take("a")
+    assert found is not None and found.prediction == (1, 0)
+    for i in range(40):  # batches of 3: the oldest batches go once 100 are newer
+        book.add_batch("v", [f"b{i}-{j}" for j in range(3)], [0, 1, 2])
+    assert 100 <= len(book) < 103 and book.take("b0-0") is None and book.take("b39-2") is not None
 
 
 @pytest.mark.parametrize(
