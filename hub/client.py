@@ -182,3 +182,28 @@ class HubClient:
     def device(self, device_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", f"/api/v1/fleet/{device_id}")
         return result
+
+    def fleet_summary(
+        self, model: str, version: int | None = None, since: str | None = None, group: str | None = None
+    ) -> dict[str, Any]:
+        params = _params(model=model, version=version, since=since, group=group)
+        result: dict[str, Any] = self._call("GET", "/api/v1/fleet/summary", params=params)
+        return result
+
+    def fleet_drift(
+        self, model: str, version: int | None = None, since: str | None = None, group: str | None = None
+    ) -> dict[str, Any]:
+        params = _params(model=model, version=version, since=since, group=group)
+        result: dict[str, Any] = self._call("GET", "/api/v1/fleet/drift", params=params)
+        return result
+
+    def fleet_alerts(
+        self, since: str | None = None, kind: str | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        params = _params(since=since, kind=kind, model=model)
+        result: list[dict[str, Any]] = self._call("GET", "/api/v1/fleet/alerts", params=params)
+        return result
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -35,9 +35,9 @@ from pydantic import BaseModel, Field
 from hub import __version__
 from hub.api.upload import read_package_tar
 from hub.errors import AuthError, HubError, PackageTooLarge
-from hub.fleet import FleetConsumer, FleetStore, FleetUnavailable
+from hub.fleet import AlertRules, DriftSettings, FleetConsumer, FleetQueries, FleetStore, FleetUnavailable
 from hub.registry import BlobStore, Database, Deployment, Limits, Registry, VersionInfo
-from hub.settings import HubSettings
+from hub.settings import HubSettings, SettingsError
 from hub.signing import KeyStore, SignedRepository
 
 log = logging.getLogger("outpost-hub")
@@ -121,8 +121,30 @@ class Hub:
             KeyStore(settings.online_keys, settings.offline_keys),
             expiry=settings.expiry_policy(),
         )
-        self.fleet = FleetStore(self.db, keep_per_device=settings.fleet_keep_messages_per_device)
+        try:
+            rules = AlertRules(
+                error_rate=settings.alert_error_rate,
+                error_rate_critical=settings.alert_error_rate_critical,
+                error_min_requests=settings.alert_error_min_requests,
+                error_window_s=settings.alert_error_window_s,
+            )
+            if settings.fleet_drift_method not in ("bh", "bonferroni"):
+                raise ValueError("fleet_drift_method must be bh or bonferroni")
+            drift = DriftSettings(
+                alpha=settings.fleet_drift_alpha,
+                method="bonferroni" if settings.fleet_drift_method == "bonferroni" else "bh",
+                min_rows=settings.fleet_drift_min_rows,
+            )
+            self.fleet = FleetStore(
+                self.db,
+                keep_per_device=settings.fleet_keep_messages_per_device,
+                window_retention_s=settings.fleet_window_retention_s,
+                rules=rules,
+            )
+        except ValueError as exc:
+            raise SettingsError(f"hub settings: {exc}") from exc
         self.fleet.create_tables()
+        self.fleet_queries = FleetQueries(self.fleet, self.registry, drift)
         self.consumer: FleetConsumer | None = None
 
     def start_fleet(self) -> None:
@@ -275,6 +297,56 @@ def _fleet_routes(app: FastAPI, hub: Hub) -> None:
     async def fleet(_actor: Operator, group: str | None = None) -> list[dict[str, Any]]:
         found = await threaded(hub.fleet.devices)(group)
         return [d.to_json() for d in found]
+
+    # Before /api/v1/fleet/{device_id}: these names are not device ids.
+    @app.get("/api/v1/fleet/summary")
+    async def fleet_summary(
+        _actor: Operator,
+        model: str,
+        version: Annotated[int | None, Query(ge=1)] = None,
+        since: str | None = None,
+        until: str | None = None,
+        group: str | None = None,
+    ) -> dict[str, Any]:
+        """A model version's windows over a time range summed across devices (windows whose end is
+        in (since, until]; times as epoch seconds, ISO 8601 or a duration ago such as 1h), with
+        error rate, latency percentiles and accuracy (or MAE/RMSE) from label feedback."""
+        result: dict[str, Any] = await threaded(hub.fleet_queries.summary)(
+            model, version, since, until, group
+        )
+        return result
+
+    @app.get("/api/v1/fleet/drift")
+    async def fleet_drift(
+        _actor: Operator,
+        model: str,
+        version: Annotated[int | None, Query(ge=1)] = None,
+        since: str | None = None,
+        until: str | None = None,
+        group: str | None = None,
+    ) -> dict[str, Any]:
+        """Drift of the summed counts against the version's reference profile, per feature and
+        for the predictions, and each device's latest drift verdict in the range."""
+        query = hub.fleet_queries.drift
+        result: dict[str, Any] = await threaded(query)(model, version, since, until, group)
+        return result
+
+    @app.get("/api/v1/fleet/alerts")
+    async def fleet_alerts(
+        _actor: Operator,
+        since: str | None = None,
+        kind: str | None = None,
+        model: str | None = None,
+        version: Annotated[int | None, Query(ge=1)] = None,
+        device: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    ) -> list[dict[str, Any]]:
+        """Alerts (drift, error_rate, rollback, refused) last seen since `since` (default 7 days
+        ago), the most recent first."""
+        result: list[dict[str, Any]] = await threaded(hub.fleet_queries.alerts)(
+            since, kind, model, version, device, limit
+        )
+        return result
 
     @app.get("/api/v1/fleet/{device_id}")
     async def device(device_id: str, _actor: Operator, limit: int = 50) -> dict[str, Any]:
