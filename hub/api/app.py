@@ -2,7 +2,9 @@
 
     /api/v1/...     the operator API; every call needs `Authorization: Bearer <token>`
     /api/v1/fleet   devices as their MQTT state and telemetry left them (hub.fleet; the
-                    consumer runs when the settings name a broker: `serve --mqtt URL`)
+                    consumer runs when the settings name a broker: `serve --mqtt URL`);
+                    /summary, /drift: a model version's windows summed across devices over a
+                    time range; /alerts: drift, error-rate, rollback and refusal alerts
     /tuf/metadata/  TUF metadata, public: devices verify it against their provisioned root
     /tuf/targets/   signed model files and group assignments, public for the same reason
     /healthz        liveness, public

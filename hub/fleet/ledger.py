@@ -17,6 +17,9 @@ that the per-device retention of `fleet_messages` already passed still counts he
 alerts are raised only for windows and events seen for the first time. The columns let a fleet
 sum select its windows and the error-rate rule add requests without reading any JSON.
 
+An event is looked at only when fleet_messages stores it (new, and newer than the device's
+retained messages): an event older than the newest `keep_per_device` raises no alert.
+
 Retention is by age (hub clock): windows received, and alerts last seen, before the cutoff are
 deleted (`expire`). A window in a range of time is one whose end is in (since, until], so
 adjacent ranges partition the windows.
@@ -28,7 +31,7 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -37,6 +40,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     delete,
@@ -117,16 +121,21 @@ class FleetAlertRow(FleetBase):
 
 
 def insert_ignore(session: Session, table: type[FleetBase], values: dict[str, Any]) -> bool:
-    """Insert a row unless a unique key of it is there already; True if inserted."""
+    """Insert a row unless a unique key of it is there already; True if inserted.
+
+    Whether it was inserted is read from RETURNING, not from rowcount: on PostgreSQL (psycopg 3)
+    the INSERT SQLAlchemy sends reports rowcount -1, which would read as "inserted" every time.
+    """
     dialect = session.get_bind().dialect.name
+    target = cast(Table, table.__table__)
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        stmt: Any = sqlite_insert(table).values(**values).on_conflict_do_nothing()
+        stmt: Any = sqlite_insert(target).values(**values).on_conflict_do_nothing()
     elif dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        stmt = pg_insert(table).values(**values).on_conflict_do_nothing()
+        stmt = pg_insert(target).values(**values).on_conflict_do_nothing()
     else:  # pragma: no cover - other backends: a savepoint per row
         try:
             with session.begin_nested():
@@ -134,8 +143,7 @@ def insert_ignore(session: Session, table: type[FleetBase], values: dict[str, An
             return True
         except sa_exc.IntegrityError:
             return False
-    result: Any = session.execute(stmt)
-    return bool(result.rowcount)
+    return session.execute(stmt.returning(target.c.id)).first() is not None
 
 
 # -- writes -------------------------------------------------------------------------------------
