@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.monitor.drift import Method, binned_ks, chi_square, correct, psi
+from agent.monitor.drift import Method, correct
+from agent.monitor.report import window_tests
 from agent.monitor.summary import merge
 
 DEFAULT_ALPHA = 0.05
@@ -203,33 +204,16 @@ def derived(window: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _number(value: float) -> float | None:
-    return None if math.isnan(value) else float(f"{value:.6g}")
-
-
-def _test(name: str, kind: str, test: str, reference: list[float], observed: list[float]) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": name, "kind": kind, "test": None, "rows": int(sum(observed))}
-    if sum(reference) <= 0 or sum(observed) <= 0:
-        return entry  # nothing to compare: no reference data, or no values in the range
-    if test == "ks":
-        statistic, p_value = binned_ks(reference, observed)
-    else:
-        statistic, _dof, p_value = chi_square(reference, observed)
-    entry.update(
-        test=test,
-        statistic=_number(statistic),
-        p_value=_number(p_value),
-        psi=_number(psi(reference, observed)),
-    )
+def _entry(
+    name: str, kind: str, observed: Mapping[str, Any], tested: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    rows = sum(int(c) for c in observed["counts"])
+    if kind in ("categorical", "classification"):
+        rows += int(observed.get("other", 0))  # values the reference never saw are a bin too
+    entry: dict[str, Any] = {"name": name, "kind": kind, "test": None, "rows": rows}
+    if tested is not None:  # the same statistics as the device's (agent.monitor.report)
+        entry.update({k: tested[k] for k in ("test", "statistic", "p_value", "psi")})
     return entry
-
-
-def _categorical(ref: Mapping[str, Any], observed: Mapping[str, Any]) -> tuple[list[float], list[float]]:
-    # Values the reference never saw are one more bin, empty in the reference.
-    return (
-        [*(float(c) for c in ref.get("counts", [])), 0.0],
-        [*(float(c) for c in observed["counts"]), float(observed.get("other", 0))],
-    )
 
 
 def fleet_drift(
@@ -246,23 +230,15 @@ def fleet_drift(
     features: list[dict[str, Any]] = []
     prediction: dict[str, Any] | None = None
     if window is not None:
-        for f, ref in zip(window["features"], profile.get("features", []), strict=True):
-            kind = str(f.get("kind", "numeric"))
-            if kind == "categorical":
-                entry = _test(f["name"], kind, "chi2", *_categorical(ref, f))
-            else:
-                reference = [float(c) for c in ref.get("counts", [])]
-                entry = _test(f["name"], kind, "ks", reference, [float(c) for c in f["counts"]])
+        tested_features, tested_prediction = window_tests(window, profile)
+        by_name = {t["name"]: t for t in tested_features}
+        for f in window["features"]:
+            entry = _entry(f["name"], str(f.get("kind", "numeric")), f, by_name.get(f["name"]))
             entry.update(missing=int(f.get("missing", 0)), other=int(f.get("other", 0)))
             features.append(entry)
         pred, ref_pred = window.get("prediction"), profile.get("prediction")
         if isinstance(pred, dict) and isinstance(ref_pred, dict) and ref_pred.get("counts"):
-            if pred["kind"] == "classification":
-                prediction = _test(PREDICTION, "classification", "chi2", *_categorical(ref_pred, pred))
-            else:
-                reference = [float(c) for c in ref_pred["counts"]]
-                observed = [float(c) for c in pred["counts"]]
-                prediction = _test(PREDICTION, "regression", "ks", reference, observed)
+            prediction = _entry(PREDICTION, str(pred["kind"]), pred, tested_prediction)
     enough = rows >= min_rows
     tested = [t for t in [*features, prediction] if t is not None and t["test"] is not None]
     p_values = [math.nan if t["p_value"] is None else t["p_value"] for t in tested]
