@@ -25,6 +25,7 @@ from agent.monitor.summary import merge
 from hub.packager import profile as hub_profile
 from tests.support.agentproc import AgentProcess
 from tests.support.broker import Mosquitto, mosquitto_available
+from tests.support.hubproc import HubProcess
 from tests.support.packages import wine_versions
 
 pytestmark = [
@@ -230,3 +231,66 @@ def test_a_shifted_stream_raises_a_drift_alert_after_k_windows_and_a_faithful_on
         assert "input drift in alcohol" in agent.log()
     finally:
         agent.kill()
+
+
+def test_every_window_reaches_the_hub_once_across_a_broker_outage_and_an_agent_restart(
+    tmp_path: Path, wine: tuple[Path, dict[str, Any], np.ndarray, np.ndarray]
+) -> None:
+    """Windows made while the broker is down, some by an agent that is then restarted, wait in the
+    outbox; when the broker is back every one reaches the hub, and none twice (the hub's sums are
+    exact). The broker keeps no state of its own (no persistence): only the outbox remembers."""
+    package, _manifest, x, _y = wine
+    broker = Mosquitto(tmp_path / "broker").start()
+    hub = HubProcess(tmp_path / "hub").start(mqtt_url=broker.url)
+    agent = AgentProcess(
+        tmp_path / "dev",
+        extra={
+            "device_id": "dev-9",
+            "group": "lab",
+            "mqtt": {"url": broker.url, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+            "monitor": {"window_requests": 20, "window_s": 3600.0},
+        },
+    )
+    try:
+        hub.outpost("push", str(package), "--quiet")
+        agent.install(package)
+        agent.start()
+        rng = np.random.default_rng(3)
+
+        def traffic(n: int) -> None:
+            for _ in range(n):
+                infer(agent, x[rng.integers(0, len(x), size=1)].astype(np.float32))
+
+        def summed() -> dict[str, Any]:
+            resp = hub.api("GET", "/api/v1/fleet/summary", params={"model": "wine", "version": 1})
+            assert resp.status_code == 200, resp.text
+            return dict(resp.json())
+
+        def requests() -> int:
+            s = summed()["summary"]
+            return int(s["requests"]) if s else 0
+
+        traffic(40)  # two windows, delivered at once
+        wait_for("two windows at the hub", lambda: requests() == 40)
+
+        broker.stop()
+        traffic(70)  # three full windows and ten requests of an open one
+        assert agent.stop() == 0  # the open window goes into the outbox at the stop
+        agent.start()
+        traffic(30)  # one more full window, ten requests left open
+        status, doc = agent.json("GET", "/v1/status")
+        assert doc["telemetry"]["connected"] is False, doc["telemetry"]
+
+        broker.start()
+        wait_for("the buffered windows at the hub", lambda: requests() == 40 + 70 + 20)
+        assert agent.stop() == 0
+        wait_for("the last window at the hub", lambda: requests() == 140)
+        doc = summed()
+        assert doc["windows"] == 2 + 4 + 1 + 1 and doc["summary"]["rows"] == 140
+        assert doc["devices"] == 1 and doc["summary"]["errors"] == 0
+        time.sleep(1.0)  # anything sent twice would have arrived by now
+        assert requests() == 140 and summed()["windows"] == 8
+    finally:
+        agent.kill()
+        hub.kill()
+        broker.kill()
