@@ -1,18 +1,20 @@
 """The monitor at run time: records what each loaded version answers, closes windows, publishes them.
 
-Cost on the request path: `VersionMonitor.record` appends one tuple to a list. Every
-`FLUSH_EVERY` requests (and on every tick) the list is turned into counts in one go: the inputs
-of all those requests are concatenated and binned in one vectorised pass, their latencies
-bucketed with one searchsorted, their outputs counted with one bincount
-(`WindowSummary.observe_batch`). So the per-request cost is a list append plus a share of a
-numpy pass, measured in `make bench` (monitor on vs off).
+Cost on the request path: the response path appends the request's latency to a list
+(`VersionMonitor.record`); the batcher, after a batch's answers went out, hands over the batch's
+own concatenated inputs and outputs with the requests' prediction ids (`observe`: one append per
+onnxruntime batch, no per-request arrays). Every `FLUSH_REQUESTS` requests (and every tick) what is
+held is counted in one go: one concatenation of the batches, one vectorised binning pass, one
+searchsorted for the latencies, one bincount for the predictions
+(`WindowSummary.observe_batch`). The cost is measured in `make bench` (monitor on vs off).
 
 The daemon calls `tick()` about once a second on the event loop: it flushes, closes the
 windows that are due, publishes each non-empty window as a `summary` and, when the window has
-enough rows, its drift tests against the reference profile as a `drift` message. Publishing
-goes through the telemetry outbox (on disk first), so windows survive broker outages and
-restarts within the outbox's bounds; a window still open when the agent stops is published
-then, and one open when it is killed is lost (at most one window per version).
+enough rows, its drift tests against the reference profile as a `drift` message. A window of
+`window_requests` closes at the end of the batch that reaches the count (so it may hold a few
+more). Publishing goes through the telemetry outbox (on disk first), so windows survive broker
+outages and restarts within the outbox's bounds; a window still open when the agent stops is
+published then, and one open when it is killed is lost (at most one window per version).
 
 Monitoring never fails a request: an error while counting is logged (once per version), counted
 in `status()["errors"]`, and the requests it held are left out of the window.
@@ -22,8 +24,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,16 +37,20 @@ from agent.monitor.drift import DriftDetector
 from agent.monitor.feedback import FeedbackError, PredictionBook, score
 from agent.monitor.report import drift_message
 from agent.monitor.summary import WindowSummary
+from agent.runtime.batcher import BatchArrays, BatchItem
 
 if TYPE_CHECKING:
     from agent.runtime.registry import LoadedVersion
 
 log = logging.getLogger(__name__)
 
-FLUSH_EVERY = 256  # requests held before they are counted together
+FLUSH_REQUESTS = 256  # requests held before they are counted together
+_SIZE = operator.attrgetter("size")
+_PREDICTION_ID = operator.attrgetter("ticket.prediction_id")
 
 Publish = Callable[[str, Mapping[str, Any]], object]
-_Pending = tuple[Mapping[str, np.ndarray] | None, Mapping[str, np.ndarray] | None, float, int, str | None]
+# One batch as the batcher ran it: the inputs and outputs counted, and its requests' ids and rows.
+_Batch = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], list[str | None], list[int]]
 
 
 class VersionMonitor:
@@ -61,9 +68,16 @@ class VersionMonitor:
         m = lv.manifest
         self.profile: Mapping[str, Any] = m.reference_profile
         self._book = book
-        self._pending: list[_Pending] = []
+        # Answers and their latencies come from the version's own metrics (agent.metrics), which
+        # the response path keeps anyway: the window takes the difference since its last flush.
+        self._metrics = lv.metrics
+        self._seen_answers = lv.metrics.requests
+        self._seen_latency = list(lv.metrics.latency.counts)
+        self._seen_latency_s = lv.metrics.latency.sum
+        self._failed = 0  # requests the model failed since the last flush
+        self._batches: list[_Batch] = []  # onnxruntime batches since the last flush
+        self._pending = 0  # requests in _batches
         self._window_requests = config.window_requests
-        self._flush_at = max(1, min(FLUSH_EVERY, config.window_requests or FLUSH_EVERY))
         # Called when the window has its window_requests requests (the Monitor closes and
         # publishes it); None: windows close on the Monitor's ticks only.
         self.on_full: Callable[[VersionMonitor], None] | None = None
@@ -95,6 +109,7 @@ class VersionMonitor:
             self.profile = {"prediction": m.reference_profile.get("prediction")}
             self.summary = window(self.profile, ())
         self._columns = self._input_columns(lv)
+        self._outputs = self._output_names(lv)
         self.detector = DriftDetector(
             alpha=config.drift_alpha,
             k=config.drift_k,
@@ -123,28 +138,69 @@ class VersionMonitor:
         )
         return None
 
+    def _output_names(self, lv: LoadedVersion) -> tuple[str, ...]:
+        """The outputs the prediction counts read (see summary._Predictions); only these are kept."""
+        names = [s.name for s in lv.session.outputs]
+        kind = self.summary.prediction_kind
+        if kind == "classification":
+            return tuple(n for n in ("label", "probabilities") if n in names)[:1]
+        if kind == "regression":
+            return ("prediction",) if "prediction" in names else tuple(names[:1]) if len(names) == 1 else ()
+        return ()
+
     # -- request path -------------------------------------------------------------------------
 
-    def record(
+    def record_failure(self) -> None:
+        """A request the model failed (a 5xx). Answers need no call: they are in the metrics."""
+        self._failed += 1
+
+    def _unflushed_requests(self) -> int:
+        return self._metrics.requests - self._seen_answers + self._failed
+
+    def observe(
         self,
-        inputs: Mapping[str, np.ndarray] | None,
-        outputs: Mapping[str, np.ndarray] | None,
-        latency_s: float,
-        rows: int,
-        prediction_id: str | None,
+        items: Sequence[BatchItem],
+        outcomes: Sequence[Mapping[str, np.ndarray] | BaseException],
+        arrays: BatchArrays | None,
     ) -> None:
-        """One answered request (outputs None: the model failed). Cheap: counted at the next flush."""
-        pending = self._pending
-        pending.append((inputs, outputs, latency_s, rows, prediction_id))
-        if len(pending) >= self._flush_at:
-            if self.on_full is not None and self._window_requests and self.window_full():
+        """One onnxruntime batch, from the batcher after its answers went out (a `BatchObserver`).
+
+        `arrays` are the batch's own concatenated inputs and outputs when it ran as one call: kept
+        as they are, with the batch's items (prediction ids and rows are read at the flush), so
+        the serving path pays one append per batch. Otherwise each answered request's arrays.
+        """
+        # Only the arrays counted and the ids are kept, not the requests: holding 256 requests'
+        # objects until the flush cost more (in cache misses) than the counting itself.
+        if arrays is not None:
+            self._batches.append(self._keep(arrays[0], arrays[1], items))
+            self._pending += len(items)
+        else:
+            for item, out in zip(items, outcomes, strict=True):
+                if not isinstance(out, BaseException):
+                    self._batches.append(self._keep(item.inputs, out, (item,)))
+                    self._pending += 1
+        if self._pending >= FLUSH_REQUESTS or (self._window_requests and self.window_full()):
+            if self.on_full is not None and self.window_full():
                 self.on_full(self)
             else:
                 self.flush()
 
+    def _keep(
+        self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], items: Sequence[BatchItem]
+    ) -> _Batch:
+        columns = self._columns
+        kept_inputs = {c: inputs[c] for c in columns} if columns is not None else {}
+        names = self._outputs
+        return (
+            kept_inputs,
+            {k: outputs[k] for k in names},
+            list(map(_PREDICTION_ID, items)),
+            list(map(_SIZE, items)),
+        )
+
     def window_full(self) -> bool:
         return bool(self._window_requests) and (
-            self.summary.requests + len(self._pending) >= self._window_requests
+            self.summary.requests + self._unflushed_requests() >= self._window_requests
         )
 
     # -- counting -----------------------------------------------------------------------------
@@ -155,56 +211,65 @@ class VersionMonitor:
             return None
         if len(columns) == 1:
             name = columns[0]
-            x = np.concatenate([b[name] for b in batch])
+            x = np.concatenate([b[name] for b in batch]) if len(batch) > 1 else np.asarray(batch[0][name])
             return x.reshape(len(x), -1) if x.ndim != 2 else x
         parts = [np.column_stack([np.asarray(b[c]).reshape(-1) for c in columns]) for b in batch]
         return np.concatenate(parts)
 
     def flush(self) -> None:
-        pending = self._pending
-        if not pending:
+        batches, self._batches = self._batches, []
+        self._pending = 0
+        self._take_answers()
+        if not batches:
             return
-        self._pending = []
-        self._flush_at = FLUSH_EVERY
-        if self._window_requests:  # stop exactly at the window's size
-            left = self._window_requests - self.summary.requests - len(pending)
-            self._flush_at = max(1, min(FLUSH_EVERY, left))
         try:
-            self._count(pending)
+            self._count(batches)
         except Exception:  # counting must never break serving
-            # One odd request (an input of another shape) spoils the batch: count them one
-            # by one, so only the requests that cannot be counted are left out.
-            for one in pending:
+            # One odd request (an input of another shape) spoils the lot: count the batches
+            # one by one, so only what cannot be counted is left out.
+            for one in batches:
                 try:
                     self._count([one])
                 except Exception as exc:
-                    self.errors += 1
+                    self.errors += len(one[2])
                     if not self._warned:
                         self._warned = True
                         log.warning(
-                            "%s version %d: monitoring failed, request left out: %r",
+                            "%s version %d: monitoring failed, %d request(s) left out: %r",
                             self.name,
                             self.version,
+                            len(one[2]),
                             exc,
                         )
 
-    def _count(self, pending: list[_Pending]) -> None:
-        # Per request only list comprehensions run here; the rest is numpy over the batch.
-        latencies = [p[2] for p in pending]
-        answered = [p for p in pending if p[1] is not None]
-        failed = len(pending) - len(answered)
-        if not answered:
-            self.summary.observe_batch(None, None, latencies, failed)
+    def _take_answers(self) -> None:
+        m = self._metrics
+        answers = m.requests - self._seen_answers
+        failed, self._failed = self._failed, 0
+        if not answers and not failed:
             return
-        x = self._matrix([p[0] for p in answered])  # type: ignore[misc]  # answered: inputs set
-        outputs = {k: np.concatenate([p[1][k] for p in answered]) for k in answered[0][1]}  # type: ignore[index, union-attr]
-        rows_each = [p[3] for p in answered]
-        rows = sum(rows_each)
-        predictions = self.summary.observe_batch(x, outputs, latencies, failed, rows=rows)
+        counts = list(m.latency.counts)
+        latency = [now - seen for now, seen in zip(counts, self._seen_latency, strict=True)]
+        latency_us = max(round((m.latency.sum - self._seen_latency_s) * 1e6), 0)
+        self._seen_answers, self._seen_latency, self._seen_latency_s = m.requests, counts, m.latency.sum
+        self.summary.add_answers(answers + failed, failed, latency, latency_us)
+
+    def _count(self, batches: list[_Batch]) -> None:
+        # Per batch (not per request) list comprehensions, then numpy over all the rows.
+        x = self._matrix([b[0] for b in batches])
+        names = tuple(batches[0][1])
+        if len(batches) == 1:
+            outputs = dict(batches[0][1])
+        else:
+            outputs = {k: np.concatenate([b[1][k] for b in batches]) for k in names}
+        sizes = list(itertools.chain.from_iterable(b[3] for b in batches))
+        rows = sum(sizes)
+        predictions = self.summary.observe_batch(x, outputs, (), 0, rows=rows)
         if predictions is None or self._book.capacity == 0 or len(predictions) != rows:
             return  # nothing to score feedback against (or not one output per row)
-        offsets = None if rows == len(answered) else [0, *itertools.accumulate(rows_each)]
-        self._book.add_batch(self, [p[4] for p in answered], predictions.tolist(), offsets)
+        ids = list(itertools.chain.from_iterable(b[2] for b in batches))
+        offsets = None if rows == len(ids) else [0, *itertools.accumulate(sizes)]
+        self._book.add_batch(self, ids, predictions.tolist(), offsets)
 
     # -- feedback and windows -----------------------------------------------------------------
 
@@ -222,8 +287,6 @@ class VersionMonitor:
         """Close the window: (summary, drift), each None when there is nothing to publish."""
         self.flush()
         window = self.summary.close(now)
-        if self._window_requests:
-            self._flush_at = max(1, min(FLUSH_EVERY, self._window_requests))
         feedback = window.get("feedback") or {}
         if window["requests"] == 0 and not feedback.get("labelled"):
             return None, None  # an idle window says nothing new
@@ -253,7 +316,11 @@ class VersionMonitor:
         doc: dict[str, Any] = {
             "model": self.name,
             "version": self.version,
-            "window": {"start": s.start, "requests": s.requests + len(self._pending), "errors": s.errors},
+            "window": {
+                "start": s.start,
+                "requests": s.requests + self._unflushed_requests(),
+                "errors": s.errors + self._failed,
+            },
             "windows_published": self.windows,
             "drift_windows": self.drift_windows,
             "drift_alert": self.alert,
@@ -284,11 +351,13 @@ class Monitor:
             self._close(old, self.clock())
         self._versions[(lv.name, lv.version)] = vm
         lv.monitor = vm
+        lv.batcher.observer = vm.observe
 
     def detach(self, lv: LoadedVersion) -> None:
         """The version is unloaded: its open window is published now, its prediction ids forgotten."""
         vm = self._versions.pop((lv.name, lv.version), None)
         lv.monitor = None
+        lv.batcher.observer = None
         if vm is not None:
             self._close(vm, self.clock())
             self.book.drop_owner(vm)

@@ -44,9 +44,11 @@ reference profile was built the same way, so the live and reference counts compa
 The edges themselves are not repeated in the window: the hub has the signed profile of
 the model version.
 
-Only failed requests' counts and latencies are recorded for them: their inputs may be
-malformed and they have no outputs, so they add nothing to the feature and prediction
-counts.
+Of a failed request only its count is kept (in requests and errors): its inputs may be
+malformed and it has no outputs, so it adds nothing to the feature and prediction counts.
+The agent fills the latency histogram from its answers (the same buckets as its
+Prometheus histogram, `add_answers`), so sum(latency counts) == requests - errors there;
+`observe` used on its own also buckets the latencies of failed requests.
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ class FeatureBinner:
             missing[self._numeric] = nan.sum(axis=1)
             index = np.empty(columns.shape, dtype=np.int64)
             for j, e in enumerate(self._edge_rows):
-                index[j] = np.searchsorted(e, columns[j], side="right")
+                index[j] = e.searchsorted(columns[j], side="right")  # the method: no wrapper
             index -= 1
             np.clip(index, 0, self._last_bin[:, np.newaxis], out=index)
             index += self._numeric_offsets[:, np.newaxis]
@@ -455,6 +457,16 @@ class WindowSummary:
             self._latency = [a + int(b) for a, b in zip(self._latency, counts.tolist(), strict=True)]
             self._latency_us += int(np.maximum(np.rint(lat * 1e6), 0).sum())
         return predictions
+
+    def add_answers(self, requests: int, errors: int, latency_counts: Sequence[int], latency_us: int) -> None:
+        """Requests counted elsewhere (the agent's metrics): how many, how many failed, and the
+        latency histogram (LATENCY_BUCKETS, the overflow last) with its sum in microseconds."""
+        if len(latency_counts) != len(self._latency):
+            raise ValueError(f"expected {len(self._latency)} latency counts, got {len(latency_counts)}")
+        self.requests += requests
+        self.errors += errors
+        self._latency = [a + int(b) for a, b in zip(self._latency, latency_counts, strict=True)]
+        self._latency_us += latency_us
 
     def add_feedback(
         self, labelled: int, correct: int = 0, abs_error: float = 0.0, sq_error: float = 0.0

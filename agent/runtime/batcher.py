@@ -14,16 +14,42 @@ bad request cannot fail the others it was batched with.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 Tensors = dict[str, np.ndarray]
 RunFn = Callable[[Mapping[str, np.ndarray]], Tensors]
+# A batch that ran as one onnxruntime call: its inputs (concatenated) and its outputs.
+BatchArrays = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
+
+
+class BatchItem(Protocol):
+    """One request of a batch, as a `BatchObserver` sees it."""
+
+    @property
+    def ticket(self) -> Ticket: ...
+
+    @property
+    def size(self) -> int: ...  # its rows
+
+    @property
+    def inputs(self) -> Mapping[str, np.ndarray]: ...
+
+
+# Told of every batch after its answers were delivered, on the loop thread: its requests, their
+# outcomes, and the batch's arrays (None when it ran request by request). Handed over as they are,
+# with no list built for it: the hand-over is on the serving path.
+BatchObserver = Callable[
+    [Sequence[BatchItem], Sequence["Tensors | BaseException"], "BatchArrays | None"], None
+]
 
 
 @dataclass(slots=True)
@@ -41,6 +67,9 @@ class Ticket(Protocol):
     @property
     def cancelled(self) -> bool: ...
 
+    @property
+    def prediction_id(self) -> str | None: ...
+
     def deliver(self, outcome: Tensors | BaseException) -> None: ...
 
 
@@ -48,6 +77,7 @@ class FutureTicket:
     """A Ticket that completes an asyncio future (for callers that want to await)."""
 
     __slots__ = ("future",)
+    prediction_id = None
 
     def __init__(self, future: asyncio.Future[Tensors]) -> None:
         self.future = future
@@ -75,11 +105,19 @@ def run_batch(
     run: RunFn, batch: list[Mapping[str, np.ndarray]], rows: list[int]
 ) -> list[Tensors | BaseException]:
     """Run several requests as one onnxruntime call; fall back to one by one on failure."""
+    return run_batch_arrays(run, batch, rows)[0]
+
+
+def run_batch_arrays(
+    run: RunFn, batch: list[Mapping[str, np.ndarray]], rows: list[int]
+) -> tuple[list[Tensors | BaseException], BatchArrays | None]:
+    """`run_batch`, and the batch's own inputs and outputs when it ran as one call (None otherwise)."""
     if len(batch) == 1:
         try:
-            return [run(batch[0])]
+            out = run(batch[0])
         except Exception as exc:
-            return [exc]
+            return [exc], None
+        return [out], (batch[0], out)
     try:
         merged = {name: np.concatenate([b[name] for b in batch]) for name in batch[0]}
         out = run(merged)
@@ -90,7 +128,7 @@ def run_batch(
             for n in rows:  # plain slices: views, and cheaper than np.split
                 results.append({name: arr[start : start + n] for name, arr in out.items()})
                 start += n
-            return results
+            return results, (merged, out)
     except Exception:
         pass
     results = []
@@ -99,7 +137,7 @@ def run_batch(
             results.append(run(item))
         except Exception as exc:
             results.append(exc)
-    return results
+    return results, None
 
 
 class Batcher:
@@ -133,6 +171,7 @@ class Batcher:
         self._inflight = 0
         self._timer: asyncio.TimerHandle | None = None
         self._inline_scheduled = False
+        self.observer: BatchObserver | None = None  # the monitor's, when it watches this version
 
     @property
     def inline(self) -> bool:
@@ -189,8 +228,8 @@ class Batcher:
                 continue
             if self._on_batch is not None:
                 self._on_batch(len(items), sum(i.size for i in items))
-            outcomes = run_batch(self._run, [i.inputs for i in items], [i.rows for i in items])
-            self._deliver(items, outcomes)
+            outcomes, arrays = run_batch_arrays(self._run, [i.inputs for i in items], [i.rows for i in items])
+            self._deliver(items, outcomes, arrays)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -226,23 +265,38 @@ class Batcher:
                 self._on_batch(len(items), sum(i.size for i in items))
             work = loop.run_in_executor(
                 executor,
-                run_batch,
+                run_batch_arrays,
                 self._run,
                 [i.inputs for i in items],
                 [i.rows for i in items],
             )
             work.add_done_callback(lambda w, items=items: self._finish(w, items))  # type: ignore[misc]
 
-    def _finish(self, work: asyncio.Future[list[Tensors | BaseException]], items: list[_Item]) -> None:
+    def _finish(
+        self,
+        work: asyncio.Future[tuple[list[Tensors | BaseException], BatchArrays | None]],
+        items: list[_Item],
+    ) -> None:
         self._inflight -= 1
         exc = work.exception()
-        outcomes: list[Tensors | BaseException] = [exc] * len(items) if exc is not None else work.result()
-        self._deliver(items, outcomes)
+        if exc is not None:
+            outcomes: list[Tensors | BaseException] = [exc] * len(items)
+            arrays = None
+        else:
+            outcomes, arrays = work.result()
+        self._deliver(items, outcomes, arrays)
         if self._queue:
             self._dispatch()
 
-    @staticmethod
-    def _deliver(items: list[_Item], outcomes: list[Tensors | BaseException]) -> None:
+    def _deliver(
+        self, items: list[_Item], outcomes: list[Tensors | BaseException], arrays: BatchArrays | None
+    ) -> None:
         for item, outcome in zip(items, outcomes, strict=True):
             if not item.ticket.cancelled:
                 item.ticket.deliver(outcome)
+        observer = self.observer
+        if observer is not None:  # after the answers: watching never delays them
+            try:
+                observer(items, outcomes, arrays)
+            except Exception:  # the monitor's failure is its own; the batcher goes on
+                log.exception("batch observer failed")

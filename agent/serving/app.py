@@ -69,7 +69,7 @@ def _runtime_status(exc: BaseException) -> tuple[int, str]:
 class _InferTicket:
     """Carries one inference from the batcher back to its connection, encoding the answer."""
 
-    __slots__ = ("app", "deferred", "lv", "parsed", "started")
+    __slots__ = ("app", "deferred", "lv", "parsed", "prediction_id", "started")
 
     def __init__(self, app: App, lv: LoadedVersion, parsed: InferRequest, started: float) -> None:
         self.app = app
@@ -77,6 +77,8 @@ class _InferTicket:
         self.parsed = parsed
         self.started = started
         self.deferred = Deferred()
+        # The response's `id`: the request's, or a new one (the monitor files predictions by it).
+        self.prediction_id: str = parsed.id if parsed.id is not None else app.next_id()
 
     @property
     def cancelled(self) -> bool:
@@ -99,13 +101,12 @@ class _InferTicket:
                 if lv.observer is not None:
                     lv.observer(False, elapsed)
                 if lv.monitor is not None:
-                    lv.monitor.record(None, None, elapsed, 0, None)
+                    lv.monitor.record_failure()
             return error_response(status, message)
         parsed = self.parsed
-        req_id = parsed.id if parsed.id is not None else self.app.next_id()
         try:
             body, header_len = encode_infer_response(
-                lv.name, lv.version_str, req_id, outcome, parsed.outputs, parsed.binary_output
+                lv.name, lv.version_str, self.prediction_id, outcome, parsed.outputs, parsed.binary_output
             )
         except Exception as err:
             vm.failed()
@@ -115,8 +116,6 @@ class _InferTicket:
         vm.answered(elapsed)
         if lv.observer is not None:
             lv.observer(True, elapsed)
-        if lv.monitor is not None:
-            lv.monitor.record(parsed.inputs, outcome, elapsed, parsed.rows, req_id)
         if header_len is None:
             return Response(200, body)
         return Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])

@@ -16,10 +16,11 @@ import pytest
 
 from agent.config import MonitorConfig
 from agent.errors import NotFound, RequestError
+from agent.metrics import VersionMetrics
 from agent.monitor.drift import DriftDetector, binned_ks, chi_square
 from agent.monitor.feedback import FeedbackError, PredictionBook, score
 from agent.monitor.report import drift_message, window_tests
-from agent.monitor.service import FLUSH_EVERY, Monitor
+from agent.monitor.service import FLUSH_REQUESTS, Monitor
 from agent.monitor.summary import WindowSummary, merge
 from agent.package.manifest import TensorSpec
 from hub.packager import profile as hub_profile
@@ -61,8 +62,21 @@ X_REF, PROFILE = reference()
 
 def loaded(profile: dict[str, Any] = PROFILE, task: str = "classification", version: int = 1) -> Any:
     manifest = SimpleNamespace(reference_profile=profile, labels=("0", "1"), task=task, features=FEATURES)
-    session = SimpleNamespace(inputs=(TensorSpec("x", "FP32", (-1, len(FEATURES))),))
-    return SimpleNamespace(name="m", version=version, manifest=manifest, session=session, monitor=None)
+    session = SimpleNamespace(
+        inputs=(TensorSpec("x", "FP32", (-1, len(FEATURES))),),
+        outputs=(TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 2))),
+    )
+    batcher = SimpleNamespace(observer=None)
+    metrics = VersionMetrics("m", str(version))
+    return SimpleNamespace(
+        name="m",
+        version=version,
+        manifest=manifest,
+        session=session,
+        batcher=batcher,
+        metrics=metrics,
+        monitor=None,
+    )
 
 
 def answer(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -88,15 +102,42 @@ def monitor(**overrides: Any) -> tuple[Monitor, Clock, Published]:
     return mon, clock, out
 
 
-def feed(lv: Any, x: np.ndarray, rows_per_request: int = 1, ids: str | None = "r") -> list[str]:
-    made = []
+def feed(
+    lv: Any, x: np.ndarray, rows_per_request: int = 1, ids: str | None = "r", batch: int = 1
+) -> list[str]:
+    """Requests as the agent serves them: each answer's latency recorded, then every `batch` of
+    them handed to the batcher's observer as one onnxruntime call (its concatenated arrays)."""
+    requests = []
     for i in range(0, len(x), rows_per_request):
-        chunk = x[i : i + rows_per_request].astype(np.float32)
-        pid = f"{ids}{i}" if ids else None
-        lv.monitor.record({"x": chunk}, answer(chunk), 0.0004, len(chunk), pid)
-        if pid:
-            made.append(pid)
-    return made
+        requests.append((x[i : i + rows_per_request].astype(np.float32), f"{ids}{i}" if ids else None))
+    for j in range(0, len(requests), batch):
+        group = requests[j : j + batch]
+        for _ in group:
+            lv.metrics.answered(0.0004)  # what the response path does for every answer
+        merged = np.concatenate([chunk for chunk, _ in group])
+        lv.batcher.observer(
+            [item(chunk, pid) for chunk, pid in group],
+            [answer(chunk) for chunk, _ in group],
+            ({"x": merged}, answer(merged)),
+        )
+    return [pid for _, pid in requests if pid]
+
+
+def item(chunk: np.ndarray, pid: str | None) -> Any:
+    """A request as the batcher holds it (agent.runtime.batcher.BatchItem)."""
+    return SimpleNamespace(ticket=SimpleNamespace(prediction_id=pid), size=len(chunk), inputs={"x": chunk})
+
+
+def odd(lv: Any, exc: BaseException | None = None) -> None:
+    """One request whose input has 7 features (or that failed with `exc`), run alone."""
+    x = np.zeros((1, 7), np.float32)
+    if exc is None:
+        lv.metrics.answered(0.001)
+    else:
+        lv.monitor.record_failure()
+    outcome = exc if exc is not None else answer(x)
+    arrays = None if exc is not None else ({"x": x}, answer(x))
+    lv.batcher.observer([item(x, "odd")], [outcome], arrays)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -246,8 +287,8 @@ def test_batched_counts_equal_one_at_a_time_counts() -> None:
     mon.attach(lv)
     x = np.random.default_rng(4).normal(size=(700, 3))
     feed(lv, x[:300], rows_per_request=1)
-    feed(lv, x[300:], rows_per_request=4, ids="b")
-    lv.monitor.record(None, None, 0.2, 0, None)  # the model failed once
+    feed(lv, x[300:], rows_per_request=4, ids="b", batch=8)
+    odd(lv, RuntimeError("the model failed"))
     clock.t += 61
     mon.tick()
     (summary,) = out.of("summary")
@@ -256,13 +297,14 @@ def test_batched_counts_equal_one_at_a_time_counts() -> None:
     )
     for row in x.astype(np.float32):
         one.observe(row[None, :], answer(row[None, :]), 0.0004, True)
-    one.observe(None, None, 0.2, False)
+    one.observe(None, None, 0.001, False)
     expected = one.close(clock.t)
     assert summary["requests"] == 300 + 100 + 1 and expected["requests"] == 701
     for key in ("errors", "rows", "features", "prediction"):
         assert summary[key] == expected[key], key
-    assert sum(summary["latency"]["counts"]) == 401
+    assert sum(summary["latency"]["counts"]) == 400  # the answers; the failure has no latency
     assert summary["latency"]["counts"][-1] == 0 and summary["errors"] == 1
+    assert summary["latency"]["sum_us"] == 400 * 400  # 400 answers of 0.4 ms
     assert summary["start"] == 1_700_000_000.0 and summary["end"] == clock.t
 
 
@@ -290,15 +332,15 @@ def test_window_requests_closes_exactly_at_the_count() -> None:
     mon, _clock, out = monitor(window_requests=100)
     lv = loaded()
     mon.attach(lv)
-    feed(lv, np.random.default_rng(7).normal(size=(FLUSH_EVERY * 2 + 30, 3)))
+    feed(lv, np.random.default_rng(7).normal(size=(FLUSH_REQUESTS * 2 + 30, 3)))
     sizes = [s["requests"] for s in out.of("summary")]
     assert sizes == [100] * 5
     mon.close_all()
-    assert [s["requests"] for s in out.of("summary")] == [100] * 5 + [FLUSH_EVERY * 2 + 30 - 500]
+    assert [s["requests"] for s in out.of("summary")] == [100] * 5 + [FLUSH_REQUESTS * 2 + 30 - 500]
     total = out.of("summary")[0]
     for s in out.of("summary")[1:]:
         total = merge(total, s)
-    assert total["rows"] == FLUSH_EVERY * 2 + 30 and total["windows"] == 6
+    assert total["rows"] == FLUSH_REQUESTS * 2 + 30 and total["windows"] == 6
 
 
 def test_feedback_scores_against_what_was_predicted_and_goes_in_the_window() -> None:
@@ -361,9 +403,9 @@ def test_a_failing_publish_or_a_bad_batch_never_reaches_the_caller() -> None:
     lv = loaded()
     mon.attach(lv)
     feed(lv, np.random.default_rng(9).normal(size=(5, 3)))
-    lv.monitor.record({"x": np.zeros((1, 7), np.float32)}, answer(np.zeros((1, 7))), 0.001, 1, "bad")
+    odd(lv)
     clock.t += 61
-    mon.tick()  # the odd-shaped input spoils its batch, which is left out and counted
+    mon.tick()  # the odd-shaped input spoils the flush; only its batch is left out, and counted
     assert mon.unpublished == 1  # the summary the disk refused
     status = mon.status()["versions"][0]
     assert status["errors"] == 1  # only the odd request is left out of the counts
@@ -375,10 +417,11 @@ def test_an_odd_request_leaves_the_rest_of_its_batch_counted() -> None:
     lv = loaded()
     mon.attach(lv)
     feed(lv, np.random.default_rng(11).normal(size=(5, 3)))
-    lv.monitor.record({"x": np.zeros((1, 7), np.float32)}, answer(np.zeros((1, 7))), 0.001, 1, "bad")
+    odd(lv)
     clock.t += 61
     mon.tick()
-    assert out.of("summary")[0]["requests"] == 5
+    summary = out.of("summary")[0]
+    assert summary["requests"] == 6 and summary["rows"] == 5  # answered, but its rows not counted
 
 
 def test_a_profile_that_does_not_fit_the_inputs_keeps_predictions_only() -> None:

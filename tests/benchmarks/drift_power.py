@@ -67,7 +67,7 @@ TARGET_RATIO = 0.95
 
 @dataclass(frozen=True)
 class Config:
-    """The simulation's sizes; the defaults take about 45 s on a 2-core VM, QUICK about 7 s."""
+    """The simulation's sizes; the defaults take about 210 s on a 2-core VM, QUICK about 25 s."""
 
     features: int = 20
     reference_rows: int = 5000

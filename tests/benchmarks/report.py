@@ -274,6 +274,10 @@ def render_text(results: dict[str, Any]) -> str:
     if vt:
         parts += [text_table(["target", "contender", "measured", "needed", "verdict"], vt), ""]
     parts += [f"note: {s}" for s in statuses(results)]
+    if "monitor_cost" in results:
+        from tests.benchmarks.monitor_cost import render as render_monitor
+
+        parts += ["", render_monitor(results["monitor_cost"])]
     if "drift_power" in results:
         from tests.benchmarks.drift_power import render
 
@@ -304,6 +308,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     notes = statuses(results)
     if notes:
         lines += ["## Notes", "", *(f"- {s}" for s in notes), ""]
+    if "monitor_cost" in results:
+        from tests.benchmarks.monitor_cost import render as render_monitor
+
+        lines += [render_monitor(results["monitor_cost"], markdown=True), ""]
     if "drift_power" in results:
         from tests.benchmarks.drift_power import render
 

@@ -12,8 +12,9 @@ set for this machine, labelled). For each server: one instance with only the tab
 in-process, so a fast wrong server cannot win. A contender that cannot start is reported as
 'unavailable: <reason>' and the run goes on.
 
-One more section, `drift` (tests/benchmarks/drift_power.py, no server): the detection power of
-the agent's binned KS against scipy's exact KS at the same false-alarm rate, ~45 s (~7 s quick).
+Two more sections: `drift` (tests/benchmarks/drift_power.py, no server): the detection power of
+the agent's binned KS against scipy's exact KS at the same false-alarm rate, ~210 s (~25 s quick).
+And `monitor` (tests/benchmarks/monitor_cost.py): the monitor's cost, the agent with it on vs off.
 
 Writes bench-results/results.json and results.md, prints the table and PASS/FAIL per target.
 """
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks import drift_power, report
+from tests.benchmarks import drift_power, monitor_cost, report
 from tests.benchmarks.client import (
     ClientError,
     Load,
@@ -80,7 +81,7 @@ CONTENDERS = {
     "agent": ("agent", "outpost-agent run, default config (only data_dir, socket, identity)"),
     "agent_tuned": ("agent (tuned)", "outpost-agent run, default config plus [runtime] {tuned}"),
 }
-SECTIONS = ("drift",)  # selectable with --only like the contenders, but not servers
+SECTIONS = ("drift", "monitor")  # selectable with --only like the contenders, but not servers
 
 
 @dataclass(frozen=True)
@@ -475,6 +476,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     agents = [k for k in ("agent", "agent_tuned") if k in wanted]
     results["targets"] = report.evaluate(results["figures"], agents) if "peer" in wanted else []
+    if "monitor" in args.only.split(","):
+        print("- monitoring cost (agent, monitor on vs off) ...", flush=True)
+        workdir = Path(tempfile.mkdtemp(prefix="ob-"))
+        try:
+            if not wanted:
+                packages = build_packages(args.out / "packages")
+                wl = make_workload(packages)
+            results["monitor_cost"] = monitor_cost.run(packages, wl, st, workdir, args.quick)
+        except Exception as exc:  # a failure here must not lose the other figures
+            traceback.print_exc()
+            results["monitor_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        results.setdefault("targets", []).append(monitor_cost.verdict(results["monitor_cost"]))
     if "drift" in args.only.split(","):
         print("- drift detection power ...", flush=True)
         try:

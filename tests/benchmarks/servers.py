@@ -176,8 +176,10 @@ def agent_bin() -> Path:
     return Path(sys.executable).parent / "outpost-agent"
 
 
-def write_agent_config(directory: Path, socket: str, runtime: dict[str, Any]) -> Path:
-    """The config a user writes: identity, data directory, socket; no hub, no MQTT broker."""
+def write_agent_config(directory: Path, socket: str, runtime: dict[str, Any],
+                       sections: dict[str, dict[str, Any]] | None = None) -> Path:
+    """The config a user writes: identity, data directory, socket; no hub, no MQTT broker.
+    `sections` adds tables (e.g. {"monitor": {"enabled": False}})."""
     lines = [
         'device_id = "bench-001"',
         'group = "bench"',
@@ -195,6 +197,10 @@ def write_agent_config(directory: Path, socket: str, runtime: dict[str, Any]) ->
     if runtime:
         lines += ["", "[runtime]"]
         for key, value in runtime.items():
+            lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+    for table, keys in (sections or {}).items():
+        lines += ["", f"[{table}]"]
+        for key, value in keys.items():
             lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
     path = directory / "agent.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -220,12 +226,12 @@ def agent_cli(config: Path, *args: str, timeout: float = INSTALL_TIMEOUT_S) -> s
 
 
 def start_agent(workdir: Path, name: str, label: str, packages: list[Path],
-                runtime: dict[str, Any]) -> Server:
+                runtime: dict[str, Any], sections: dict[str, dict[str, Any]] | None = None) -> Server:
     """Install the packages with the agent's CLI, then `outpost-agent run --config`."""
     directory = workdir / name
     directory.mkdir()
     socket = str(workdir / f"{name}.sock")
-    config = write_agent_config(directory, socket, runtime)
+    config = write_agent_config(directory, socket, runtime, sections)
     for package in packages:
         agent_cli(config, "install", str(package))
     server = _spawn(label, [str(agent_bin()), "run", "--config", str(config)], socket,

@@ -476,7 +476,10 @@ def test_only_the_current_and_previous_versions_stay_on_disk(
                     ),
                     agent=agent,
                 )
-        on_disk = sorted(p.name for p in (agent.data_dir / "models" / "wine").iterdir())
-        assert on_disk == ["2", "3"]
+        # The record says committed before its actions (the clean-up among them) run: wait for them.
+        def on_disk() -> list[str]:
+            return sorted(p.name for p in (agent.data_dir / "models" / "wine").iterdir())
+
+        wait_for("the clean-up after the commit", lambda: on_disk() == ["2", "3"], agent=agent)
     finally:
         agent.kill()
