@@ -15,7 +15,12 @@
 7. starts a device agent connected to the hub: it pulls, verifies, probes and commits
    version 1, then is assigned a deliberately slow version 3, which fails probation on
    latency; the agent falls back to version 1 by itself, with no failed request; the device
-   reports over MQTT (a local Mosquitto) and the hub's fleet view shows what happened.
+   reports over MQTT (a local Mosquitto) and the hub's fleet view shows what happened;
+8. two more devices serve version 1 to their apps, one on data like the training data, one
+   where a sensor reads the alcohol content 1 sigma high; apps feed some true labels back.
+   Each device publishes per-window summaries and drift tests; the hub adds the devices'
+   counts into a fleet summary (with accuracy from the labels) and raises a drift alert for
+   the shifted device only, after three windows in a row.
 
 Exits non-zero if any step does not behave as described.
 """
@@ -410,6 +415,86 @@ def device_updates(work: Path, url: str, hub_data: Path, v1: Path, body: bytes, 
     assert traffic.failures == 0
 
 
+def monitoring(work: Path, mqtt_url: str, v1: Path, sample_path: Path) -> None:
+    step("8. Monitoring: per-window summaries and drift from two devices, summed at the hub")
+    features, x, y = read_sample(sample_path)
+    alcohol = features.index("alcohol")
+    rng = np.random.default_rng(8)
+    devices: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    try:
+        for name in ("demo-003", "demo-004"):
+            sock = str(work / f"{name}.sock")
+            config = work / f"{name}.toml"
+            config.write_text(
+                f'device_id = "{name}"\ngroup = "plant"\ndata_dir = "{work / name}"\n'
+                f'[server]\nsocket = "{sock}"\n[mqtt]\nurl = "{mqtt_url}"\n'
+                # Small windows so the demo is short: 8 requests of 50 rows each.
+                "[monitor]\nwindow_requests = 8\ndrift_min_rows = 200\ndrift_k = 3\n"
+            )
+            run_quiet(
+                str(BIN / "outpost-agent"), "install", str(v1.with_suffix(".tar")), "--config", str(config)
+            )
+            log = (work / f"{name}.log").open("wb")
+            proc = subprocess.Popen(
+                [str(BIN / "outpost-agent"), "run", "--config", str(config)], stdout=log, stderr=log
+            )
+            devices[name] = (proc, sock)
+        for name, (_, sock) in devices.items():
+            wait_until(f"{name} to serve", lambda sock=sock: call_ready(sock) == 200)
+        print("  demo-003: inputs like the training data; demo-004: alcohol read 1 sigma too high")
+        labelled = 0
+        for _window in range(4):
+            for name, (_, sock) in devices.items():
+                for _ in range(8):
+                    pick = rng.integers(0, len(x), size=50)
+                    rows = x[pick].copy()
+                    if name == "demo-004":
+                        rows[:, alcohol] += x[:, alcohol].std()
+                    body = json.dumps(
+                        {
+                            "inputs": [
+                                {
+                                    "name": "input",
+                                    "shape": list(rows.shape),
+                                    "datatype": "FP32",
+                                    "data": rows.ravel().tolist(),
+                                }
+                            ]
+                        }
+                    ).encode()
+                    status, _, data = call(sock, "POST", "/v2/models/wine/infer", body)
+                    assert status == 200, data
+                    if labelled < 40:  # the apps know the true class of some predictions later
+                        answer = json.loads(data)
+                        label = {"id": answer["id"], "label": [int(v) for v in y[pick]]}
+                        status, _, data = call(sock, "POST", "/v1/feedback", json.dumps(label).encode())
+                        assert status == 200, data
+                        labelled += 1
+        print("  each device sent 4 windows of 400 rows; 40 requests (2000 rows) were labelled afterwards")
+        outpost = str(BIN / "outpost")
+        wait_until(
+            "the windows at the hub",
+            lambda: (
+                "2 devices, 8 windows" in run_quiet(outpost, "fleet", "summary", "wine:1", "--group", "plant")
+            ),
+        )
+        run(outpost, "fleet", "summary", "wine:1", "--group", "plant")
+        run(outpost, "fleet", "drift", "wine:1", "--group", "plant")
+        wait_until(
+            "the drift alert", lambda: "demo-004" in run_quiet(outpost, "fleet", "alerts", "--kind", "drift")
+        )
+        alerts = run(outpost, "fleet", "alerts", "--kind", "drift")
+        assert "demo-004" in alerts and "demo-003" not in alerts, "demo: the alert should name demo-004 only"
+        status, _, data = call(devices["demo-004"][1], "GET", "/v1/status")
+        seen = json.loads(data)["monitor"]["versions"][0]
+        print(f"  demo-004 itself says: drift alert {seen['drift_alert']}, features {seen.get('alerting')}")
+    finally:
+        for proc, _ in devices.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="outpost-demo-"))
     agent: subprocess.Popen[bytes] | None = None
@@ -431,6 +516,7 @@ def main() -> int:
         broker, mqtt_url = start_broker(work)
         hub, url, hub_data = hub_publish(work, v1, v2, mqtt_url)
         device_updates(work, url, hub_data, v1, body, mqtt_url)
+        monitoring(work, mqtt_url, v1, sample_path)
         hub.terminate()
         hub.wait(30)
         hub = None
