@@ -204,6 +204,25 @@ class HubClient:
         result: list[dict[str, Any]] = self._call("GET", "/api/v1/fleet/alerts", params=params)
         return result
 
+    def start_rollout(self, doc: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/v1/rollouts", json=doc)
+        return result
+
+    def rollouts(self, model: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call(
+            "GET", "/api/v1/rollouts", params=_params(model=model, group=group)
+        )
+        return result
+
+    def rollout(self, rollout_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/api/v1/rollouts/{rollout_id}")
+        return result
+
+    def rollout_action(self, rollout_id: int, action: str, reason: str = "") -> dict[str, Any]:
+        path = f"/api/v1/rollouts/{rollout_id}/{action}"
+        result: dict[str, Any] = self._call("POST", path, json={"reason": reason})
+        return result
+
 
 def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}

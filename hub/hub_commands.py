@@ -1,4 +1,4 @@
-"""`outpost push | deploy | rollback | models | groups | fleet [summary | drift | alerts]`: the
+"""`outpost push | deploy | rollback | models | groups | fleet [summary | drift | alerts] | rollout`: the
 operator's commands that talk to the hub.
 
 The hub URL and token come from --hub/--token or OUTPOST_HUB/OUTPOST_TOKEN.
@@ -333,3 +333,6 @@ def add_commands(commands: Any) -> None:
     p.set_defaults(handler=_cmd_groups)
 
     _add_fleet(commands)
+    from hub.rollouts.cli import add_rollout_commands
+
+    add_rollout_commands(commands)

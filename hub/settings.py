@@ -62,6 +62,8 @@ class HubSettings:
     fleet_drift_alpha: float = 0.05
     fleet_drift_method: str = "bh"
     fleet_drift_min_rows: int = 100
+    # Rollouts (hub.rollouts): how often the controller evaluates running rollouts (seconds).
+    rollout_interval_s: float = 10.0
 
     @property
     def mqtt_client_name(self) -> str:

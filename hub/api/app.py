@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from hub import __version__
+from hub.api.rollouts import add_rollout_routes
 from hub.api.upload import read_package_tar
 from hub.errors import AuthError, HubError, PackageTooLarge
 from hub.fleet import AlertRules, DriftSettings, FleetConsumer, FleetQueries, FleetStore, FleetUnavailable
@@ -369,11 +370,13 @@ def create_app(settings: HubSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.ensure_future(hub.refresher())
+        controller = asyncio.ensure_future(rollouts.run())  # hub.rollouts: the rollout controller
         hub.start_fleet()
         try:
             yield
         finally:
             task.cancel()
+            controller.cancel()
             await run_in_threadpool(hub.stop_fleet)
 
     app = FastAPI(
@@ -434,6 +437,7 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     _group_routes(app, hub)
     _fleet_routes(app, hub)
+    rollouts = add_rollout_routes(app, hub)
     # Only the two public trees: the repository's lock file and anything else stay private.
     for sub in ("metadata", "targets"):
         (settings.tuf_dir / sub).mkdir(parents=True, exist_ok=True)
