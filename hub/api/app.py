@@ -8,6 +8,8 @@
     /tuf/metadata/  TUF metadata, public: devices verify it against their provisioned root
     /tuf/targets/   signed model files and group assignments, public for the same reason
     /healthz        liveness, public
+    /, /login, ...  the dashboard (hub.dashboard): server-rendered pages behind a login with
+                    an operator token (a session cookie; the API above never reads it)
 
 A push is validated and stored by the registry, then signed into the TUF repository; if
 signing fails the stored version is removed again, so the registry never holds a version
@@ -438,6 +440,9 @@ def create_app(settings: HubSettings) -> FastAPI:
     _group_routes(app, hub)
     _fleet_routes(app, hub)
     rollouts = add_rollout_routes(app, hub)
+    from hub.dashboard import mount as mount_dashboard
+
+    mount_dashboard(app, hub)
     # Only the two public trees: the repository's lock file and anything else stay private.
     for sub in ("metadata", "targets"):
         (settings.tuf_dir / sub).mkdir(parents=True, exist_ok=True)

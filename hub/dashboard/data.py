@@ -1,0 +1,96 @@
+"""What the dashboard reads from the hub: the registry, the fleet store and its queries.
+
+Blocking (database) calls; the routes run them in the thread pool. Each function gathers one
+page's data and hands it to the pure builders in hub.dashboard.views.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from hub.dashboard import views
+from hub.errors import NotFoundError
+from hub.fleet.queries import TimeRange
+from hub.registry.db import TokenRow
+
+if TYPE_CHECKING:
+    from hub.api.app import Hub
+
+DEFAULT_RANGE = "24h"
+ALERTS_SHOWN = 50
+VERSIONS_SUMMED = 10  # the model page sums the fleet's windows for the newest versions only
+
+
+def session_key(hub: Hub, name: str) -> str | None:
+    """The stored SHA-256 of the live token `name` (the key its sessions are signed with)."""
+    with hub.db.session() as s:
+        row = s.scalar(select(TokenRow).where(TokenRow.name == name, TokenRow.revoked.is_(None)))
+        return None if row is None else row.sha256
+
+
+def fleet_page(hub: Hub) -> views.FleetView:
+    devices = hub.fleet.devices()
+    alerts = hub.fleet_queries.store.alerts(limit=ALERTS_SHOWN)
+    return views.fleet_view(devices, alerts, datetime.now(UTC))
+
+
+def models_page(hub: Hub) -> list[tuple[str, list[int]]]:
+    return [(m.name, list(m.versions)) for m in hub.registry.list_models()]
+
+
+def rollouts_for_model(hub: Hub, model: str) -> list[views.RolloutView]:
+    """The rollouts of `model` with their gate decisions, for the model page.
+
+    TO WIRE: hub.rollouts (plans, steps, gate decisions with evidence) is being built beside
+    this; when it offers read functions, map its rollouts of `model` to views.RolloutView here.
+    Until then there are none, and the page says "no rollouts".
+    """
+    del hub, model
+    return []
+
+
+def model_page(hub: Hub, name: str) -> views.ModelView:
+    hub.registry.get_model(name)  # NotFoundError (404) for an unknown model
+    versions = hub.registry.list_versions(name)
+    deployments = [g.deployment for g in hub.registry.list_groups() if g.deployment is not None]
+    summaries: dict[int, dict[str, Any]] = {}
+    for v in sorted((v.version for v in versions), reverse=True)[:VERSIONS_SUMMED]:
+        summaries[v] = hub.fleet_queries.summary(name, v, since=DEFAULT_RANGE)
+    return views.model_view(
+        name,
+        versions,
+        deployments,
+        hub.fleet.devices(),
+        summaries,
+        rollouts_for_model(hub, name),
+        f"the last {DEFAULT_RANGE}",
+    )
+
+
+def drift_page(hub: Hub, name: str, version: int, since: str | None) -> views.DriftView:
+    queries = hub.fleet_queries
+    since = since or DEFAULT_RANGE
+    span = TimeRange.parse(since, None, queries.clock())
+    fleet = queries.drift(name, version, since=str(span.since), until=str(span.until))
+    profile = dict(hub.registry.get_version(name, version).manifest.reference_profile)
+    windows = queries.store.windows("summary", name, version, span.since, span.until)
+    cfg = queries.drift_settings
+    timeline = views.drift_timeline(
+        [(w.device_id, w.seq, w.end, w.body) for w in windows],
+        profile,
+        alpha=cfg.alpha,
+        method=cfg.method,
+        min_rows=cfg.min_rows,
+    )
+    shown = f"{views.when(span.since)} .. {views.when(span.until)}"
+    return views.drift_view(name, version, fleet, timeline, shown)
+
+
+def drift_versions(hub: Hub, name: str) -> list[int]:
+    info = hub.registry.get_model(name)
+    if not info.versions:
+        raise NotFoundError(f"model {name!r} has no versions")
+    return list(info.versions)
