@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that `make test` and `make demo` use, when missing.
+# Installs the Debian packages that `make test` and `make demo` use, when missing
+# (Mosquitto, systemd-analyze, Chromium for the dashboard's browser test).
 set -euo pipefail
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# The dashboard's browser test drives Debian's Chromium through Playwright (tests/hub/test_dashboard.py).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
