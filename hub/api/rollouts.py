@@ -13,9 +13,9 @@ an action the rollout's state does not allow, 409; bad steps, minimums or gates 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
@@ -24,6 +24,16 @@ from hub.rollouts.plan import DEFAULT_MIN_REQUESTS, DEFAULT_MIN_SECONDS, DEFAULT
 
 if TYPE_CHECKING:
     from hub.api.app import Hub
+
+
+def _operator(request: Request) -> str:
+    """The operator token's name, checked as every /api/v1 route checks it (hub.api.app)."""
+    from hub.api.app import operator
+
+    return operator(request)
+
+
+Operator = Annotated[str, Depends(_operator)]
 
 
 class RolloutRequest(BaseModel):
@@ -61,8 +71,6 @@ def rollout_service(hub: Hub) -> RolloutService:
 
 def add_rollout_routes(app: FastAPI, hub: Hub) -> RolloutService:
     """Register the routes; the caller runs `service.run()` as a background task."""
-    from hub.api.app import Operator
-
     service = rollout_service(hub)
 
     def start(req: RolloutRequest, actor: str) -> dict[str, Any]:

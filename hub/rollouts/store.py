@@ -9,7 +9,8 @@ registry's engine, as hub.fleet does; SQLite and PostgreSQL alike).
                         UNIQUE, so a group has at most one live rollout)
     rollout_decisions   id, rollout_id, at, action (start | advance | hold | halt | complete |
                         pause | resume | abort), actor (operator token name or "controller"),
-                        step, percent, reason, evidence (JSON)
+                        step and percent (where the rollout was when it was decided: an advance
+                        from 5% to 25% is recorded at 5%), reason, evidence (JSON)
 
 Optimistic concurrency: every change of a rollout is `UPDATE ... WHERE id = ? AND revision = ?`
 that also increments the revision, with its decision inserted in the same transaction; whoever
@@ -303,7 +304,7 @@ class RolloutStore:
                 return None
             row = s.get(RolloutRow, seen.id, populate_existing=True)
             assert row is not None
-            self._decide(s, row, at, action, actor, reason, evidence)
+            self._decide(s, row, at, action, actor, reason, evidence, step=seen.step)
             return to_rollout(row)
 
     @staticmethod
@@ -315,16 +316,18 @@ class RolloutStore:
         actor: str,
         reason: str,
         evidence: dict[str, Any],
+        step: int | None = None,
     ) -> None:
         steps = json.loads(row.steps)
+        at_step = row.step if step is None else step  # the step the decision was taken at
         s.add(
             DecisionRow(
                 rollout_id=row.id,
                 at=at,
                 action=action,
                 actor=actor,
-                step=row.step,
-                percent=steps[row.step],
+                step=at_step,
+                percent=steps[at_step],
                 reason=reason,
                 evidence=json.dumps(evidence, sort_keys=True, default=str),
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ def free_port() -> int:
 
 
 class HubProcess:
-    def __init__(self, data: Path, short_expiry: float = 0.0) -> None:
+    def __init__(self, data: Path, short_expiry: float = 0.0, settings: dict[str, Any] | None = None) -> None:
         self.data = data
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -37,8 +38,23 @@ class HubProcess:
         if result.returncode != 0:
             raise AssertionError(f"outpost-hub init failed: {result.stderr}")
         self.init_output = result.stdout
+        if settings:
+            self.set_settings(**settings)
         self.token = (data / "operator.token").read_text().strip()
         self.root = (data / "tuf" / "metadata" / "root.json").read_bytes()
+
+    def set_settings(self, **values: Any) -> None:
+        """Change keys of DATA/hub.toml (as `outpost-hub init` wrote it) before `start`."""
+        path = self.data / "hub.toml"
+        lines = path.read_text().splitlines()
+        for key, value in values.items():
+            rendered = f"{key} = {json.dumps(value)}"  # TOML reads JSON strings, numbers, booleans
+            at = [i for i, line in enumerate(lines) if line.split("=")[0].strip() == key]
+            if at:
+                lines[at[0]] = rendered
+            else:
+                lines.append(rendered)
+        path.write_text("\n".join(lines) + "\n")
 
     def start(self, mqtt_url: str | None = None) -> HubProcess:
         """Serve; with `mqtt_url`, also consume fleet telemetry from that broker (--mqtt)."""
