@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 DEFAULT_RANGE = "24h"
 ALERTS_SHOWN = 50
-VERSIONS_SUMMED = 10  # the model page sums the fleet's windows for the newest versions only
+VERSIONS_SUMMED = 10
+ROLLOUTS_SHOWN = 10  # the model page sums the fleet's windows for the newest versions only
 
 
 def session_key(hub: Hub, name: str) -> str | None:
@@ -42,14 +43,11 @@ def models_page(hub: Hub) -> list[tuple[str, list[int]]]:
 
 
 def rollouts_for_model(hub: Hub, model: str) -> list[views.RolloutView]:
-    """The rollouts of `model` with their gate decisions, for the model page.
+    """The newest rollouts of `model` with their gate decisions (hub.rollouts), for the model page."""
+    from hub.rollouts import get_rollout, list_rollouts
 
-    TO WIRE: hub.rollouts (plans, steps, gate decisions with evidence) is being built beside
-    this; when it offers read functions, map its rollouts of `model` to views.RolloutView here.
-    Until then there are none, and the page says "no rollouts".
-    """
-    del hub, model
-    return []
+    found = list_rollouts(hub.db, model=model)[:ROLLOUTS_SHOWN]
+    return [views.rollout_view(get_rollout(hub.db, int(r["id"]))) for r in found]
 
 
 def model_page(hub: Hub, name: str) -> views.ModelView:

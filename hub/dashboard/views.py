@@ -7,6 +7,7 @@ number a person sees is decided, and tested, here.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -209,6 +210,53 @@ class ModelView:
     unversioned_devices: list[str]  # report the model at a version the registry does not hold
     rollouts: list[RolloutView]
     summary_range: str
+
+
+MAX_DECISIONS = 50  # per rollout on the page: the newest ones
+EVIDENCE_CHARS = 400
+
+
+def _iso(text: Any) -> str:
+    try:
+        return when(datetime.fromisoformat(str(text)))
+    except ValueError:
+        return str(text)
+
+
+def rollout_view(doc: Mapping[str, Any]) -> RolloutView:
+    """A rollout as hub.rollouts.get_rollout gives it (with "decisions", oldest first)."""
+    steps = [int(p) for p in doc.get("steps", [])]
+    step = int(doc.get("step", 0))
+    progress = f"step {step + 1} of {len(steps)} at {doc.get('percent')}% (steps: "
+    progress += ", ".join(f"{p}%" for p in steps) + ")"
+    status = str(doc.get("state", ""))
+    if doc.get("reason"):
+        status += f": {doc['reason']}"
+    decisions = [
+        DecisionView(
+            at=_iso(d.get("at")),
+            step=f"{int(d.get('step', 0)) + 1} at {d.get('percent')}%",
+            decision=f"{d.get('action')} ({d.get('actor')})",
+            reason=str(d.get("reason", "")),
+            evidence=_evidence(d.get("evidence")),
+        )
+        for d in list(doc.get("decisions", []))[-MAX_DECISIONS:]
+    ]
+    return RolloutView(
+        id=f"#{doc.get('id')}",
+        group=str(doc.get("group", "")),
+        candidate=int(doc.get("candidate", 0)),
+        status=status,
+        progress=progress,
+        decisions=decisions,
+    )
+
+
+def _evidence(evidence: Any) -> str:
+    if not evidence:
+        return ""
+    text = json.dumps(evidence, sort_keys=True, separators=(", ", ": "), default=str)
+    return text if len(text) <= EVIDENCE_CHARS else text[: EVIDENCE_CHARS - 1] + "\u2026"
 
 
 def _quantization(q: Mapping[str, Any] | None) -> str:

@@ -296,6 +296,34 @@ def test_the_model_view_shows_who_runs_what_and_the_fleet_figures_per_version() 
     assert view.unversioned_devices == ["dev-d"] and view.rollouts == []
 
 
+def test_a_rollout_shows_its_progress_and_every_gate_decision_with_its_evidence() -> None:
+    doc = {
+        "id": 3, "group": "lab", "model": "wine", "stable": 1, "candidate": 2, "steps": [5, 25, 100],
+        "step": 1, "percent": 25, "state": "halted", "reason": "error rate 9% over 5%",
+        "decisions": [
+            {"at": "2026-11-27T12:00:00+00:00", "action": "start", "actor": "ops", "step": 0, "percent": 5,
+             "reason": "", "evidence": {}},
+            {"at": "2026-11-27T12:10:00+00:00", "action": "advance", "actor": "controller", "step": 0,
+             "percent": 5, "reason": "gates passed", "evidence": {"requests": 600, "error_rate": 0.01}},
+            {"at": "2026-11-27T12:20:00+00:00", "action": "halt", "actor": "controller", "step": 1,
+             "percent": 25, "reason": "error rate", "evidence": {"blob": "x" * 1000}},
+        ],
+    }  # fmt: skip
+    view = views.rollout_view(doc)
+    assert (view.id, view.group, view.candidate) == ("#3", "lab", 2)
+    assert view.status == "halted: error rate 9% over 5%"
+    assert view.progress == "step 2 of 3 at 25% (steps: 5%, 25%, 100%)"
+    start, advance, halt = view.decisions
+    assert (start.at, start.step, start.decision, start.evidence) == (
+        "2026-11-27 12:00:00Z",
+        "1 at 5%",
+        "start (ops)",
+        "",
+    )
+    assert advance.evidence == '{"error_rate": 0.01, "requests": 600}' and advance.reason == "gates passed"
+    assert halt.decision == "halt (controller)" and len(halt.evidence) == views.EVIDENCE_CHARS
+
+
 FEATURES = ("a", "b")
 
 
@@ -496,7 +524,7 @@ class FilledHub:
 
 @pytest.fixture(scope="module")
 def filled_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FilledHub]:
-    """A hub with wine v1 and v2 (v1 stable in `lab`, v2 a 10% canary), two real agents serving v1
+    """A hub with wine v1 and v2 (v1 stable in `lab`, v2 in a paused rollout), two real agents serving v1
     and reporting over a real Mosquitto; dev-b's alcohol reads 1.5 sd high from its second window on,
     so its drift alert fires (k = 3) and the fleet's drift shows it."""
     import csv
@@ -518,7 +546,9 @@ def filled_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FilledHub]:
     try:
         hub.outpost("push", str(wine[1]), "--quiet")
         hub.outpost("push", str(wine[2]), "--quiet")
-        hub.outpost("deploy", "wine", "1", "--group", "lab", "--canary", "2", "--percent", "10")
+        hub.outpost("deploy", "wine", "1", "--group", "lab")
+        hub.outpost("rollout", "start", "wine", "2", "--group", "lab")  # v2 a canary at the first step
+        hub.outpost("rollout", "pause", "1")  # held where it is: the decision log has two entries
         for device in ("dev-a", "dev-b"):
             agent = AgentProcess(
                 root / device,
@@ -626,8 +656,11 @@ def test_browser_an_operator_logs_in_and_sees_the_fleet_the_model_and_the_drift(
             expect(v1.locator("td.requests")).to_have_text("80")  # 10 windows of 8 requests (of 50 rows)
             expect(v1).to_contain_text("of 400")  # accuracy from the 400 labelled rows of dev-a
             expect(page.locator("table.deployments")).to_contain_text("v2")
-            expect(page.locator("table.deployments")).to_contain_text("10%")
-            expect(page.locator("#no-rollouts")).to_be_visible()
+            rollout = page.locator("section.rollout")
+            expect(rollout.locator("h3")).to_contain_text("#1: v2 to lab")
+            expect(rollout.locator("h3")).to_contain_text("paused")
+            expect(rollout.locator("tbody tr")).to_have_count(2)
+            expect(rollout.locator("tbody tr").nth(1)).to_contain_text("pause (operator)")
             page.screenshot(path=str(shots / "model.png"), full_page=True)
 
             v1.locator("a", has_text="drift").click()
