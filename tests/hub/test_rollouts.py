@@ -4,17 +4,27 @@ from both acting on one rollout."""
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from hub.errors import ConflictError, InvalidRequestError, NotFoundError
+from hub.fleet import FleetStore, Incoming, parse_message
+from hub.fleet.ledger import FleetBase
 from hub.registry import Database
 from hub.rollouts import Action, Evidence, Gates, Rollout, RolloutStore, State, Sums, decide, get_rollout
+from hub.rollouts.evidence import gather
 from hub.rollouts.plan import Desired, check_steps, desired, operator_target
 from hub.rollouts.queries import list_rollouts
+from hub.rollouts.store import RolloutBase
+from tests.hub.test_fleet_views import PROFILE, summary
 
 STEPS = (5, 25, 100)
 GATES = Gates()
@@ -215,9 +225,24 @@ def draft(group: str = "lab") -> Rollout:
     )  # fmt: skip
 
 
+# Like tests/hub/test_registry.py: OUTPOST_TEST_DATABASE_URL=postgresql+psycopg://... runs these
+# against PostgreSQL (the rollout and fleet tables are dropped first).
+DATABASE_URL = os.environ.get("OUTPOST_TEST_DATABASE_URL", "")
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> RolloutStore:
-    s = RolloutStore(Database(f"sqlite:///{tmp_path / 'hub.db'}"))
+def db(tmp_path: Path) -> Iterator[Database]:
+    d = Database(DATABASE_URL or f"sqlite:///{tmp_path / 'hub.db'}")
+    if DATABASE_URL:
+        RolloutBase.metadata.drop_all(d.engine)
+        FleetBase.metadata.drop_all(d.engine)
+    yield d
+    d.dispose()
+
+
+@pytest.fixture
+def store(db: Database) -> RolloutStore:
+    s = RolloutStore(db)
     s.create_tables()
     return s
 
@@ -254,3 +279,68 @@ def test_one_live_rollout_per_group(store: RolloutStore) -> None:
         get_rollout(store.db, 999)
     with pytest.raises(InvalidRequestError, match="expected one of"):
         list_rollouts(store.db, state="sleeping")
+
+
+# -- evidence from the fleet's tables ----------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def message(group: str, device: str, kind: str, doc: dict[str, Any]) -> Incoming:
+    parsed = parse_message(
+        f"outpost/v1/{group}/{device}/{kind}", json.dumps({"device_id": device, **doc}).encode()
+    )
+    assert parsed is not None
+    return Incoming(parsed)
+
+
+def window(group: str, device: str, seq: int, version: int, requests: int, errors: int) -> Incoming:
+    body = summary(version, 1e9, np.random.default_rng(seq), requests=requests, errors=errors)
+    return message(group, device, "summary", {"seq": seq, "ts": 1e9, **body})
+
+
+def test_evidence_is_the_group_s_windows_and_alerts_since_the_step_and_rollout_started(db: Database) -> None:
+    clock = Clock()
+    fleet = FleetStore(db, clock=clock)
+    fleet.create_tables()
+    rollout = replace(draft(), model="shapes", stable=1, candidate=2, step_started=T0 + timedelta(seconds=60))
+    clock.now = T0 + timedelta(seconds=30)  # before the step: counts only in the rollout's baseline
+    fleet.apply([window("lab", "s-1", 1, 1, 1000, 10)])
+    clock.now = T0 + timedelta(seconds=90)
+    ref = {"model": "shapes", "version": 2, "sha256": "ab" * 32}
+    fell = {"event": "update", "transition": "crash_loop", "version": ref, "reason": "3 restarts"}
+    hub_ordered = {"event": "update", "transition": "hub_rollback", "from": "committed", "version": ref}
+    verdict = {"alert": True, "alerting": ["a"], "streak": 3, "features": [{"name": "a", "drifted": True}]}
+    drifting = {"schema": "outpost-drift/1", "model": "shapes", "version": 2, "start": 1e9, "end": 1e9 + 60,
+                "rows": 400, **verdict}  # fmt: skip
+    fleet.apply(
+        [
+            message("lab", "c-1", "state", {"online": True, "bd_seq": 1, "versions": {"shapes": 2}}),
+            message("lab", "c-2", "state", {"online": True, "bd_seq": 1, "versions": {"shapes": 1}}),
+            window("lab", "c-1", 2, 2, 300, 6),
+            window("lab", "s-1", 3, 1, 1000, 10),
+            window("yard", "y-1", 4, 2, 500, 250),  # another group: not this rollout's
+            message("lab", "c-1", "event", {"seq": 5, "ts": 1e9, **fell}),
+            message("lab", "c-2", "event", {"seq": 6, "ts": 1e9, **hub_ordered}),  # info: not a fall-back
+            message("yard", "y-1", "event", {"seq": 7, "ts": 1e9, **fell}),  # another group
+            message("lab", "c-2", "drift", {"seq": 8, "ts": 1e9, **drifting}),
+        ]
+    )
+    ev = gather(db, rollout, T0 + timedelta(seconds=120), lambda _m, _v: PROFILE)
+    # summary(): requests - 10 in (1, 2.5] ms and 10 in (10, 25] ms; p95 of 300 = rank 285 -> 2.5 ms
+    assert ev.candidate == Sums(300, 6, pytest.approx(2.5 - 1.5 * 5 / 290), 1)  # type: ignore[arg-type]
+    assert (ev.stable.requests, ev.stable.errors, ev.stable.devices) == (1000, 10, 1)
+    assert (ev.stable_rollout.requests, ev.stable_rollout.errors) == (2000, 20)
+    assert ev.step_seconds == 60.0 and ev.candidate_devices == 1
+    assert [(f["device_id"], f["transition"], f["reason"]) for f in ev.fallbacks] == [
+        ("c-1", "crash_loop", "3 restarts")
+    ]
+    assert [a["device_id"] for a in ev.drift_alerts] == ["c-2"]
+    d = decide(rollout.steps, 0, 60.0, 200, GATES, ev)
+    assert d.action is Action.HALT and d.gate == "fallbacks"

@@ -196,6 +196,27 @@ def test_a_fall_back_on_a_candidate_device_halts(hub: HubProcess, device: Device
     assert current(hub, "fall")["current"]["percent"] == 0
 
 
+def test_a_drift_alert_on_the_candidate_halts(hub: HubProcess, device: Device) -> None:
+    r = start(hub, "drifty", 2, min_seconds=60.0)
+    verdict = {
+        "alert": True,
+        "alerting": ["b"],
+        "streak": 3,
+        "drifted": ["b"],
+        "features": [{"name": "b", "test": "ks", "p_value": 1e-9, "drifted": True, "streak": 3}],
+    }
+    body = {"schema": "outpost-drift/1", "model": MODEL, "version": 2, "start": time.time() - 60,
+            "end": time.time(), "rows": 400, "method": "bh", "alpha": 0.05, "k": 3, **verdict}  # fmt: skip
+    device.publish(
+        "drifty", "drift-3", "drift", {"device_id": "drift-3", "seq": next(SEQ), "ts": time.time(), **body}
+    )
+    done = wait_for(lambda: (d := rollout(hub, r["id"]))["state"] == "halted" and d, "the drift halt")
+    assert done["reason"] == "gate drift: 1 drift alert(s) on the candidate (drift-3)"
+    (alert,) = done["decisions"][-1]["evidence"]["evidence"]["drift_alerts"]
+    assert "input drift in b" in alert["message"]
+    assert current(hub, "drifty")["current"]["candidate"] is None
+
+
 def test_pause_holds_resume_goes_on_abort_returns_to_stable(hub: HubProcess, device: Device) -> None:
     r = start(hub, "ops", 2, steps=[10, 50, 100], min_requests=100)
     rid = str(r["id"])
@@ -206,6 +227,12 @@ def test_pause_holds_resume_goes_on_abort_returns_to_stable(hub: HubProcess, dev
     paused = rollout(hub, r["id"])
     assert (paused["state"], paused["percent"]) == ("paused", 10)
     assert current(hub, "ops")["current"]["percent"] == 10
+    status = wait_for(  # a live rollout shows this step's figures (once the consumer has stored them)
+        lambda: "candidate 1800 requests" in (out := hub.outpost("rollout", "status", rid).stdout) and out,
+        "the six candidate windows in the status",
+    )
+    assert "paused at step 1 of 3 ([10] -> 50 -> 100)" in status and "reason: night shift" in status
+    assert "this step (" in status and "candidate 1800 requests, 1.00% errors" in status
     hub.outpost("rollout", "resume", rid)
     drive(hub, device, r["id"], lambda d: d["percent"] == 50, "the advance to 50%")
     out = hub.outpost("rollout", "abort", rid).stdout
