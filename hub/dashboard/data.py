@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 DEFAULT_RANGE = "24h"
 ALERTS_SHOWN = 50
+ROLLBACK_ALERTS = 1000  # counted per device on the fleet page (alerts are kept 30 days)
 VERSIONS_SUMMED = 10
 ROLLOUTS_SHOWN = 10  # the model page sums the fleet's windows for the newest versions only
 
@@ -34,8 +35,9 @@ def session_key(hub: Hub, name: str) -> str | None:
 
 def fleet_page(hub: Hub) -> views.FleetView:
     devices = hub.fleet.devices()
-    alerts = hub.fleet_queries.store.alerts(limit=ALERTS_SHOWN)
-    return views.fleet_view(devices, alerts, datetime.now(UTC))
+    alerts = hub.fleet.alerts(limit=ALERTS_SHOWN)
+    rollbacks = hub.fleet.alerts(kind="rollback", limit=ROLLBACK_ALERTS)
+    return views.fleet_view(devices, alerts, datetime.now(UTC), rollbacks)
 
 
 def models_page(hub: Hub) -> list[tuple[str, list[int]]]:

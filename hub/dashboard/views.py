@@ -123,9 +123,16 @@ def alert_view(a: Alert) -> AlertView:
     return AlertView(a.kind, a.severity, a.device_id or "", model, when(a.last_seen), a.count, a.message)
 
 
-def fleet_view(devices: Sequence[DeviceInfo], alerts: Sequence[Alert], now: datetime) -> FleetView:
+def fleet_view(
+    devices: Sequence[DeviceInfo],
+    alerts: Sequence[Alert],
+    now: datetime,
+    rollback_alerts: Sequence[Alert] | None = None,
+) -> FleetView:
+    """`alerts`: the recent ones shown; `rollback_alerts`: every stored rollback alert, counted per
+    device (the shown alerts when not given)."""
     rollbacks: dict[str, int] = {}
-    for a in alerts:
+    for a in alerts if rollback_alerts is None else rollback_alerts:
         if a.kind == "rollback" and a.device_id:
             rollbacks[a.device_id] = rollbacks.get(a.device_id, 0) + a.count
     rows = [

@@ -229,6 +229,9 @@ def test_the_fleet_view_counts_groups_online_devices_and_rollbacks() -> None:
     assert (b.versions, b.rollbacks, b.update) == ("wine v2", 2, "idle")
     assert (c.versions, c.last_seen_ago) == (views.DASH, "2h ago")
     assert [(x.kind, x.model) for x in view.alerts] == [("rollback", "wine v1"), ("drift", "wine v1")]
+    older = [_alert("rollback", "dev-c", 3), _alert("rollback", "dev-b", 2)]
+    counted = views.fleet_view(devices, [], now, rollback_alerts=older)
+    assert [d.rollbacks for d in counted.devices] == [0, 2, 3] and counted.alerts == []
 
 
 @dataclass(frozen=True)
