@@ -197,7 +197,16 @@ def test_a_fall_back_on_a_candidate_device_halts(hub: HubProcess, device: Device
 
 
 def test_a_drift_alert_on_the_candidate_halts(hub: HubProcess, device: Device) -> None:
-    r = start(hub, "drifty", 2, min_seconds=60.0)
+    hub.outpost("deploy", MODEL, "1", "--group", "drifty")
+    out = hub.outpost(
+        "rollout", "start", MODEL, "2", "--group", "drifty", "--steps", "10,100", "--min-time", "1m",
+        "--min-requests", "200", "--max-error-ratio", "2", "--max-fallbacks", "1",
+    ).stdout  # fmt: skip
+    first = out.splitlines()[0]
+    assert first.endswith("shapes v1 -> v2 in group drifty, running at step 1 of 2 ([10] -> 100)")
+    r = rollout(hub, int(first.split()[1].rstrip(":")))
+    assert (r["min_seconds"], r["min_requests"], r["steps"]) == (60.0, 200, [10, 100])
+    assert r["gates"]["max_error_ratio"] == 2.0 and r["gates"]["max_fallbacks"] == 1
     verdict = {
         "alert": True,
         "alerting": ["b"],
