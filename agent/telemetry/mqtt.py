@@ -340,9 +340,13 @@ class TelemetryClient:
         self._report_losses(gen)
         return True
 
-    def _drain(self, gen: int) -> None:
+    def _drain(self, gen: int, deadline: float | None = None) -> None:
+        """Send what the outbox holds while connected; with a deadline (at stop), until then even
+        though stopping, so that what was stored last (a closing window) goes out with a clean stop."""
         cfg = self.config
-        while not self._stopping.is_set() and self._alive(gen):
+        while self._alive(gen) and (
+            not self._stopping.is_set() if deadline is None else time.monotonic() < deadline
+        ):
             with self._lock:
                 if self._rebirth:
                     return
@@ -393,6 +397,11 @@ class TelemetryClient:
             self._wake.clear()
             connected, gen = self._session()
             if self._stopping.is_set():
+                if connected and gen == done_gen:
+                    try:
+                        self._drain(gen, deadline=time.monotonic() + self._stop_timeout / 2)
+                    except Exception as exc:  # stopping goes on: the outbox keeps what is left
+                        log.warning("telemetry: could not send the outbox at stop (%s)", exc)
                 break
             if not connected:
                 continue

@@ -238,9 +238,12 @@ def test_every_window_reaches_the_hub_once_across_a_broker_outage_and_an_agent_r
 ) -> None:
     """Windows made while the broker is down, some by an agent that is then restarted, wait in the
     outbox; when the broker is back every one reaches the hub, and none twice (the hub's sums are
-    exact). The broker keeps no state of its own (no persistence): only the outbox remembers."""
+    exact). The broker persists sessions, as packaging/mosquitto/outpost.conf does: the hub's
+    subscription survives the broker's restart, so what devices send before the hub is back is
+    queued for it. (Without that, messages a device sends after a broker restart and before the hub
+    has subscribed again have no subscriber, and the broker drops them.)"""
     package, _manifest, x, _y = wine
-    broker = Mosquitto(tmp_path / "broker").start()
+    broker = Mosquitto(tmp_path / "broker", persistence=True).start()
     hub = HubProcess(tmp_path / "hub").start(mqtt_url=broker.url)
     agent = AgentProcess(
         tmp_path / "dev",
@@ -270,6 +273,13 @@ def test_every_window_reaches_the_hub_once_across_a_broker_outage_and_an_agent_r
             s = summed()["summary"]
             return int(s["requests"]) if s else 0
 
+        # The hub has subscribed once it shows the device's (retained) birth.
+        wait_for(
+            "the device online at the hub",
+            lambda: any(
+                d["device_id"] == "dev-9" and d["online"] for d in hub.api("GET", "/api/v1/fleet").json()
+            ),
+        )
         traffic(40)  # two windows, delivered at once
         wait_for("two windows at the hub", lambda: requests() == 40)
 
@@ -282,7 +292,7 @@ def test_every_window_reaches_the_hub_once_across_a_broker_outage_and_an_agent_r
         assert doc["telemetry"]["connected"] is False, doc["telemetry"]
 
         broker.start()
-        wait_for("the buffered windows at the hub", lambda: requests() == 40 + 70 + 20)
+        wait_for("the buffered windows at the hub", lambda: requests() == 40 + 70 + 20, timeout=120)
         assert agent.stop() == 0
         wait_for("the last window at the hub", lambda: requests() == 140)
         doc = summed()
