@@ -163,6 +163,9 @@ class Agent:
                 "current": r.current.version if r.current else None,
                 "pending": r.pending.version if r.pending else None,
             }
+            experiment = self.updater.experiment
+            if experiment is not None:
+                state["experiment"] = {"mode": experiment[1].mode, "candidate": experiment[0].version}
         self._state_snapshot = state
 
     def on_update_event(self, entry: dict[str, Any]) -> None:
@@ -177,6 +180,19 @@ class Agent:
             self.telemetry.publish("event", body)
         except (AgentError, ValueError) as exc:  # the outbox refused (disk): serving goes on
             log.warning("telemetry: update event not recorded: %s", exc)
+
+    def on_experiment_event(self, entry: dict[str, Any]) -> None:
+        """An experiment started, ended or failed on this device: published as an `event`."""
+        self._refresh_state()
+        if self.telemetry is None:
+            return
+        body = {k: v for k, v in entry.items() if k != "ts"}
+        body.update(event="experiment", at=entry.get("ts"))
+        try:
+            self.telemetry.publish("event", body)
+        except (AgentError, ValueError) as exc:
+            log.warning("telemetry: experiment event not recorded: %s", exc)
+        self.telemetry.rebirth()
 
     def on_update_settled(self, state: str) -> None:
         """A step's actions are done (the default version switched): renew the retained state."""

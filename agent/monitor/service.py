@@ -22,6 +22,7 @@ in `status()["errors"]`, and the requests it held are left out of the window.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import operator
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLUSH_REQUESTS = 256  # requests held before they are counted together
+SHADOW_ID_SUFFIX = "~shadow"  # as agent.serving.app files a shadow copy's prediction
 _SIZE = operator.attrgetter("size")
 _PREDICTION_ID = operator.attrgetter("ticket.prediction_id")
 
@@ -149,6 +151,10 @@ class VersionMonitor:
         return ()
 
     # -- request path -------------------------------------------------------------------------
+
+    def add_shadow(self, compared: int, agreed: int) -> None:
+        """A shadow copy this version answered, compared with the stable answer (agent.runtime.experiment)."""
+        self.summary.add_shadow(compared, agreed)
 
     def record_failure(self) -> None:
         """A request the model failed (a 5xx). Answers need no call: they are in the metrics."""
@@ -408,7 +414,14 @@ class Monitor:
         except FeedbackError as exc:
             self.book.restore(found)  # a corrected label may follow
             raise RequestError(str(exc)) from None
-        return {"id": prediction_id, **result}
+        answer: dict[str, Any] = {"id": prediction_id, **result}
+        # A shadow experiment's candidate answered the same request: its prediction is scored too.
+        shadow = self.book.take(prediction_id + SHADOW_ID_SUFFIX)
+        if shadow is not None:
+            # A label that fits the stable version but not the candidate's classes scores only the former.
+            with contextlib.suppress(FeedbackError):
+                answer["shadow"] = shadow.owner.add_feedback(shadow.prediction, label)
+        return answer
 
     def status(self) -> dict[str, Any]:
         return {

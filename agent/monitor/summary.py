@@ -31,7 +31,9 @@ Window schema (JSON-ready, `SCHEMA`):
               or   null,                            # task "other", or no prediction profile
      "feedback": {"labelled": 40, "correct": 37}   # classification: labels fed back this window
               or {"labelled": 40, "abs_error_sum": 3.2, "sq_error_sum": 0.9}   # regression
-              or null}                              # no prediction kind: nothing to score
+              or null,                              # no prediction kind: nothing to score
+     "shadow": {"compared": 120, "agreed": 117}    # a shadow experiment's candidate: its answers to
+              or null}                              # copies, compared row by row with the stable's
 
 For every feature, sum(counts) + missing + other == rows; likewise for the prediction.
 Feedback counts the labels that arrived during the window (for predictions made in it or
@@ -389,6 +391,8 @@ class WindowSummary:
         self.correct = 0
         self.abs_error_sum = 0.0
         self.sq_error_sum = 0.0
+        self.shadow_compared = 0
+        self.shadow_agreed = 0
 
     @property
     def prediction_kind(self) -> str | None:
@@ -468,6 +472,11 @@ class WindowSummary:
         self._latency = [a + int(b) for a, b in zip(self._latency, latency_counts, strict=True)]
         self._latency_us += latency_us
 
+    def add_shadow(self, compared: int, agreed: int) -> None:
+        """Rows of shadow copies compared with the primary's answers, and how many agreed."""
+        self.shadow_compared += compared
+        self.shadow_agreed += agreed
+
     def add_feedback(
         self, labelled: int, correct: int = 0, abs_error: float = 0.0, sq_error: float = 0.0
     ) -> None:
@@ -527,6 +536,11 @@ class WindowSummary:
             "features": features,
             "prediction": self._predictions.to_json(),
             "feedback": self._feedback_json(),
+            "shadow": (
+                {"compared": self.shadow_compared, "agreed": self.shadow_agreed}
+                if self.shadow_compared
+                else None
+            ),
         }
         self._reset(now)
         return window
@@ -586,7 +600,17 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
         ],
         "prediction": None if pa is None else _add_counts(pa, pb, "prediction"),
         "feedback": _add_feedback(a.get("feedback"), b.get("feedback")),
+        "shadow": _add_shadow(a.get("shadow"), b.get("shadow")),
     }
+
+
+def _add_shadow(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    # None is "nothing compared" (or an agent from before shadows): zero, not a different layout.
+    if a is None:
+        return None if b is None else dict(b)
+    if b is None:
+        return dict(a)
+    return {"compared": a["compared"] + b["compared"], "agreed": a["agreed"] + b["agreed"]}
 
 
 def _add_feedback(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from agent.serving.datatypes import numpy_dtype
 
 if TYPE_CHECKING:
     from agent.monitor.service import VersionMonitor
+    from agent.runtime.experiment import ExperimentRoute
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,9 @@ class ModelRegistry:
     ) -> None:
         self._on_add = on_add
         self._on_remove = on_remove
+        # Models with an on-device experiment (agent.runtime.experiment), by name: empty almost
+        # always, so the serving path checks it with one truth test.
+        self.experiments: dict[str, ExperimentRoute] = {}
         self._config = config
         self._executor = executor
         self._metrics = metrics
@@ -313,9 +317,24 @@ class ModelRegistry:
         lv = model.versions.pop(version, None)
         model.recompute()
         self._metrics.models_ready = self.ready_count()
+        route = self.experiments.get(name)
+        if route is not None and lv is not None and (route.arm is lv or model.default is None):
+            self.set_experiment(name, None)  # an experiment never outlives its versions
         if lv is not None and self._on_remove is not None:
             self._on_remove(lv)
         return lv
+
+    def set_experiment(self, name: str, route: ExperimentRoute | None) -> None:
+        """Route the model's unversioned requests through `route` (None: the default version only)."""
+        if route is None:
+            if self.experiments.pop(name, None) is not None:
+                log.info("model %s: experiment ended", name)
+            return
+        model = self._models.get(name)
+        if model is None or model.versions.get(route.arm.version) is not route.arm:
+            raise NotFound(f"model {name!r} has no loaded version {route.arm.version} to experiment with")
+        self.experiments[name] = route
+        log.info("model %s: %s experiment with version %d", name, route.mode, route.arm.version)
 
     def pin(self, name: str, version: int | None) -> LoadedVersion:
         model = self._models.get(name)
@@ -396,12 +415,14 @@ class ModelRegistry:
                 {"version": v, "state": "failed", "reason": reason}
                 for v, reason in sorted(model.failed.items())
             ]
-            out.append(
-                {
-                    "name": name,
-                    "default_version": model.default.version if model.default else None,
-                    "pinned": model.pinned,
-                    "versions": versions,
-                }
-            )
+            doc: dict[str, Any] = {
+                "name": name,
+                "default_version": model.default.version if model.default else None,
+                "pinned": model.pinned,
+                "versions": versions,
+            }
+            route = self.experiments.get(name)
+            if route is not None:
+                doc["experiment"] = route.status()
+            out.append(doc)
         return out

@@ -34,6 +34,7 @@ from agent import __version__
 from agent.errors import AgentError, NotFound, RequestError
 from agent.metrics import Metrics
 from agent.runtime.batcher import Tensors
+from agent.runtime.experiment import ExperimentRoute, agreement
 from agent.runtime.registry import LoadedVersion, ModelRegistry
 from agent.serving.http import Deferred, Request, Response, error_response, json_response
 from agent.serving.oip import InferRequest, decode_infer_request, encode_infer_response
@@ -46,6 +47,7 @@ EXTENSIONS = ["binary_tensor_data"]
 _OK_EMPTY_LIVE = Response(200, b'{"live":true}')
 _OK_EMPTY_READY = Response(200, b'{"ready":true}')
 _BINARY_CT = b"application/octet-stream"
+SHADOW_ID_SUFFIX = "~shadow"  # the candidate's prediction of a shadow copy is filed under id + this
 
 AdminHook = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -69,13 +71,21 @@ def _runtime_status(exc: BaseException) -> tuple[int, str]:
 class _InferTicket:
     """Carries one inference from the batcher back to its connection, encoding the answer."""
 
-    __slots__ = ("app", "deferred", "lv", "parsed", "prediction_id", "started")
+    __slots__ = ("app", "deferred", "lv", "parsed", "prediction_id", "shadow", "started")
 
-    def __init__(self, app: App, lv: LoadedVersion, parsed: InferRequest, started: float) -> None:
+    def __init__(
+        self,
+        app: App,
+        lv: LoadedVersion,
+        parsed: InferRequest,
+        started: float,
+        shadow: ExperimentRoute | None = None,
+    ) -> None:
         self.app = app
         self.lv = lv
         self.parsed = parsed
         self.started = started
+        self.shadow = shadow  # a shadow experiment that may get a copy once this is answered
         self.deferred = Deferred()
         # The response's `id`: the request's, or a new one (the monitor files predictions by it).
         self.prediction_id: str = parsed.id if parsed.id is not None else app.next_id()
@@ -88,6 +98,13 @@ class _InferTicket:
         lv = self.lv
         lv.inflight -= 1
         self.deferred.resolve(self._respond(outcome))
+        route = self.shadow
+        if route is not None and not isinstance(outcome, BaseException) and route.shadow_wanted():
+            # After the answer: the copy runs on the candidate's batcher, its result only compared.
+            arm = route.arm
+            arm.inflight += 1
+            shadow = _ShadowTicket(arm, outcome, self.prediction_id + SHADOW_ID_SUFFIX)
+            arm.batcher.submit_ticket(self.parsed.inputs, self.parsed.rows, shadow)
 
     def _respond(self, outcome: Tensors | BaseException) -> Response:
         lv = self.lv
@@ -119,6 +136,32 @@ class _InferTicket:
         if header_len is None:
             return Response(200, body)
         return Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])
+
+
+class _ShadowTicket:
+    """A copy of an answered request for a shadow experiment's candidate: counted, compared, dropped."""
+
+    __slots__ = ("arm", "prediction_id", "primary", "started")
+    cancelled = False
+
+    def __init__(self, arm: LoadedVersion, primary: Tensors, prediction_id: str) -> None:
+        self.arm = arm
+        self.primary = primary
+        self.prediction_id = prediction_id
+        self.started = time.perf_counter()
+
+    def deliver(self, outcome: Tensors | BaseException) -> None:
+        arm = self.arm
+        arm.inflight -= 1
+        monitor = arm.monitor
+        if isinstance(outcome, BaseException):
+            arm.metrics.failed()
+            if monitor is not None:
+                monitor.record_failure()
+            return
+        arm.metrics.answered(time.perf_counter() - self.started)
+        if monitor is not None:
+            monitor.add_shadow(*agreement(self.primary, outcome))
 
 
 class App:
@@ -237,7 +280,15 @@ class App:
         except RequestError:
             lv.metrics.failed()
             raise
-        ticket = _InferTicket(self, lv, parsed, started)
+        shadow = None
+        if version is None and self.registry.experiments:
+            route = self.registry.experiments.get(name)
+            if route is not None:
+                if route.mode == "shadow":
+                    shadow = route
+                elif route.picks_arm(parsed.parameters.get("key")):
+                    lv = route.arm  # the same signature: checked when the experiment started
+        ticket = _InferTicket(self, lv, parsed, started, shadow)
         lv.inflight += 1
         lv.batcher.submit_ticket(parsed.inputs, parsed.rows, ticket)
         return ticket.deferred

@@ -6,6 +6,12 @@ The hub signs one assignment per group (`hub.registry.deployments.assignment_doc
      "stable": {"version", "manifest", "model", "sha256", "manifest_sha256"},
      "candidate": {...} or null, "percent": 0..100, "salt": ..., "created": ...}
 
+An assignment may also name an experiment (`"experiment"`, null when there is none): `{"mode": "ab",
+"weight": W}` or `{"mode": "shadow", "sample": S}`. A device in the canary bucket then keeps the stable
+version as its committed default and loads the candidate beside it: in A/B, W% of the requests are
+answered by the candidate (sticky by the request's `parameters.key`); in shadow, S% of the requests
+are copied to the candidate after the stable version answered, and its answers are only compared.
+
 A device runs the candidate when `bucket(salt, device_id) < percent`, with
 `bucket = int(sha256(salt + device_id)[:8], 16) % 100`: the contract in architecture.md, the same
 computation as the hub's `in_canary`. Keeping the salt while ramping 10% -> 50% keeps the first
@@ -57,6 +63,16 @@ class AssignedVersion:
 
 
 @dataclass(frozen=True)
+class Experiment:
+    """An on-device experiment: "ab" (weight: % of requests the candidate answers) or "shadow"
+    (sample: % of requests copied to the candidate)."""
+
+    mode: Literal["ab", "shadow"]
+    weight: int = 0
+    sample: int = 0
+
+
+@dataclass(frozen=True)
 class Choice:
     """What this device should run under an assignment, and why."""
 
@@ -64,6 +80,13 @@ class Choice:
     role: Role
     bucket: int
     model: str  # the model's name
+    # The experiment this device takes part in, and its candidate arm (loaded beside `version`).
+    experiment: Experiment | None = None
+    arm: AssignedVersion | None = None
+
+    @property
+    def arm_ref(self) -> VersionRef | None:
+        return VersionRef(self.model, self.arm.version, self.arm.sha256) if self.arm is not None else None
 
     @property
     def ref(self) -> VersionRef:
@@ -84,6 +107,7 @@ class Assignment:
     salt: str
     created: str
     format: str = ASSIGNMENT_FORMAT
+    experiment: Experiment | None = None
 
     @classmethod
     def parse(cls, doc: bytes | str | Mapping[str, Any], group: str | None = None) -> Assignment:
@@ -123,6 +147,9 @@ class Assignment:
         salt = _get(doc, "salt", str, "")
         if not _SALT.fullmatch(salt):
             raise AssignmentError("assignment: salt must be 1-128 printable ASCII characters without spaces")
+        experiment = _experiment(doc.get("experiment"))
+        if experiment is not None and candidate is None:
+            raise AssignmentError("assignment: an experiment needs a candidate")
         return cls(
             group=doc_group,
             model=model,
@@ -132,17 +159,52 @@ class Assignment:
             percent=percent,
             salt=salt,
             created=_get(doc, "created", str, ""),
+            experiment=experiment,
         )
 
 
 def choose(assignment: Assignment, device_id: str) -> Choice:
-    """Stable or candidate for this device: the candidate when its bucket is under `percent`."""
+    """Stable or candidate for this device: the candidate when its bucket is under `percent`.
+
+    With an experiment, a device in the bucket keeps the stable version (the update life cycle's
+    target) and takes the candidate as the experiment's arm instead."""
     if not isinstance(device_id, str) or not device_id:
         raise ValueError("choose: device_id must be a non-empty string")
     b = bucket(assignment.salt, device_id)
     if assignment.candidate is not None and b < assignment.percent:
+        if assignment.experiment is not None:
+            return Choice(
+                assignment.stable, "stable", b, assignment.model, assignment.experiment, assignment.candidate
+            )
         return Choice(assignment.candidate, "candidate", b, assignment.model)
     return Choice(assignment.stable, "stable", b, assignment.model)
+
+
+def ab_arm(salt: str, key: str | None, weight: int, draw: float) -> bool:
+    """Whether the candidate answers this request of an A/B experiment: sticky by `key` (the same
+    key always gets the same answer under one salt), else by `draw` (uniform in [0, 1))."""
+    if key is not None:
+        return bucket(salt, "key:" + key) < weight
+    return draw * 100.0 < weight
+
+
+def _experiment(doc: Any) -> Experiment | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, Mapping):
+        raise AssignmentError("assignment: experiment must be an object or null")
+    mode = doc.get("mode")
+    if mode == "ab":
+        weight = _int(doc, "weight", "experiment.", 1)
+        if weight > 99:
+            raise AssignmentError(f"assignment: experiment.weight must be 1..99, not {weight}")
+        return Experiment("ab", weight=weight)
+    if mode == "shadow":
+        sample = _int(doc, "sample", "experiment.", 1)
+        if sample > 100:
+            raise AssignmentError(f"assignment: experiment.sample must be 1..100, not {sample}")
+        return Experiment("shadow", sample=sample)
+    raise AssignmentError(f"assignment: experiment.mode must be 'ab' or 'shadow', not {mode!r}")
 
 
 def _no_constant(name: str) -> Any:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.errors import AgentError, ModelLoadError, PackageError, UpdateError
 from agent.runtime.registry import LoadedVersion
-from agent.update.canary import Assignment, Choice, choose
+from agent.update.canary import Assignment, Choice, Experiment, choose
 from agent.update.lifecycle import Action, ActionKind, Event, EventKind, State, UpdateRecord, VersionRef, step
 from agent.update.probation import LatencyWindow, Outcome, ProbationTracker
 from agent.update.state_file import StateFile
@@ -73,6 +73,11 @@ class UpdateRunner:
         self._failures = 0
         # p50 of the committed version's recent answers: what a candidate's latency is judged against.
         self.reference = LatencyWindow()
+        # The on-device experiment under way (agent.runtime.experiment): its arm, its terms, the salt.
+        self.experiment: tuple[VersionRef, Experiment, str] | None = None
+        self._bad_arms: set[str] = set()  # arms (by model hash) that failed here: not tried again
+        self.experiment_last: dict[str, Any] | None = None  # its last start, end or failure
+        self.experiment_downloads = data / "staging" / "experiment"
 
     # -- what start-up loads ------------------------------------------------------------
 
@@ -140,7 +145,111 @@ class UpdateRunner:
         r = self.record
         if target != r.assigned or assignment.serial != r.assignment_serial:
             await self.dispatch(Event.assignment(target, assignment.serial))
+        await self._sync_experiment(choice, assignment.salt)
         return True
+
+    # -- experiments ----------------------------------------------------------------------
+
+    async def _sync_experiment(self, choice: Choice, salt: str) -> None:
+        """Start, keep or end the on-device experiment the assignment names for this device.
+
+        Outside the update life cycle: the committed (stable) version stays the default and is what
+        the machine tracks; the experiment's arm is loaded beside it and only routed to. It starts
+        once the stable version is committed here; an arm that fails (download, verification,
+        load, self-test, a signature unlike the stable's) is reported and not tried again while
+        the assignment names it."""
+        arm, terms = choice.arm_ref, choice.experiment
+        if arm is None or terms is None:
+            if self.experiment is not None:
+                self._end_experiment("the assignment names no experiment for this device any more")
+            return
+        r = self.record
+        if r.current != choice.ref or r.pending is not None:
+            return  # the stable version first
+        if self.experiment == (arm, terms, salt) or arm.sha256 in self._bad_arms:
+            return
+        if self.experiment is not None:
+            self._end_experiment("the experiment changed")
+        assert choice.arm is not None
+        try:
+            lv = await self._load_arm(arm, choice.arm.manifest_sha256)
+            stable = self.agent.registry.get(arm.model)
+            if lv.manifest.inputs != stable.manifest.inputs:
+                raise ModelLoadError(
+                    f"its inputs {[s.name for s in lv.manifest.inputs]} are not the stable version's"
+                )
+            from agent.runtime.experiment import ExperimentRoute
+
+            route = ExperimentRoute(terms.mode, lv, salt, weight=terms.weight, sample=terms.sample)
+            self.agent.registry.set_experiment(arm.model, route)
+        except (AgentError, OSError) as exc:
+            self._bad_arms.add(arm.sha256)
+            self._experiment_event("failed", arm, terms, str(exc))
+            return
+        self.experiment = (arm, terms, salt)
+        self._experiment_event("started", arm, terms, None)
+
+    async def _load_arm(self, arm: VersionRef, manifest_sha256: str) -> LoadedVersion:
+        registry = self.agent.registry
+        if not registry.is_loaded(arm.model, arm.version):
+            try:
+                installed = await self._blocking(self.agent.store.get, arm.model, arm.version)
+                present = installed.manifest.model.sha256 == arm.sha256
+            except PackageError:
+                present = False
+            if not present:
+                shutil.rmtree(self.experiment_downloads, ignore_errors=True)
+                try:
+                    path = await self._blocking(
+                        lambda: self.client.fetch_version(
+                            arm.model,
+                            arm.version,
+                            self.experiment_downloads,
+                            manifest_sha256=manifest_sha256,
+                            model_sha256=arm.sha256,
+                        )
+                    )
+                    installed = await self._blocking(self.agent.store.install, path)
+                finally:
+                    shutil.rmtree(self.experiment_downloads, ignore_errors=True)
+                m = installed.manifest
+                if (m.name, m.version, m.model.sha256) != (arm.model, arm.version, arm.sha256):
+                    raise PackageError(f"the package is {m.name} v{m.version}, the assignment named {arm}")
+            await self._load_from_store(arm)
+        lv = self._loaded(arm)
+        if lv is None:
+            raise ModelLoadError(f"{arm} is not loaded")
+        return lv
+
+    def _end_experiment(self, reason: str) -> None:
+        current = self.experiment
+        if current is None:
+            return
+        arm, terms, _salt = current
+        self.experiment = None
+        self.agent.registry.set_experiment(arm.model, None)
+        r = self.record
+        if arm not in (r.current, r.previous, r.pending):
+            self._unload(arm)  # its files go at the next clean-up
+        self._experiment_event("ended", arm, terms, reason)
+
+    def _experiment_event(self, what: str, arm: VersionRef, terms: Experiment, reason: str | None) -> None:
+        entry: dict[str, Any] = {
+            "ts": time.time(),
+            "transition": what,
+            "mode": terms.mode,
+            "version": str(arm),
+            "reason": reason,
+        }
+        if terms.mode == "ab":
+            entry["weight"] = terms.weight
+        else:
+            entry["sample"] = terms.sample
+        self.experiment_last = entry
+        (log.warning if what == "failed" else log.info)(
+            "experiment %s: %s %s%s", what, terms.mode, arm, f": {reason}" if reason else ""
+        )
+        self.agent.on_experiment_event(entry)
 
     # -- the machine ----------------------------------------------------------------------
 
@@ -355,6 +464,8 @@ class UpdateRunner:
             return
         model = keep[0].model
         wanted = {v.version for v in keep}
+        if self.experiment is not None and self.experiment[0].model == model:
+            wanted.add(self.experiment[0].version)  # the experiment's arm stays
         for item in await self._blocking(self.agent.store.installed):
             m = item.manifest
             if m.name == model and m.version not in wanted:
@@ -376,6 +487,12 @@ class UpdateRunner:
             "bad": sorted(h[:12] for h in r.bad),
             "reason": r.reason,
             "last_check": dict(self.last_check),
+            "experiment": (
+                {"mode": self.experiment[1].mode, "candidate": str(self.experiment[0])}
+                if self.experiment is not None
+                else None
+            ),
+            "experiment_last": self.experiment_last,
             "events": list(self.events)[-20:],
         }
         if self._choice is not None:

@@ -239,3 +239,69 @@ def test_percent_without_candidate_is_refused() -> None:
     doc["percent"] = 20
     with pytest.raises(AssignmentError, match="percent is 20 but there is no candidate"):
         Assignment.parse(doc)
+
+
+# -- experiments ------------------------------------------------------------------------------
+
+
+def with_experiment(experiment: Any, percent: int = 100) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(hub_document(percent=percent))
+    doc["experiment"] = experiment
+    return doc
+
+
+def test_an_experiment_keeps_the_stable_version_and_names_the_arm() -> None:
+    a = Assignment.parse(with_experiment({"mode": "ab", "weight": 30}, percent=50))
+    assert a.experiment is not None and (a.experiment.mode, a.experiment.weight) == ("ab", 30)
+    inside = outside = 0
+    for i in range(200):
+        choice = choose(a, f"dev-{i}")
+        assert choice.role == "stable" and choice.version.version == 2  # the life cycle's target
+        if deployments.in_canary(a.salt, f"dev-{i}", 50):
+            inside += 1
+            assert choice.experiment == a.experiment and choice.arm is not None and choice.arm.version == 3
+            assert choice.arm_ref == VersionRef("iris", 3, sha("model 3"))
+        else:
+            outside += 1
+            assert choice.experiment is None and choice.arm is None
+    assert inside and outside
+    shadow = Assignment.parse(with_experiment({"mode": "shadow", "sample": 100}))
+    assert shadow.experiment is not None and (shadow.experiment.mode, shadow.experiment.sample) == (
+        "shadow",
+        100,
+    )
+    assert Assignment.parse(with_experiment(None)).experiment is None
+
+
+@pytest.mark.parametrize(
+    ("experiment", "message"),
+    [
+        ({"mode": "ab", "weight": 0}, "weight must be at least 1"),
+        ({"mode": "ab", "weight": 100}, "weight must be 1..99"),
+        ({"mode": "ab"}, "weight"),
+        ({"mode": "shadow", "sample": 101}, "sample must be 1..100"),
+        ({"mode": "canary"}, "mode must be 'ab' or 'shadow'"),
+        ("ab", "experiment must be an object"),
+    ],
+)
+def test_malformed_experiments_are_refused(experiment: Any, message: str) -> None:
+    with pytest.raises(AssignmentError, match=message):
+        Assignment.parse(with_experiment(experiment))
+
+
+def test_an_experiment_needs_a_candidate() -> None:
+    doc: dict[str, Any] = json.loads(hub_document(candidate=None, percent=0))
+    doc["experiment"] = {"mode": "shadow", "sample": 10}
+    with pytest.raises(AssignmentError, match="needs a candidate"):
+        Assignment.parse(doc)
+
+
+def test_ab_arm_is_sticky_by_key_and_close_to_the_weight() -> None:
+    from agent.update.canary import ab_arm
+
+    for key in ("user-1", "user-2", "order/77"):
+        first = ab_arm("salt", key, 30, 0.0)
+        assert all(ab_arm("salt", key, 30, random.random()) == first for _ in range(50))
+    keyed = sum(ab_arm("salt", f"user-{i}", 30, 0.0) for i in range(4000)) / 4000
+    drawn = sum(ab_arm("salt", None, 30, random.Random(i).random()) for i in range(4000)) / 4000
+    assert abs(keyed - 0.30) < 0.03 and abs(drawn - 0.30) < 0.03
