@@ -156,10 +156,32 @@ class HubClient:
         return result
 
     def deploy(
-        self, group: str, model: str, version: int, candidate: int | None = None, percent: int = 0
+        self,
+        group: str,
+        model: str,
+        version: int,
+        candidate: int | None = None,
+        percent: int = 0,
+        experiment: dict[str, Any] | None = None,
+        salt: str | None = None,
     ) -> dict[str, Any]:
-        doc = {"model": model, "stable": version, "candidate": candidate, "percent": percent}
+        doc: dict[str, Any] = {"model": model, "stable": version, "candidate": candidate, "percent": percent}
+        if experiment is not None:
+            doc["experiment"] = experiment
+        if salt is not None:
+            doc["salt"] = salt
         result: dict[str, Any] = self._call("PUT", f"/api/v1/groups/{group}/deployment", json=doc)
+        return result
+
+    def experiments(
+        self, model: str | None = None, group: str | None = None, live: bool | None = None
+    ) -> list[dict[str, Any]]:
+        params = _params(model=model, group=group, live=None if live is None else str(live).lower())
+        result: list[dict[str, Any]] = self._call("GET", "/api/v1/experiments", params=params)
+        return result
+
+    def stop_experiment(self, group: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"/api/v1/groups/{group}/experiment")
         return result
 
     def rollback(self, group: str, model: str) -> dict[str, Any]:

@@ -41,7 +41,12 @@ def _percent(text: str) -> int:
 
 def _describe(dep: dict[str, Any]) -> str:
     text = f"group {dep['group']}: {dep['model']} stable v{dep['stable']}"
-    if dep.get("candidate") is not None:
+    experiment = dep.get("experiment")
+    if experiment:
+        mode = experiment["mode"]
+        share = f"weight {experiment['weight']}%" if mode == "ab" else f"sample {experiment['sample']}%"
+        text += f", {mode} experiment with v{dep['candidate']} ({share}) on {dep['percent']}% of devices"
+    elif dep.get("candidate") is not None:
         text += f", canary v{dep['candidate']} at {dep['percent']}%"
     if dep.get("metadata_version") is not None:
         text += f" (signed assignment, metadata version {dep['metadata_version']})"
@@ -336,3 +341,6 @@ def add_commands(commands: Any) -> None:
     from hub.rollouts.cli import add_rollout_commands
 
     add_rollout_commands(commands)
+    from hub.experiments.cli import add_experiment_commands
+
+    add_experiment_commands(commands)

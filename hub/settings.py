@@ -64,6 +64,12 @@ class HubSettings:
     fleet_drift_min_rows: int = 100
     # Rollouts (hub.rollouts): how often the controller evaluates running rollouts (seconds).
     rollout_interval_s: float = 10.0
+    # Experiments (hub.experiments): the level of the tests, and the fewest labelled predictions,
+    # requests (per arm) and shadow comparisons before a verdict or an agreement rate counts.
+    experiment_alpha: float = 0.05
+    experiment_min_labelled: int = 100
+    experiment_min_requests: int = 500
+    experiment_min_compared: int = 100
 
     @property
     def mqtt_client_name(self) -> str:

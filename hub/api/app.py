@@ -1,6 +1,8 @@
 """The hub's HTTP service (FastAPI on uvicorn).
 
     /api/v1/...     the operator API; every call needs `Authorization: Bearer <token>`
+    /api/v1/experiments, /api/v1/groups/{g}/experiment
+                    on-device A/B and shadow experiments and their verdicts (hub.api.experiments)
     /api/v1/fleet   devices as their MQTT state and telemetry left them (hub.fleet; the
                     consumer runs when the settings name a broker: `serve --mqtt URL`);
                     /summary, /drift: a model version's windows summed across devices over a
@@ -37,11 +39,14 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from hub import __version__
+from hub.api.experiments import add_experiment_routes
 from hub.api.rollouts import add_rollout_routes
 from hub.api.upload import read_package_tar
 from hub.errors import AuthError, HubError, PackageTooLarge
+from hub.experiments.service import refuse_beside_rollout
 from hub.fleet import AlertRules, DriftSettings, FleetConsumer, FleetQueries, FleetStore, FleetUnavailable
 from hub.registry import BlobStore, Database, Deployment, Limits, Registry, VersionInfo
+from hub.registry.deployments import parse_experiment
 from hub.settings import HubSettings, SettingsError
 from hub.signing import KeyStore, SignedRepository
 
@@ -54,6 +59,8 @@ class DeploymentRequest(BaseModel):
     candidate: int | None = Field(default=None, ge=1)
     percent: int = Field(default=0, ge=0, le=100)
     salt: str | None = None
+    # {"mode": "ab", "weight": 1..99} or {"mode": "shadow", "sample": 1..100}; see hub.experiments
+    experiment: dict[str, Any] | None = None
 
 
 class RollbackRequest(BaseModel):
@@ -77,6 +84,7 @@ def deployment_json(d: Deployment) -> dict[str, Any]:
         "metadata_version": d.metadata_version,
         "created": d.created.isoformat(),
         "created_by": d.created_by,
+        "experiment": d.experiment.to_json() if d.experiment is not None else None,
     }
 
 
@@ -206,9 +214,13 @@ class Hub:
         return self.registry.record_metadata_version(deployment, version)
 
     def deploy(self, group: str, req: DeploymentRequest, actor: str) -> dict[str, Any]:
+        experiment = parse_experiment(req.experiment)
+        if experiment is not None:
+            refuse_beside_rollout(self.db, group)  # a live rollout would overwrite it
         d = self.registry.set_deployment(
-            group, req.model, req.stable, req.candidate, req.percent, req.salt, actor=actor
-        )
+            group, req.model, req.stable, req.candidate, req.percent, req.salt, actor=actor,
+            experiment=experiment,
+        )  # fmt: skip
         if d.metadata_version is None:
             d = self.publish(d)
         log.info(
@@ -440,6 +452,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     _group_routes(app, hub)
     _fleet_routes(app, hub)
     rollouts = add_rollout_routes(app, hub)
+    add_experiment_routes(app, hub)
     from hub.dashboard import mount as mount_dashboard
 
     mount_dashboard(app, hub)

@@ -17,6 +17,7 @@ from hub.registry.db import Database
 from hub.registry.deployments import assignment_document, canonical_json, in_canary
 from hub.registry.records import (
     Deployment,
+    Experiment,
     GroupInfo,
     ModelInfo,
     TokenInfo,
@@ -32,6 +33,7 @@ __all__ = [
     "BlobStore",
     "Database",
     "Deployment",
+    "Experiment",
     "GroupInfo",
     "Limits",
     "ModelInfo",

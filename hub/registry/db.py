@@ -9,7 +9,9 @@ Tables (the schema; no migrations yet, `create_all` makes it):
     groups          id, name UNIQUE, created
     deployments     id (AUTOINCREMENT: the assignment's serial, never reused), group_id -> groups,
                     model_id -> models, stable_version, candidate_version NULL, percent 0..100,
-                    salt, previous_stable NULL, metadata_version NULL, created, created_by
+                    salt, previous_stable NULL, metadata_version NULL, created, created_by,
+                    experiment NULL (canonical JSON: {"mode": "ab", "weight": W} or
+                    {"mode": "shadow", "sample": S}; see hub.registry.deployments)
     tokens          id, name, sha256 UNIQUE, created, revoked NULL; name UNIQUE among the
                     tokens not revoked
 
@@ -145,6 +147,7 @@ class DeploymentRow(Base):
     metadata_version: Mapped[int | None] = mapped_column(Integer)
     created: Mapped[datetime] = mapped_column(UTCDateTime())
     created_by: Mapped[str] = mapped_column(String(128), default="")
+    experiment: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class TokenRow(Base):

@@ -14,6 +14,10 @@ Rules:
   previous_stable the group had when that version was last its stable one; so repeated
   rollbacks walk back through the stable versions (v3 -> v2 -> v1), and a rollback never
   re-deploys the version it just left.
+- An experiment ({"mode": "ab", "weight": 1..99} or {"mode": "shadow", "sample": 1..100})
+  needs a candidate and a percent of at least 1: the devices in the canary bucket run it
+  (stable stays their default, the candidate is loaded beside it) instead of switching to
+  the candidate. Any new deployment without one (a rollback too) ends it.
 - Without a salt given, a deployment keeps the prior salt while the candidate stays the
   same (ramping 10% -> 50% keeps the first 10% in the canary) and draws a new one otherwise.
 
@@ -33,7 +37,7 @@ from datetime import UTC
 from typing import Any
 
 from hub.errors import ConflictError, InvalidRequestError
-from hub.registry.records import Deployment, VersionInfo
+from hub.registry.records import EXPERIMENT_MODES, Deployment, Experiment, VersionInfo
 
 ASSIGNMENT_FORMAT = "outpost-assignment/1"
 SALT_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
@@ -60,6 +64,55 @@ class Plan:
     percent: int
     salt: str
     previous_stable: int | None
+    experiment: Experiment | None = None
+
+
+# The range of an experiment's value, by mode: the candidate's weight, the shadow sample.
+EXPERIMENT_RANGES = {"ab": (1, 99), "shadow": (1, 100)}
+
+
+def parse_experiment(doc: Any) -> Experiment | None:
+    """An experiment from its JSON object ({"mode": "ab", "weight": W} or {"mode": "shadow",
+    "sample": S}), or None for null; InvalidRequestError when it is neither."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError(
+            'an experiment is {"mode": "ab", "weight": W} or {"mode": "shadow", "sample": S}'
+        )
+    mode = doc.get("mode")
+    if mode not in EXPERIMENT_MODES:
+        raise InvalidRequestError(f'the experiment mode must be "ab" or "shadow", not {mode!r}')
+    key = "weight" if mode == "ab" else "sample"
+    extra = sorted(set(doc) - {"mode", key})
+    if extra:
+        raise InvalidRequestError(f"a {mode} experiment takes mode and {key} only, not {', '.join(extra)}")
+    value = doc.get(key)
+    low, high = EXPERIMENT_RANGES[mode]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequestError(
+            f"the {mode} experiment's {key} must be an integer from {low} to {high} (percent), not {value!r}"
+        )
+    return Experiment(mode, value)
+
+
+def check_experiment(experiment: Experiment | None, candidate: int | None, percent: int) -> None:
+    """An experiment compares the candidate with the stable version on the canary's devices."""
+    if experiment is None:
+        return
+    parse_experiment(experiment.to_json())  # mode and range
+    if candidate is None:
+        raise InvalidRequestError(f"a {experiment.mode} experiment needs a candidate version")
+    if percent < 1:
+        raise InvalidRequestError(
+            "an experiment runs on the devices in the canary: give a percent of at least 1 "
+            "(100: every device)"
+        )
+
+
+def experiment_text(experiment: Experiment | None) -> str | None:
+    """How the deployments table stores an experiment."""
+    return None if experiment is None else canonical_json(experiment.to_json()).decode("ascii")
 
 
 def check_request(stable: int, candidate: int | None, percent: int, salt: str | None, actor: str) -> None:
@@ -91,6 +144,7 @@ def plan_deployment(
     percent: int,
     salt: str | None,
     make_salt: Callable[[], str] = new_salt,
+    experiment: Experiment | None = None,
 ) -> Plan:
     """The row a deployment request makes, given the group's current row (if any)."""
     same_model = prior is not None and prior.model == model
@@ -103,7 +157,7 @@ def plan_deployment(
     if salt is None:
         keep = same_model and prior is not None and candidate is not None and prior.candidate == candidate
         salt = prior.salt if keep and prior is not None else make_salt()
-    return Plan(model, stable, candidate, percent, salt, previous)
+    return Plan(model, stable, candidate, percent, salt, previous, experiment)
 
 
 def same_as(prior: Deployment | None, plan: Plan) -> bool:
@@ -115,7 +169,16 @@ def same_as(prior: Deployment | None, plan: Plan) -> bool:
         prior.percent,
         prior.salt,
         prior.previous_stable,
-    ) == (plan.model, plan.stable, plan.candidate, plan.percent, plan.salt, plan.previous_stable)
+        prior.experiment,
+    ) == (
+        plan.model,
+        plan.stable,
+        plan.candidate,
+        plan.percent,
+        plan.salt,
+        plan.previous_stable,
+        plan.experiment,
+    )
 
 
 def plan_rollback(history: Sequence[Deployment]) -> Plan:
@@ -169,6 +232,7 @@ def assignment_document(deployment: Deployment, stable: VersionInfo, candidate: 
             "candidate": _version_doc(candidate) if candidate is not None else None,
             "percent": deployment.percent,
             "salt": deployment.salt,
+            "experiment": deployment.experiment.to_json() if deployment.experiment is not None else None,
             "created": deployment.created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     )

@@ -6,13 +6,15 @@ NotFoundError with the message the operator sees.
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from agent.package.manifest import Manifest
 from hub.errors import NotFoundError
 from hub.registry.db import DeploymentRow, GroupRow, ModelRow, VersionRow
-from hub.registry.records import Deployment, ModelInfo, VersionInfo
+from hub.registry.records import Deployment, Experiment, ModelInfo, VersionInfo
 from hub.registry.validate import parse_manifest_bytes
 
 
@@ -118,4 +120,14 @@ def to_deployment(s: Session, row: DeploymentRow, group: str, model: str | None 
         metadata_version=row.metadata_version,
         created=row.created,
         created_by=row.created_by,
+        experiment=experiment_from_text(row.experiment),
     )
+
+
+def experiment_from_text(text: str | None) -> Experiment | None:
+    """The stored experiment column (written by the service from a checked Experiment)."""
+    if not text:
+        return None
+    doc = json.loads(text)
+    mode = str(doc["mode"])
+    return Experiment(mode, int(doc["weight" if mode == "ab" else "sample"]))

@@ -62,6 +62,31 @@ class VersionInfo:
         return model_target(self.model, self.version)
 
 
+EXPERIMENT_MODES = ("ab", "shadow")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An on-device experiment between a deployment's stable version and its candidate.
+
+    mode "ab": the candidate answers `value` percent (1..99) of the requests (its "weight");
+    mode "shadow": `value` percent (1..100) of the requests are copied to the candidate after
+    the stable version answered (its "sample"). Devices in the canary bucket run it.
+    """
+
+    mode: str
+    value: int
+
+    @property
+    def key(self) -> str:
+        return "weight" if self.mode == "ab" else "sample"
+
+    def to_json(self) -> dict[str, str | int]:
+        """The assignment's `experiment` object: {"mode": "ab", "weight": W} or
+        {"mode": "shadow", "sample": S}."""
+        return {"mode": self.mode, self.key: self.value}
+
+
 @dataclass(frozen=True)
 class Deployment:
     """One row of a group's deployment history; the newest row is the current deployment."""
@@ -77,6 +102,7 @@ class Deployment:
     metadata_version: int | None  # of the signed metadata publishing this row, once known
     created: datetime
     created_by: str
+    experiment: Experiment | None = None  # devices in the canary run it instead of the candidate
 
     @property
     def serial(self) -> int:

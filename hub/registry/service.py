@@ -48,7 +48,7 @@ from hub.registry import queries as q
 from hub.registry import tokens
 from hub.registry.blobs import BlobStore, sha256_hex
 from hub.registry.db import Database, DeploymentRow, GroupRow, ModelRow, TokenRow, VersionRow
-from hub.registry.records import Deployment, GroupInfo, ModelInfo, TokenInfo, VersionInfo
+from hub.registry.records import Deployment, Experiment, GroupInfo, ModelInfo, TokenInfo, VersionInfo
 from hub.registry.validate import Limits, check_model_runs, check_package
 
 T = TypeVar("T")
@@ -230,14 +230,17 @@ class Registry:
         percent: int = 0,
         salt: str | None = None,
         actor: str = "",
+        experiment: Experiment | None = None,
     ) -> Deployment:
         """Make `stable` (and `candidate` for `percent` of devices) the group's deployment.
 
-        Creates the group on first use. Repeating the current deployment changes nothing and
-        returns the current row.
+        With `experiment`, the devices in the canary run it (the candidate beside the stable
+        version) instead of switching to the candidate. Creates the group on first use.
+        Repeating the current deployment changes nothing and returns the current row.
         """
         check_name("group", group)
         rules.check_request(stable, candidate, percent, salt, actor)
+        rules.check_experiment(experiment, candidate, percent)
 
         def deploy(s: Session) -> Deployment:
             model_row = q.model_row(s, model, lock=True)
@@ -251,7 +254,9 @@ class Registry:
                 s.flush()
             prior_row = q.current_row(s, group_row.id)
             prior = q.to_deployment(s, prior_row, group) if prior_row is not None else None
-            plan = rules.plan_deployment(prior, model, stable, candidate, percent, salt)
+            plan = rules.plan_deployment(
+                prior, model, stable, candidate, percent, salt, experiment=experiment
+            )
             if prior is not None and rules.same_as(prior, plan):
                 return prior
             return self._insert_deployment(s, group_row, model_row, plan, actor)
@@ -448,6 +453,7 @@ class Registry:
             metadata_version=None,
             created=self._now(),
             created_by=actor,
+            experiment=rules.experiment_text(plan.experiment),
         )
         s.add(row)
         s.flush()

@@ -113,6 +113,11 @@ class RolloutService:
                 f"group {group!r} deploys {current.model!r}, not {model!r}; deploy a stable version of "
                 f"{model!r} there first"
             )
+        if current.experiment is not None:  # the controller's deployments would end it silently
+            raise ConflictError(
+                f"group {group!r} runs a {current.experiment.mode} experiment ({model} v{current.stable} vs "
+                f"v{current.candidate}); stop it first (outpost experiment stop --group {group})"
+            )
         if candidate == current.stable:
             raise InvalidRequestError(
                 f"{model} v{candidate} is already the stable version of group {group!r}"

@@ -28,7 +28,16 @@ from hub.errors import (
     PackageTooLarge,
     RegistryError,
 )
-from hub.registry import BlobStore, Database, Deployment, Limits, Registry, canonical_json, in_canary
+from hub.registry import (
+    BlobStore,
+    Database,
+    Deployment,
+    Experiment,
+    Limits,
+    Registry,
+    canonical_json,
+    in_canary,
+)
 from hub.registry import deployments as rules
 from hub.registry.db import Base, VersionRow
 from hub.registry.tokens import token_hash
@@ -557,12 +566,58 @@ def test_assignment_document_is_deterministic_canonical_json(three: Registry) ->
         },
         "percent": 25,
         "salt": "s1",
+        "experiment": None,
         "created": d.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     later_deployment = three.set_deployment("edge", "wine", 3)
     later = json.loads(three.assignment_document(later_deployment))
     assert later["serial"] > value["serial"]
     assert later["candidate"] is None
+
+
+def test_an_experiment_is_stored_with_the_deployment_and_signed_into_the_assignment(three: Registry) -> None:
+    ab = Experiment("ab", 30)
+    d = three.set_deployment("edge", "wine", 1, candidate=2, percent=100, experiment=ab)
+    assert d.experiment == ab and three.current_deployment("edge").experiment == ab
+    assert json.loads(three.assignment_document(d))["experiment"] == {"mode": "ab", "weight": 30}
+    assert three.set_deployment("edge", "wine", 1, candidate=2, percent=100, experiment=ab).id == d.id
+    shadow_mode = Experiment("shadow", 100)
+    shadow = three.set_deployment("edge", "wine", 1, candidate=2, percent=100, experiment=shadow_mode)
+    assert shadow.id > d.id and shadow.salt == d.salt  # same candidate: same devices
+    assert json.loads(three.assignment_document(shadow))["experiment"] == {"mode": "shadow", "sample": 100}
+    stopped = three.set_deployment("edge", "wine", 1)
+    assert stopped.experiment is None
+    assert json.loads(three.assignment_document(stopped))["experiment"] is None
+    three.set_deployment("edge", "wine", 2, candidate=3, percent=50, experiment=ab)
+    back = three.rollback("edge")  # a rollback ends the experiment too
+    assert (back.stable, back.candidate, back.experiment) == (1, None, None)
+
+
+@pytest.mark.parametrize(
+    ("doc", "candidate", "percent", "message"),
+    [
+        ({"mode": "ab", "weight": 0}, 2, 100, "from 1 to 99"),
+        ({"mode": "ab", "weight": 100}, 2, 100, "from 1 to 99"),
+        ({"mode": "ab", "weight": True}, 2, 100, "from 1 to 99"),
+        ({"mode": "shadow", "sample": 0}, 2, 100, "from 1 to 100"),
+        ({"mode": "shadow", "sample": 101}, 2, 100, "from 1 to 100"),
+        ({"mode": "shadow", "weight": 5}, 2, 100, "sample only"),
+        ({"mode": "split", "weight": 5}, 2, 100, "mode must be"),
+        ([1], 2, 100, "an experiment is"),
+        ({"mode": "ab", "weight": 50}, None, 0, "needs a candidate"),
+        ({"mode": "ab", "weight": 50}, 2, 0, "percent of at least 1"),
+    ],
+    ids=["weight-0", "weight-100", "weight-bool", "sample-0", "sample-101", "wrong-key", "mode", "not-object",
+         "no-candidate", "percent-0"],
+)  # fmt: skip
+def test_bad_experiments_are_refused(
+    three: Registry, doc: Any, candidate: int | None, percent: int, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        experiment = rules.parse_experiment(doc)
+        three.set_deployment("edge", "wine", 1, candidate=candidate, percent=percent, experiment=experiment)
+    with pytest.raises(NotFoundError):
+        three.current_deployment("edge")
 
 
 def test_assignment_document_refuses_versions_of_another_deployment(three: Registry) -> None:
