@@ -58,7 +58,17 @@ def experiment_text(x: dict[str, Any], out: TextIO) -> None:
     print(f"  started {x['started'][:19]}Z by {x['started_by'] or '-'}, {state}", file=out)
     print(f"  verdict: {x['verdict']} (alpha {x['alpha']:g})", file=out)
     rows = [
-        ["arm", "version", "devices", "requests", "errors", "error rate", "labelled", "accuracy", "95% CI"]
+        [
+            "arm",
+            "version",
+            "devices",
+            "requests",
+            "errors",
+            "error rate",
+            "labelled",
+            "accuracy",
+            "accuracy 95% CI",
+        ]
     ]
     for name in ("stable", "candidate"):
         a = x["arms"][name]
