@@ -20,7 +20,11 @@
    where a sensor reads the alcohol content 1 sigma high; apps feed some true labels back.
    Each device publishes per-window summaries and drift tests; the hub adds the devices'
    counts into a fleet summary (with accuracy from the labels) and raises a drift alert for
-   the shifted device only, after three windows in a row.
+   the shifted device only, after three windows in a row;
+9. two devices connected to the hub run version 1; a canary rollout of version 2 (50%, then
+   100%, each step gated on the candidate's error rate and latency against the stable one, on
+   fall-backs and on drift) advances by itself and ends with both devices on version 2, with no
+   failed request; the dashboard's address is printed.
 
 Exits non-zero if any step does not behave as described.
 """
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -263,6 +269,12 @@ def hub_publish(work: Path, v1: Path, v2: Path, mqtt_url: str) -> tuple[subproce
     step("6. The hub: sign and publish the versions, assign one to a device group")
     data = work / "hub"
     run(str(BIN / "outpost-hub"), "init", "--data", str(data))
+    # The rollout controller looks every second (default 10 s), so step 9 is short.
+    settings = data / "hub.toml"
+    lines = [
+        ln for ln in settings.read_text().splitlines() if not ln.strip().startswith("rollout_interval_s")
+    ]
+    settings.write_text("\n".join([*lines, "rollout_interval_s = 1.0"]) + "\n")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (work / "hub.log").open("wb")
@@ -331,19 +343,23 @@ def hub_publish(work: Path, v1: Path, v2: Path, mqtt_url: str) -> tuple[subproce
 class Traffic:
     """A local app asking for predictions all along; counts the answers that were not 200."""
 
-    def __init__(self, sock: str, body: bytes) -> None:
+    def __init__(self, sock: str, body: bytes, more: list[bytes] | None = None) -> None:
         import threading
 
         self.sock, self.body = sock, body
+        self.bodies = [body, *(more or [])]  # sent in turn
         self.answers = 0
         self.failures = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        turn = 0
         while not self.stop.is_set():
+            body = self.bodies[turn % len(self.bodies)]
+            turn += 1
             try:
-                status = call(self.sock, "POST", "/v2/models/wine/infer", self.body)[0]
+                status = call(self.sock, "POST", "/v2/models/wine/infer", body)[0]
             except OSError:
                 status = 0
             self.answers += 1
@@ -495,6 +511,111 @@ def monitoring(work: Path, mqtt_url: str, v1: Path, sample_path: Path) -> None:
                 proc.wait(30)
 
 
+def start_hub_device(
+    work: Path, name: str, group: str, url: str, hub_data: Path, mqtt_url: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """An agent that follows the hub's assignment for `group` and reports over MQTT each second."""
+    sock = str(work / f"{name}.sock")
+    config = work / f"{name}.toml"
+    config.write_text(
+        f'device_id = "{name}"\ngroup = "{group}"\ndata_dir = "{work / name}"\n'
+        f'[server]\nsocket = "{sock}"\n'
+        f'[hub]\nurl = "{url}"\ntrusted_root = "{hub_data / "tuf" / "metadata" / "root.json"}"\n'
+        "poll_interval_s = 0.5\n"
+        f'[mqtt]\nurl = "{mqtt_url}"\n[monitor]\nwindow_s = 1.0\n'
+    )
+    log = (work / f"{name}.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "outpost-agent"), "run", "--config", str(config)], stdout=log, stderr=log
+    )
+    return proc, sock
+
+
+def rollout(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Path) -> None:
+    step("9. A canary rollout that advances by itself on the devices' telemetry")
+    # The apps' requests: rows like the training data (one fixed row would be drift, and the
+    # rollout's drift gate would rightly halt it).
+    _, x, _ = read_sample(sample_path)
+    rows = np.random.default_rng(9).integers(0, len(x), size=200)
+    bodies = [
+        json.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 13], "datatype": "FP32", "data": x[i].tolist()}]}
+        ).encode()
+        for i in rows
+    ]
+    from agent.update.canary import bucket
+
+    # A salt that puts one of the two devices in the first 50%: the rollout keeps it while ramping.
+    names = ("demo-005", "demo-006")
+    salt = next(
+        f"demo-{i}"
+        for i in range(1000)
+        if sorted(bucket(f"demo-{i}", n) < 50 for n in names) == [False, True]
+    )
+    import requests
+
+    token = os.environ["OUTPOST_TOKEN"]
+    resp = requests.put(
+        f"{url}/api/v1/groups/line/deployment",
+        json={"model": "wine", "stable": 1, "candidate": 2, "percent": 0, "salt": salt},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    resp.raise_for_status()
+    devices: list[tuple[subprocess.Popen[bytes], str, Traffic]] = []
+    try:
+        for name in names:
+            proc, sock = start_hub_device(work, name, "line", url, hub_data, mqtt_url)
+            devices.append((proc, sock, Traffic(sock, bodies[0], bodies[1:])))
+        for _proc, sock, traffic in devices:
+            wait_until("the device to serve", lambda sock=sock: call_ready(sock) == 200)
+            traffic.thread.start()
+
+        def state(sock: str) -> dict[str, Any]:
+            doc: dict[str, Any] = json.loads(call(sock, "GET", "/v1/status")[2])["update"]
+            return doc
+
+        for _, sock, _ in devices:
+            wait_until("v1 committed", lambda sock=sock: state(sock)["state"] == "committed")
+        print("  demo-005 and demo-006 committed version 1; now the rollout of version 2:")
+        out = run(
+            str(BIN / "outpost"), "rollout", "start", "wine", "2", "--group", "line", "--steps", "50,100",
+            "--min-time", "3s", "--min-requests", "30", "--max-latency-ratio", "20",
+        )  # fmt: skip
+        found = re.search(r"rollout (\d+):", out)
+        assert found is not None, out
+        rollout_id = found.group(1)
+        outpost = str(BIN / "outpost")
+        try:
+            wait_until(
+                "the rollout to complete",
+                lambda: "completed" in run_quiet(outpost, "rollout", "status", rollout_id),
+                timeout=180,
+            )
+        except SystemExit:
+            print(run_quiet(outpost, "rollout", "status", rollout_id))
+            for _, sock, _ in devices:
+                print(json.dumps(state(sock), indent=1)[:1500])
+            print(run_quiet(outpost, "fleet"))
+            raise
+        run(outpost, "rollout", "status", rollout_id)
+        for _, sock, _ in devices:
+            wait_until("the device on v2", lambda sock=sock: "v2 " in (state(sock)["current"] or ""))
+        failures = sum(t.failures for _, _, t in devices)
+        answers = sum(t.answers for _, _, t in devices)
+        print(f"  both devices run version 2; {answers} predictions during the rollout, {failures} failed")
+        assert failures == 0
+    finally:
+        for proc, _, traffic in devices:
+            traffic.stop.set()
+            if traffic.thread.is_alive():
+                traffic.thread.join(10)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+    print(f"\n  dashboard: {url}/  (log in with the operator token in {hub_data / 'operator.token'})")
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="outpost-demo-"))
     agent: subprocess.Popen[bytes] | None = None
@@ -517,6 +638,7 @@ def main() -> int:
         hub, url, hub_data = hub_publish(work, v1, v2, mqtt_url)
         device_updates(work, url, hub_data, v1, body, mqtt_url)
         monitoring(work, mqtt_url, v1, sample_path)
+        rollout(work, url, hub_data, mqtt_url, sample_path)
         hub.terminate()
         hub.wait(30)
         hub = None

@@ -127,8 +127,10 @@ def test_a_good_candidate_ramps_to_everyone_and_a_bad_one_halts_by_itself(
             "steps": [50, 100],
             "min_seconds": 2.0,
             "min_requests": 30,
-            # Two versions of one model on a busy 2-core test machine: latency is too noisy to judge.
-            "gates": {"max_latency_ratio": 20.0},
+            # Two versions of one model on a busy 2-core test machine: latency is too noisy to judge;
+            # and the traffic is one fixed row (test_update.x_doc), which the monitor rightly sees as
+            # drift: the drift gate has its own test (tests/hub/test_rollouts_e2e.py).
+            "gates": {"max_latency_ratio": 20.0, "halt_on_drift": False},
         }
         resp = hub.api("POST", "/api/v1/rollouts", json=start)
         assert resp.status_code in (200, 201), resp.text
