@@ -278,6 +278,10 @@ def render_text(results: dict[str, Any]) -> str:
         from tests.benchmarks.monitor_cost import render as render_monitor
 
         parts += ["", render_monitor(results["monitor_cost"])]
+    if "shadow_cost" in results:
+        from tests.benchmarks.shadow_cost import render as render_shadow
+
+        parts += ["", render_shadow(results["shadow_cost"])]
     if "drift_power" in results:
         from tests.benchmarks.drift_power import render
 
@@ -312,6 +316,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         from tests.benchmarks.monitor_cost import render as render_monitor
 
         lines += [render_monitor(results["monitor_cost"], markdown=True), ""]
+    if "shadow_cost" in results:
+        from tests.benchmarks.shadow_cost import render as render_shadow
+
+        lines += [render_shadow(results["shadow_cost"], markdown=True), ""]
     if "drift_power" in results:
         from tests.benchmarks.drift_power import render
 

@@ -12,9 +12,10 @@ set for this machine, labelled). For each server: one instance with only the tab
 in-process, so a fast wrong server cannot win. A contender that cannot start is reported as
 'unavailable: <reason>' and the run goes on.
 
-Two more sections: `drift` (tests/benchmarks/drift_power.py, no server): the detection power of
+Three more sections: `drift` (tests/benchmarks/drift_power.py, no server): the detection power of
 the agent's binned KS against scipy's exact KS at the same false-alarm rate, ~210 s (~25 s quick).
-And `monitor` (tests/benchmarks/monitor_cost.py): the monitor's cost, the agent with it on vs off.
+And `monitor` (tests/benchmarks/monitor_cost.py): the monitor's cost, the agent with it on vs off;
+`shadow` (tests/benchmarks/shadow_cost.py): the primary's latency with a shadow experiment vs without.
 
 Writes bench-results/results.json and results.md, prints the table and PASS/FAIL per target.
 """
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks import drift_power, monitor_cost, report
+from tests.benchmarks import drift_power, monitor_cost, report, shadow_cost
 from tests.benchmarks.client import (
     ClientError,
     Load,
@@ -81,7 +82,7 @@ CONTENDERS = {
     "agent": ("agent", "outpost-agent run, default config (only data_dir, socket, identity)"),
     "agent_tuned": ("agent (tuned)", "outpost-agent run, default config plus [runtime] {tuned}"),
 }
-SECTIONS = ("drift", "monitor")  # selectable with --only like the contenders, but not servers
+SECTIONS = ("drift", "monitor", "shadow")  # selectable with --only like the contenders, but not servers
 
 
 @dataclass(frozen=True)
@@ -490,6 +491,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         results.setdefault("targets", []).append(monitor_cost.verdict(results["monitor_cost"]))
+    if "shadow" in args.only.split(","):
+        print("- shadow experiment cost (agent with a hub) ...", flush=True)
+        try:
+            if not wanted and "monitor" not in args.only.split(","):
+                packages = build_packages(args.out / "packages")
+                wl = make_workload(packages)
+            results["shadow_cost"] = shadow_cost.run(packages, wl, st, args.quick)
+        except Exception as exc:  # a failure here must not lose the other figures
+            traceback.print_exc()
+            results["shadow_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
+        results.setdefault("targets", []).append(shadow_cost.verdict(results["shadow_cost"]))
     if "drift" in args.only.split(","):
         print("- drift detection power ...", flush=True)
         try:
