@@ -11,12 +11,16 @@ mode: the candidate's answers to copied requests compared with the stable versio
 key or null counts as nothing (older agents). In shadow mode the candidate's requests, errors,
 latency and labels are those of its shadow runs; in A/B mode both arms are ordinary windows of the
 requests each answered.
+
+When the experiment runs on part of the group (percent < 100), only the windows of devices in the
+canary bucket count, in both arms: the stable version's windows from the devices outside it come
+from other devices and other traffic, not from the randomized split.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -68,8 +72,10 @@ def arm_totals(
     since: datetime,
     until: datetime | None,
     profile: Mapping[str, Any],
+    device_ok: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
-    """One version's totals in the group over [since, until) (until None: up to now)."""
+    """One version's totals in the group over [since, until) (until None: up to now), from the
+    devices `device_ok` accepts (None: every device)."""
     query = select(FleetWindowRow.device_id, FleetWindowRow.seq, FleetWindowRow.body).where(
         FleetWindowRow.kind == "summary",
         FleetWindowRow.group == group,
@@ -80,7 +86,7 @@ def arm_totals(
     if until is not None:
         query = query.where(FleetWindowRow.received < until)
     rows = s.execute(query.order_by(FleetWindowRow.received.desc()).limit(MAX_WINDOWS)).all()
-    bodies = [(str(d), int(q), json.loads(b)) for d, q, b in rows]
+    bodies = [(str(d), int(q), json.loads(b)) for d, q, b in rows if device_ok is None or device_ok(str(d))]
     total = aggregate.sum_windows(bodies, profile)
     arm = empty_arm(version)
     arm["truncated"] = len(rows) >= MAX_WINDOWS

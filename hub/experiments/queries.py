@@ -2,10 +2,11 @@
 
 An experiment lives in the deployments table (hub.registry: the `experiment` column of a group's
 deployment rows). One experiment is a run of consecutive rows of a group with the same model,
-stable version, candidate and experiment (mode and weight or sample; a change of the canary
+stable version, candidate, experiment (mode and weight or sample) and salt (a change of the canary
 percent keeps it going): it started when the first of them was created and stopped when the
 group's next deployment (without it, or with another one) was. Its evidence is each arm's
-windows received in between (hub.experiments.evidence) and the tests on them
+windows received in between (hub.experiments.evidence), from the devices in the canary bucket
+at the experiment's current percent (every device at 100), and the tests on them
 (hub.experiments.stats).
 
     experiments(db, model=None, group=None, live=None, thresholds=Thresholds())
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from hub.errors import NotFoundError
 from hub.experiments import stats
 from hub.experiments.evidence import arm_totals, empty_arm
-from hub.registry import Database
+from hub.registry import Database, in_canary
 from hub.registry import queries as q
 from hub.registry.db import DeploymentRow, GroupRow, ModelRow
 
@@ -43,7 +44,8 @@ class Run:
 
 
 def _identity(row: DeploymentRow) -> tuple[Any, ...]:
-    return (row.model_id, row.stable_version, row.candidate_version, row.experiment)
+    # A new salt puts other devices in the canary: another experiment.
+    return (row.model_id, row.stable_version, row.candidate_version, row.experiment, row.salt)
 
 
 def runs(s: Session, model: str | None = None, group: str | None = None) -> list[Run]:
@@ -95,13 +97,21 @@ def describe(s: Session, run: Run, thresholds: stats.Thresholds) -> dict[str, An
     experiment = q.experiment_from_text(run.first.experiment)
     assert experiment is not None and run.first.candidate_version is not None  # a run has both
     stable, candidate = run.first.stable_version, run.first.candidate_version
+    salt, percent = run.last.salt, run.last.percent
+
+    def in_experiment(device_id: str) -> bool:
+        return in_canary(salt, device_id, percent)
+
+    device_ok = None if percent >= 100 else in_experiment
     arms: dict[str, dict[str, Any]] = {}
     for name, version in (("stable", stable), ("candidate", candidate)):
         profile = _profile(s, run.model, version)
         arms[name] = (
             empty_arm(version)
             if profile is None
-            else arm_totals(s, run.group, run.model, version, run.first.created, run.stopped, profile)
+            else arm_totals(
+                s, run.group, run.model, version, run.first.created, run.stopped, profile, device_ok
+            )
         )
     judged = stats.verdict(arms, thresholds)
     doc: dict[str, Any] = {

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from agent.package.manifest import SelfTest, Tensor, TensorSpec
+from hub.registry import in_canary
 from tests.hub.test_fleet import Device, wait_for
 from tests.hub.test_fleet_views import FEATURES, LABELS, MODEL, PROFILE, summary
 from tests.hub.test_hub_e2e import assignment, updater
@@ -172,11 +173,19 @@ def test_equal_arms_make_no_significant_difference(hub: HubProcess, device: Devi
     assert x["tests"][0]["p_value"] == pytest.approx(1.0)
 
 
-def test_too_few_labels_give_no_verdict(hub: HubProcess, device: Device) -> None:
+def test_too_few_labels_give_no_verdict_and_devices_outside_the_canary_do_not_count(
+    hub: HubProcess, device: Device
+) -> None:
     hub.outpost("experiment", "start", MODEL, "1", "2", "--group", "abf", "--ab", "50", "--percent", "40")
-    window(device, "abf", "abf-1", 1, 600, 3, 40, 38)
-    window(device, "abf", "abf-1", 2, 600, 3, 40, 20)
+    salt = api(hub, "GET", "/api/v1/groups/abf")["current"]["salt"]
+    inside, outside = (
+        next(f"abf-{i}" for i in range(1000) if in_canary(salt, f"abf-{i}", 40) == b) for b in (True, False)
+    )
+    window(device, "abf", outside, 1, 5000, 3, 400, 390)  # stable only, other devices: not the experiment's
+    window(device, "abf", inside, 1, 600, 3, 40, 38)
+    window(device, "abf", inside, 2, 600, 3, 40, 20)
     x = live(hub, "abf", labelled=40, requests=600)
+    assert x["arms"]["stable"]["devices"] == 1
     assert (x["percent"], x["verdict"]) == (40, "not enough data")
     accuracy = x["tests"][0]
     assert accuracy["verdict"] == "not enough data" and accuracy["why"] == "40 of the 100 per arm needed"
