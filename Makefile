@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all venv sysdeps test lint typecheck pytest demo bench clean
+.PHONY: all venv sysdeps test lint typecheck pytest demo demo-fleet bench clean
 
 all: test
 
@@ -36,6 +36,10 @@ test: lint typecheck pytest
 
 demo: venv sysdeps
 	$(BIN)/python examples/demo.py
+
+# The demo, then its hub, broker and two devices keep running (with traffic) until Ctrl-C.
+demo-fleet: venv sysdeps
+	$(BIN)/python examples/demo.py --keep
 
 bench: venv
 	$(BIN)/python -m tests.benchmarks.run

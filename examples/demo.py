@@ -614,6 +614,48 @@ def rollout(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Pa
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
     print(f"\n  dashboard: {url}/  (log in with the operator token in {hub_data / 'operator.token'})")
+    print("  (it stops with the demo: `make demo-fleet` runs the same and keeps the fleet up to explore)")
+
+
+def keep_fleet(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Path) -> None:
+    """`make demo-fleet`: the hub, the broker and two devices with traffic stay up until Ctrl-C."""
+    step("The demo fleet keeps running: explore it")
+    _, x, _ = read_sample(sample_path)
+    picks = np.random.default_rng(10).integers(0, len(x), size=200)
+    bodies = [
+        json.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 13], "datatype": "FP32", "data": x[i].tolist()}]}
+        ).encode()
+        for i in picks
+    ]
+    devices = []
+    for name in ("demo-005", "demo-006"):  # their data dirs hold version 2, committed in step 9
+        proc, sock = start_hub_device(work, name, "line", url, hub_data, mqtt_url)
+        wait_until(f"{name} to serve", lambda sock=sock: call_ready(sock) == 200)
+        traffic = Traffic(sock, bodies[0], bodies[1:])
+        traffic.thread.start()
+        devices.append((proc, traffic))
+    token = (hub_data / "operator.token").read_text().strip()
+    print(f"  dashboard: {url}/   operator token: {token}")
+    print(f"  CLI: export OUTPOST_HUB={url} OUTPOST_TOKEN={token}; outpost fleet; outpost rollout status")
+    print(f"  devices demo-005 and demo-006 in group line, with traffic; files in {work}")
+    print("  Ctrl-C stops everything")
+
+    def interrupt(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping the demo fleet")
+    finally:
+        for proc, traffic in devices:
+            traffic.stop.set()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
 
 
 def main() -> int:
@@ -639,6 +681,8 @@ def main() -> int:
         device_updates(work, url, hub_data, v1, body, mqtt_url)
         monitoring(work, mqtt_url, v1, sample_path)
         rollout(work, url, hub_data, mqtt_url, sample_path)
+        if "--keep" in sys.argv[1:]:
+            keep_fleet(work, url, hub_data, mqtt_url, sample_path)
         hub.terminate()
         hub.wait(30)
         hub = None
