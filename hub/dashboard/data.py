@@ -52,6 +52,17 @@ def rollouts_for_model(hub: Hub, model: str) -> list[views.RolloutView]:
     return [views.rollout_view(get_rollout(hub.db, int(r["id"]))) for r in found]
 
 
+EXPERIMENTS_SHOWN = 20
+
+
+def experiments_page(hub: Hub) -> list[dict[str, Any]]:
+    """The newest experiments with their arms, tests and verdicts (hub.experiments, as the API's)."""
+    from hub.api.experiments import thresholds
+    from hub.experiments import experiments
+
+    return experiments(hub.db, thresholds=thresholds(hub))[:EXPERIMENTS_SHOWN]
+
+
 def model_page(hub: Hub, name: str) -> views.ModelView:
     hub.registry.get_model(name)  # NotFoundError (404) for an unknown model
     versions = hub.registry.list_versions(name)

@@ -5,7 +5,7 @@
     GET  /                       the fleet: devices, groups, recent alerts
     GET  /models, /models/{m}    versions, deployments, who runs what, fleet figures, rollouts
     GET  /drift, /drift/{m}/{v}  drift per feature over time (inline SVG), devices alerting
-    GET  /experiments            A/B and shadow experiments (none yet)
+    GET  /experiments            A/B and shadow experiments: arms, tests, verdicts
     GET  /dashboard.css          the one stylesheet
 
 Pages are rendered on the server (Jinja2, autoescaped); no JavaScript. Without a valid session
@@ -170,4 +170,5 @@ def mount(app: FastAPI, hub: Hub) -> None:
     @app.get("/experiments", include_in_schema=False)
     async def experiments(request: Request) -> HTMLResponse:
         who = await operator(request)
-        return render("experiments.html", page="experiments", who=who, experiments=[])
+        found = await load(data.experiments_page, hub)
+        return render("experiments.html", page="experiments", who=who, experiments=found)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 
 from agent.package.manifest import SelfTest, Tensor, TensorSpec
 from hub.registry import in_canary
@@ -236,3 +237,19 @@ def test_an_experiment_and_a_rollout_never_share_a_group(hub: HubProcess) -> Non
     assert api(hub, "PUT", "/api/v1/groups/ro/deployment", json=req)["experiment"] == req["experiment"]
     bad = {**req, "experiment": {"mode": "ab", "weight": 100}}
     assert "from 1 to 99" in api(hub, "PUT", "/api/v1/groups/ro/deployment", 400, json=bad)["detail"]
+
+
+def test_the_dashboard_shows_the_experiments_with_their_verdicts(hub: HubProcess) -> None:
+    """After the cases above: the dashboard's experiments page lists them, newest first, with the
+    arms, the tests and the verdict a person reads (the A/B experiment of group abw, stopped, with
+    the candidate called worse)."""
+    login = requests.post(hub.url + "/login", data={"token": hub.token}, allow_redirects=False, timeout=10)
+    assert login.status_code == 303
+    page = requests.get(hub.url + "/experiments", cookies=login.cookies, timeout=10)
+    assert page.status_code == 200 and "No experiments yet" not in page.text
+    html = page.text
+    assert "in group abw" in html and "A/B: the candidate answers 30% of requests" in html
+    section = html[html.index("in group abw") :]
+    section = section[: section.index("</section>")]
+    assert "stopped" in section and "candidate worse" in section
+    assert "accuracy" in section and "-15.00" in section  # the difference in percentage points
