@@ -178,6 +178,11 @@ class UpdateRunner:
                 raise ModelLoadError(
                     f"its inputs {[s.name for s in lv.manifest.inputs]} are not the stable version's"
                 )
+            if terms.mode == "ab" and lv.manifest.outputs != stable.manifest.outputs:
+                # Apps get answers from both: they must look alike (a shadow's are only compared).
+                raise ModelLoadError(
+                    f"its outputs {[s.name for s in lv.manifest.outputs]} are not the stable version's"
+                )
             from agent.runtime.experiment import ExperimentRoute
 
             route = ExperimentRoute(terms.mode, lv, salt, weight=terms.weight, sample=terms.sample)

@@ -21,7 +21,7 @@ from tests.e2e.test_update import FAST_PROBATION, Traffic, _retar, served_versio
 from tests.support.agentproc import AgentProcess
 from tests.support.broker import Mosquitto, mosquitto_available
 from tests.support.hubproc import HubProcess
-from tests.support.packages import wine_versions
+from tests.support.packages import affine_package, wine_versions
 
 pytestmark = [
     pytest.mark.e2e,
@@ -49,6 +49,8 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
         manifest["probation"] = FAST_PROBATION
         (directory / "manifest.json").write_text(json.dumps(manifest))
         tars[version] = _retar(directory, out / f"exp-wine-{version}.tar")
+    # A "wine" version 3 that is another model altogether: 4 inputs named x, not wine's 13.
+    tars[3] = affine_package(out / "not-wine", version=3, name="wine")
     return tars
 
 
@@ -69,7 +71,7 @@ def device(tmp_path: Path, packages: dict[int, Path]) -> Iterator[tuple[HubProce
         },
     )
     try:
-        for version in (1, 2):
+        for version in (1, 2, 3):
             hub.outpost("push", str(packages[version]), "--quiet")
         deploy(hub, stable=1)
         agent.start(wait_ready=False)
@@ -83,10 +85,12 @@ def device(tmp_path: Path, packages: dict[int, Path]) -> Iterator[tuple[HubProce
         broker.kill()
 
 
-def deploy(hub: HubProcess, stable: int, experiment: dict[str, Any] | None = None) -> None:
+def deploy(
+    hub: HubProcess, stable: int, experiment: dict[str, Any] | None = None, candidate: int = 2
+) -> None:
     body: dict[str, Any] = {"model": "wine", "stable": stable}
     if experiment is not None:
-        body.update(candidate=2, percent=100, experiment=experiment)
+        body.update(candidate=candidate, percent=100, experiment=experiment)
     resp = hub.api("PUT", f"/api/v1/groups/{GROUP}/deployment", json=body)
     assert resp.status_code == 200, resp.text
 
@@ -166,3 +170,19 @@ def test_shadow_never_changes_an_answer_and_reports_agreement(
     )
     compared = shadow_summed()
     assert compared is not None and compared["agreed"] == compared["compared"]  # v2 is v1 retrained alike
+
+
+def test_a_candidate_unlike_the_stable_version_is_refused_and_serving_goes_on(
+    device: tuple[HubProcess, AgentProcess],
+) -> None:
+    hub, agent = device
+    deploy(hub, stable=1, experiment={"mode": "ab", "weight": 50}, candidate=3)
+
+    def last() -> dict[str, Any]:
+        found: dict[str, Any] = update_status(agent).get("experiment_last") or {}
+        return found
+
+    wait_for("the refusal", lambda: last().get("transition") == "failed", detail=lambda: update_status(agent))
+    assert "inputs" in last()["reason"] and last()["mode"] == "ab"
+    assert experiment_of(agent) is None
+    assert {infer(agent)["model_version"] for _ in range(50)} == {"1"}
