@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -34,10 +34,12 @@ from agent import __version__
 from agent.errors import AgentError, NotFound, RequestError
 from agent.metrics import Metrics
 from agent.runtime.batcher import Tensors
-from agent.runtime.experiment import ExperimentRoute, agreement
 from agent.runtime.registry import LoadedVersion, ModelRegistry
 from agent.serving.http import Deferred, Request, Response, error_response, json_response
 from agent.serving.oip import InferRequest, decode_infer_request, encode_infer_response
+
+if TYPE_CHECKING:  # experiments are imported when one starts (agent.update.runner)
+    from agent.runtime.experiment import ExperimentRoute
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +163,8 @@ class _ShadowTicket:
             return
         arm.metrics.answered(time.perf_counter() - self.started)
         if monitor is not None:
+            from agent.runtime.experiment import agreement  # loaded already: the experiment is
+
             monitor.add_shadow(*agreement(self.primary, outcome))
 
 

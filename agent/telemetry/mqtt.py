@@ -26,23 +26,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
-
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.config import MqttConfig
 from agent.errors import ConfigError, OutboxError
 from agent.telemetry import messages
 from agent.telemetry.messages import Command
 from agent.telemetry.outbox import Outbox
+
+if TYPE_CHECKING:
+    # paho is imported when a broker is configured (`_make_client`): a device that only buffers
+    # its telemetry on disk does not pay its memory.
+    import paho.mqtt.client as paho
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,11 @@ class TelemetryClient:
     # -- the paho adapter -------------------------------------------------------------------
 
     def _make_client(self) -> paho.Client:
+        import ssl
+
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
         cfg = self.config
         try:
             address = messages.parse_broker_url(cfg.url)
@@ -254,7 +259,7 @@ class TelemetryClient:
         if threading.current_thread() is not self._publisher:
             raise RuntimeError("telemetry: only the publisher thread may publish to paho")
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if info.rc != 0:  # MQTTErrorCode.MQTT_ERR_SUCCESS
             # NO_CONN (lost the connection just now) or QUEUE_SIZE: the outbox keeps it, try later.
             return None
         return info
@@ -333,6 +338,8 @@ class TelemetryClient:
         # paho re-sends what was in flight when the last connection dropped; give it time again.
         self._inflight = {seq: (info, now) for seq, (info, _) in self._inflight.items()}
         # Commands are orders for now: a retained one must not re-run at every reconnect.
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
         options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
         self._paho.subscribe(self._cmd_topic, options=options)
         if not self._birth(gen):
