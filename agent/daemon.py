@@ -70,6 +70,8 @@ class Agent:
             update=self._update_now,
             feedback=self.monitor.feedback if self.monitor is not None else None,
         )
+        if self.monitor is not None:  # the ids the app makes are filed by their counter
+            self.monitor.book.own_prefix = self.app.id_prefix
         self.state = ServerState(
             self.app.handle,
             max_body_bytes=config.server.max_body_bytes,

@@ -1,4 +1,5 @@
-"""Ground truth for predictions already made: a bounded book of recent prediction ids, and scoring. Pure.
+"""Ground truth for predictions already made: a bounded book of recent prediction ids, and scoring.
+Pure (numpy).
 
 Every answered inference has an id (the request's, or one the agent made up and returned). The
 book remembers, for the newest `capacity` ids, which version answered and what it predicted
@@ -7,8 +8,8 @@ prediction) and `score` compares: for classification, how many rows were right; 
 the sums of absolute and squared errors. Those counts go into the version's current summary
 window, so accuracy adds up across windows and devices like every other figure.
 
-Memory: per prediction its id string (which the response made anyway) and its predicted value in
-a list, about 100 bytes: the default 10,000 ids cost about 1 MB.
+Memory: per prediction 8 bytes for the id the agent made and the prediction's own bytes (numpy),
+plus the text of ids that clients chose: the default 10,000 ids cost about 0.2 MB.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
 
 __all__ = ["FeedbackError", "PredictionBook", "Score", "score"]
 
@@ -32,9 +36,20 @@ class FeedbackError(ValueError):
 @dataclass
 class _Batch(Generic[Owner]):
     owner: Owner
-    ids: list[str | None]  # None: no id, or already labelled
-    predictions: list[Any]  # one per row
-    offsets: list[int] | None  # ids[i] predicted rows offsets[i]:offsets[i + 1]; None: one row each
+    seqs: NDArray[np.int64]  # ids the agent made, by their counter; -1: another id (in `names`)
+    names: list[str | None] | None  # ids given as text (the clients'), or None when there are none
+    predictions: NDArray[Any]  # one per row
+    offsets: NDArray[np.int64] | None  # id i predicted rows offsets[i]:offsets[i + 1]; None: one each
+    taken: set[int] = field(default_factory=set)  # ids already labelled
+
+    def __len__(self) -> int:
+        return int(self.seqs.shape[0])
+
+    def prediction(self, i: int) -> Prediction:
+        if self.offsets is None:
+            value: Prediction = self.predictions[i].item()
+            return value
+        return tuple(self.predictions[self.offsets[i] : self.offsets[i + 1]].tolist())
 
 
 @dataclass(frozen=True)
@@ -43,22 +58,24 @@ class Found(Generic[Owner]):
     prediction: Prediction
     batch: _Batch[Owner]
     index: int
-    prediction_id: str
 
 
 class PredictionBook(Generic[Owner]):
     """The newest `capacity` predictions (give or take one batch), each with its owner (the version).
 
-    Kept as the batches the monitor counted them in: adding costs a list per batch, not a dict
-    entry per prediction, which matters on the request path; finding an id scans the batches,
-    newest first (a reused id means the newest prediction), which is a C-speed list search of
-    at most `capacity` strings, once per label.
+    Kept as the batches the monitor counted them in, as arrays: the ids the agent made itself
+    (`own_prefix` + a hexadecimal counter, what most apps get) as their counters, 8 bytes each,
+    the predictions as the numpy array they came in; only ids chosen by clients are kept as text.
+    Adding costs a few arrays per batch, never an object per prediction, which matters on the
+    request path and in memory; finding an id searches the batches, newest first (a reused id
+    means the newest prediction), once per label.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, own_prefix: str = "") -> None:
         if capacity < 0:
             raise ValueError("capacity must not be negative")
         self.capacity = capacity
+        self.own_prefix = own_prefix
         self._batches: deque[_Batch[Owner]] = deque()
         self._size = 0
         self.forgotten = 0  # predictions pushed out by newer ones
@@ -67,47 +84,71 @@ class PredictionBook(Generic[Owner]):
         return self._size
 
     def add_batch(
-        self, owner: Owner, ids: list[str | None], predictions: list[Any], offsets: list[int] | None = None
+        self,
+        owner: Owner,
+        predictions: NDArray[Any],
+        offsets: NDArray[np.int64] | None = None,
+        *,
+        seqs: NDArray[np.int64] | None = None,
+        names: list[str | None] | None = None,
     ) -> None:
-        if self.capacity == 0 or not ids:
+        """Predictions of one batch: per id its counter (`seqs`, -1 when the id is in `names`)."""
+        if self.capacity == 0:
             return
-        self._batches.append(_Batch(owner, ids, predictions, offsets))
-        self._size += len(ids)
-        while self._size - len(self._batches[0].ids) >= self.capacity:
+        if seqs is None:
+            if names is None:
+                raise ValueError("add_batch needs seqs or names")
+            seqs = np.full(len(names), -1, dtype=np.int64)
+        if not len(seqs):
+            return
+        self._batches.append(_Batch(owner, seqs, names, predictions, offsets))
+        self._size += len(seqs)
+        while self._size - len(self._batches[0]) >= self.capacity:
             gone = self._batches.popleft()
-            self._size -= len(gone.ids)
-            self.forgotten += len(gone.ids)
+            self._size -= len(gone)
+            self.forgotten += len(gone)
 
     def add(self, prediction_id: str, owner: Owner, prediction: Prediction) -> None:
-        """One prediction (of one row, or a tuple of rows)."""
+        """One prediction (of one row, or a tuple of rows), by its id as text."""
         if isinstance(prediction, tuple):
-            self.add_batch(owner, [prediction_id], list(prediction), [0, len(prediction)])
+            offsets = np.array([0, len(prediction)], dtype=np.int64)
+            self.add_batch(owner, np.asarray(prediction), offsets, names=[prediction_id])
         else:
-            self.add_batch(owner, [prediction_id], [prediction])
+            self.add_batch(owner, np.asarray([prediction]), names=[prediction_id])
+
+    def _own_seq(self, prediction_id: str) -> int | None:
+        prefix = self.own_prefix
+        if not prefix or not prediction_id.startswith(prefix):
+            return None
+        try:
+            return int(prediction_id[len(prefix) :], 16)
+        except ValueError:
+            return None
 
     def take(self, prediction_id: str) -> Found[Owner] | None:
         """Find a prediction and mark it labelled (one label per prediction); `restore` undoes that."""
+        seq = self._own_seq(prediction_id)
         for batch in reversed(self._batches):
-            try:
-                i = batch.ids.index(prediction_id)
-            except ValueError:
-                continue
-            batch.ids[i] = None
-            if batch.offsets is None:
-                prediction: Prediction = batch.predictions[i]
+            if seq is not None:
+                hits = [int(i) for i in np.flatnonzero(batch.seqs == seq)]
+            elif batch.names is not None:
+                hits = [i for i, name in enumerate(batch.names) if name == prediction_id]
             else:
-                prediction = tuple(batch.predictions[batch.offsets[i] : batch.offsets[i + 1]])
-            return Found(batch.owner, prediction, batch, i, prediction_id)
+                continue
+            for i in reversed(hits):
+                if i not in batch.taken:
+                    batch.taken.add(i)
+                    return Found(batch.owner, batch.prediction(i), batch, i)
         return None
 
     def restore(self, found: Found[Owner]) -> None:
         """The label was refused: the prediction may be labelled again."""
-        found.batch.ids[found.index] = found.prediction_id
+        found.batch.taken.discard(found.index)
 
     def drop_owner(self, owner: Owner) -> int:
         """Forget the predictions of an owner that is gone (an unloaded version)."""
         kept = deque(b for b in self._batches if b.owner is not owner)
-        dropped = self._size - sum(len(b.ids) for b in kept)
+        dropped = self._size - sum(len(b) for b in kept)
         self._batches = kept
         self._size -= dropped
         return dropped

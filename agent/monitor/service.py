@@ -49,10 +49,15 @@ FLUSH_REQUESTS = 256  # requests held before they are counted together
 SHADOW_ID_SUFFIX = "~shadow"  # as agent.serving.app files a shadow copy's prediction
 _SIZE = operator.attrgetter("size")
 _PREDICTION_ID = operator.attrgetter("ticket.prediction_id")
+_PREDICTION_SEQ = operator.attrgetter("ticket.prediction_seq")
 
 Publish = Callable[[str, Mapping[str, Any]], object]
-# One batch as the batcher ran it: the inputs and outputs counted, and its requests' ids and rows.
-_Batch = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], list[str | None], list[int]]
+# One batch as the batcher ran it: the inputs and outputs counted, and its requests' ids (the
+# agent's counters, -1 for another id) with the text of the other ids (None when there are none),
+# and their rows.
+_Batch = tuple[
+    Mapping[str, np.ndarray], Mapping[str, np.ndarray], list[int], list[str | None] | None, list[int]
+]
 
 
 class VersionMonitor:
@@ -197,12 +202,9 @@ class VersionMonitor:
         columns = self._columns
         kept_inputs = {c: inputs[c] for c in columns} if columns is not None else {}
         names = self._outputs
-        return (
-            kept_inputs,
-            {k: outputs[k] for k in names},
-            list(map(_PREDICTION_ID, items)),
-            list(map(_SIZE, items)),
-        )
+        seqs = list(map(_PREDICTION_SEQ, items))
+        texts = list(map(_PREDICTION_ID, items)) if -1 in seqs else None  # only clients' ids as text
+        return kept_inputs, {k: outputs[k] for k in names}, seqs, texts, list(map(_SIZE, items))
 
     def window_full(self) -> bool:
         return bool(self._window_requests) and (
@@ -268,14 +270,19 @@ class VersionMonitor:
             outputs = dict(batches[0][1])
         else:
             outputs = {k: np.concatenate([b[1][k] for b in batches]) for k in names}
-        sizes = list(itertools.chain.from_iterable(b[3] for b in batches))
+        sizes = list(itertools.chain.from_iterable(b[4] for b in batches))
         rows = sum(sizes)
         predictions = self.summary.observe_batch(x, outputs, (), 0, rows=rows)
         if predictions is None or self._book.capacity == 0 or len(predictions) != rows:
             return  # nothing to score feedback against (or not one output per row)
-        ids = list(itertools.chain.from_iterable(b[2] for b in batches))
-        offsets = None if rows == len(ids) else [0, *itertools.accumulate(sizes)]
-        self._book.add_batch(self, ids, predictions.tolist(), offsets)
+        seqs = np.fromiter(itertools.chain.from_iterable(b[2] for b in batches), np.int64, len(sizes))
+        texts = None
+        if any(b[3] is not None for b in batches):
+            texts = [t for b in batches for t in (b[3] if b[3] is not None else [None] * len(b[2]))]
+        offsets = None
+        if rows != len(sizes):
+            offsets = np.fromiter(itertools.accumulate(sizes, initial=0), np.int64, len(sizes) + 1)
+        self._book.add_batch(self, predictions, offsets, seqs=seqs, names=texts)
 
     # -- feedback and windows -----------------------------------------------------------------
 

@@ -70,6 +70,9 @@ class Ticket(Protocol):
     @property
     def prediction_id(self) -> str | None: ...
 
+    @property
+    def prediction_seq(self) -> int: ...  # the counter of an id the agent made, else -1
+
     def deliver(self, outcome: Tensors | BaseException) -> None: ...
 
 
@@ -78,6 +81,7 @@ class FutureTicket:
 
     __slots__ = ("future",)
     prediction_id = None
+    prediction_seq = -1
 
     def __init__(self, future: asyncio.Future[Tensors]) -> None:
         self.future = future

@@ -73,7 +73,7 @@ def _runtime_status(exc: BaseException) -> tuple[int, str]:
 class _InferTicket:
     """Carries one inference from the batcher back to its connection, encoding the answer."""
 
-    __slots__ = ("app", "deferred", "lv", "parsed", "prediction_id", "shadow", "started")
+    __slots__ = ("app", "deferred", "lv", "parsed", "prediction_id", "prediction_seq", "shadow", "started")
 
     def __init__(
         self,
@@ -89,8 +89,14 @@ class _InferTicket:
         self.started = started
         self.shadow = shadow  # a shadow experiment that may get a copy once this is answered
         self.deferred = Deferred()
-        # The response's `id`: the request's, or a new one (the monitor files predictions by it).
-        self.prediction_id: str = parsed.id if parsed.id is not None else app.next_id()
+        # The response's `id`: the request's, or a new one (the monitor files predictions by it,
+        # the agent's own by their counter).
+        if parsed.id is not None:
+            self.prediction_id: str = parsed.id
+            self.prediction_seq = -1
+        else:
+            self.prediction_seq = next(app._ids)
+            self.prediction_id = f"{app.id_prefix}{self.prediction_seq:x}"
 
     @property
     def cancelled(self) -> bool:
@@ -145,6 +151,7 @@ class _ShadowTicket:
 
     __slots__ = ("arm", "prediction_id", "primary", "started")
     cancelled = False
+    prediction_seq = -1
 
     def __init__(self, arm: LoadedVersion, primary: Tensors, prediction_id: str) -> None:
         self.arm = arm
@@ -188,7 +195,7 @@ class App:
         self.started = False  # set once start-up loading has finished
         # Prediction ids: a random per-boot prefix and a counter, unique across
         # restarts without the cost of a uuid per request.
-        self._id_prefix = os.urandom(4).hex() + "-"
+        self.id_prefix = os.urandom(4).hex() + "-"
         self._ids = itertools.count(1)
         self._infer_paths: dict[str, tuple[str, str | None]] = {}
 
@@ -298,7 +305,7 @@ class App:
         return ticket.deferred
 
     def next_id(self) -> str:
-        return f"{self._id_prefix}{next(self._ids):x}"
+        return f"{self.id_prefix}{next(self._ids):x}"
 
     # -- Outpost additions --------------------------------------------------------------------
 

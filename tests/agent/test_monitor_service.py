@@ -125,7 +125,8 @@ def feed(
 
 def item(chunk: np.ndarray, pid: str | None) -> Any:
     """A request as the batcher holds it (agent.runtime.batcher.BatchItem)."""
-    return SimpleNamespace(ticket=SimpleNamespace(prediction_id=pid), size=len(chunk), inputs={"x": chunk})
+    ticket = SimpleNamespace(prediction_id=pid, prediction_seq=-1)  # an id the client chose
+    return SimpleNamespace(ticket=ticket, size=len(chunk), inputs={"x": chunk})
 
 
 def odd(lv: Any, exc: BaseException | None = None) -> None:
@@ -229,14 +230,32 @@ def test_prediction_book_is_bounded_and_forgets_the_oldest() -> None:
 
 def test_prediction_book_keeps_batches_with_rows_per_id() -> None:
     book: PredictionBook[str] = PredictionBook(100)
-    book.add_batch("v", ["a", None, "c"], [1, 0, 0, 1, 1, 0], [0, 2, 3, 6])
+    offsets = np.array([0, 2, 3, 6])
+    book.add_batch("v", np.array([1, 0, 0, 1, 1, 0]), offsets, names=["a", None, "c"])
     found = book.take("c")
     assert found is not None and found.prediction == (1, 1, 0)
     found = book.take("a")
     assert found is not None and found.prediction == (1, 0)
     for i in range(40):  # batches of 3: the oldest batches go once 100 are newer
-        book.add_batch("v", [f"b{i}-{j}" for j in range(3)], [0, 1, 2])
+        book.add_batch("v", np.array([0, 1, 2]), names=[f"b{i}-{j}" for j in range(3)])
     assert 100 <= len(book) < 103 and book.take("b0-0") is None and book.take("b39-2") is not None
+
+
+def test_prediction_book_files_the_agents_own_ids_by_their_counter() -> None:
+    book: PredictionBook[str] = PredictionBook(100, own_prefix="1a2b3c4d-")
+    seqs = np.array([0x10, -1, 0x12])  # the middle request came with the client's own id
+    book.add_batch("v", np.array([2, 0, 1]), seqs=seqs, names=[None, "order-9", None])
+    found = book.take("1a2b3c4d-12")
+    assert found is not None and found.prediction == 1 and isinstance(found.prediction, int)
+    assert book.take("1a2b3c4d-12") is None  # labelled already
+    found = book.take("order-9")
+    assert found is not None and found.prediction == 0
+    assert book.take("1a2b3c4d-11") is None and book.take("1a2b3c4d-zz") is None
+    assert book.take("ffffffff-10") is None  # another boot's prefix: not this book's counter
+    found = book.take("1a2b3c4d-10")
+    assert found is not None and found.prediction == 2
+    book.restore(found)
+    assert book.take("1a2b3c4d-10") is not None
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,7 @@ def in_process_us(
     items = [
         [
             SimpleNamespace(
-                ticket=SimpleNamespace(prediction_id=f"bench-{c:x}-{i}"),
+                ticket=SimpleNamespace(prediction_id=f"p-{c * batch + i:x}", prediction_seq=c * batch + i),
                 size=1,
                 inputs={name: rows[i : i + 1]},
             )
