@@ -69,7 +69,8 @@ class ExperimentRoute:
 
 def _rows(outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     arr = np.asarray(outputs[name])
-    return arr.reshape(arr.shape[0], -1) if arr.ndim else arr.reshape(1, 1)
+    # Not reshape(n, -1): numpy cannot infer the -1 of an empty array (a request of 0 rows).
+    return arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))) if arr.ndim else arr.reshape(1, 1)
 
 
 def agreement(primary: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray]) -> tuple[int, int]:
@@ -79,7 +80,7 @@ def agreement(primary: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray
     for name in ("label", "probabilities"):
         if name in primary and name in shadow:
             a, b = _rows(primary, name), _rows(shadow, name)
-            if a.shape[0] != b.shape[0]:
+            if a.shape[0] != b.shape[0] or a.size == 0 or b.size == 0:
                 return 0, 0
             if name == "probabilities":
                 a, b = a.argmax(axis=1), b.argmax(axis=1)
@@ -90,7 +91,10 @@ def agreement(primary: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray
     if not common:
         return 0, 0
     a, b = _rows(primary, common[0]), _rows(shadow, common[0])
-    if a.shape != b.shape:
+    if a.shape != b.shape or a.size == 0:
         return 0, 0
+    if a.dtype.kind not in "biuf" or b.dtype.kind not in "biuf":  # text (BYTES): equal or not
+        same = (a == b).all(axis=1)
+        return int(same.shape[0]), int(np.count_nonzero(same))
     same = np.isclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-3, atol=1e-6).all(axis=1)
     return int(same.shape[0]), int(np.count_nonzero(same))

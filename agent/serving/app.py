@@ -172,7 +172,14 @@ class _ShadowTicket:
         if monitor is not None:
             from agent.runtime.experiment import agreement  # loaded already: the experiment is
 
-            monitor.add_shadow(*agreement(self.primary, outcome))
+            # Raising here would end the batcher's delivery loop: the requests batched after this
+            # copy (clients of the candidate's version) would never get their answers.
+            try:
+                compared, agreed = agreement(self.primary, outcome)
+            except Exception as exc:
+                log.debug("%s version %d: shadow answer not compared: %r", arm.name, arm.version, exc)
+                compared = agreed = 0
+            monitor.add_shadow(compared, agreed)
 
 
 class App:

@@ -83,3 +83,57 @@ def test_shadow_counts_merge_and_absent_means_zero() -> None:
     assert merge(a, b)["shadow"] == {"compared": 15, "agreed": 14}
     assert merge(a, {**base, "shadow": None})["shadow"] == {"compared": 10, "agreed": 9}
     assert merge(base, base)["shadow"] is None  # windows of older agents have no key at all
+
+
+@pytest.mark.parametrize(
+    ("primary", "shadow", "expected"),
+    [
+        ({"label": np.zeros(0, np.int64)}, {"label": np.zeros(0, np.int64)}, (0, 0)),  # a 0-row request
+        ({"out": np.array([b"a", b"b"], object)}, {"out": np.array([b"a", b"c"], object)}, (2, 1)),  # text
+        ({"probabilities": np.ones((1, 2))}, {"probabilities": np.ones((1, 0))}, (0, 0)),  # no classes
+    ],
+    ids=["no-rows", "text", "no-columns"],
+)
+def test_agreement_of_odd_outputs_does_not_raise(
+    primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray], expected: tuple[int, int]
+) -> None:
+    assert agreement(primary, shadow) == expected
+
+
+def test_a_shadow_copy_that_cannot_be_compared_does_not_stall_its_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The candidate's batcher delivers a shadow copy and a client's request in one batch: a copy
+    whose answers cannot be compared must not keep the client's answer from being delivered."""
+    import asyncio
+
+    from agent.metrics import VersionMetrics
+    from agent.runtime import experiment
+    from agent.runtime.batcher import Batcher
+    from agent.serving.app import _ShadowTicket
+
+    def cannot_compare(primary: Any, shadow: Any) -> tuple[int, int]:
+        raise ValueError("outputs of another kind")
+
+    monkeypatch.setattr(experiment, "agreement", cannot_compare)
+    shadows: list[tuple[int, int]] = []
+    arm: Any = SimpleNamespace(
+        name="m",
+        version=3,
+        inflight=1,
+        metrics=VersionMetrics("m", "3"),
+        monitor=SimpleNamespace(add_shadow=lambda c, a: shadows.append((c, a))),
+    )
+
+    async def main() -> dict[str, np.ndarray]:
+        batcher = Batcher(
+            lambda inputs: {"out": np.ones((len(inputs["x"]), 1))}, None, enabled=True, max_batch_rows=8
+        )
+        batcher.submit_ticket(
+            {"x": np.ones((1, 2))}, 1, _ShadowTicket(arm, {"out": np.ones((1, 1))}, "p~shadow")
+        )
+        client = batcher.submit({"x": np.ones((1, 2))}, 1)
+        return await asyncio.wait_for(client, 1.0)
+
+    assert asyncio.run(main())["out"].shape == (1, 1)
+    assert arm.inflight == 0 and shadows == [(0, 0)]
