@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 __all__ = ["FeedbackError", "PredictionBook", "Score", "score"]
 
 Owner = TypeVar("Owner")
+_HEX_DIGITS = "0123456789abcdef"
 Prediction = int | float | tuple[int | float, ...]
 
 
@@ -120,22 +121,23 @@ class PredictionBook(Generic[Owner]):
         prefix = self.own_prefix
         if not prefix or not prediction_id.startswith(prefix):
             return None
-        try:
-            return int(prediction_id[len(prefix) :], 16)
-        except ValueError:
+        # Exactly what the app writes (f"{counter:x}", counting from 1): int(..., 16) alone also
+        # takes "-1" (the mark of a client's id in `seqs`), "+a", "0xa", "a_b" and " a".
+        text = prediction_id[len(prefix) :]
+        if not 0 < len(text) <= 15 or text[0] == "0" or text.strip(_HEX_DIGITS):
             return None
+        return int(text, 16)
 
     def take(self, prediction_id: str) -> Found[Owner] | None:
         """Find a prediction and mark it labelled (one label per prediction); `restore` undoes that."""
         seq = self._own_seq(prediction_id)
         for batch in reversed(self._batches):
+            hits: set[int] = set()
             if seq is not None:
-                hits = [int(i) for i in np.flatnonzero(batch.seqs == seq)]
-            elif batch.names is not None:
-                hits = [i for i, name in enumerate(batch.names) if name == prediction_id]
-            else:
-                continue
-            for i in reversed(hits):
+                hits.update(int(i) for i in np.flatnonzero(batch.seqs == seq))
+            if batch.names is not None:  # also when it looks like ours: a client may choose any id
+                hits.update(i for i, name in enumerate(batch.names) if name == prediction_id)
+            for i in sorted(hits, reverse=True):
                 if i not in batch.taken:
                     batch.taken.add(i)
                     return Found(batch.owner, batch.prediction(i), batch, i)

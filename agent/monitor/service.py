@@ -206,6 +206,10 @@ class VersionMonitor:
         texts = list(map(_PREDICTION_ID, items)) if -1 in seqs else None  # only clients' ids as text
         return kept_inputs, {k: outputs[k] for k in names}, seqs, texts, list(map(_SIZE, items))
 
+    def holds(self, prediction_id: str) -> bool:
+        """Whether a request with this id (one the client or a shadow copy chose) waits to be counted."""
+        return any(b[3] is not None and prediction_id in b[3] for b in self._batches)
+
     def window_full(self) -> bool:
         return bool(self._window_requests) and (
             self.summary.requests + self._unflushed_requests() >= self._window_requests
@@ -423,7 +427,16 @@ class Monitor:
             raise RequestError(str(exc)) from None
         answer: dict[str, Any] = {"id": prediction_id, **result}
         # A shadow experiment's candidate answered the same request: its prediction is scored too.
-        shadow = self.book.take(prediction_id + SHADOW_ID_SUFFIX)
+        shadow_id = prediction_id + SHADOW_ID_SUFFIX
+        shadow = self.book.take(shadow_id)
+        if shadow is None:
+            # The copy ran after the stable answer: it may still wait in the candidate's pending
+            # batches when the stable prediction was counted already (a flush every 256 requests).
+            for vm in self._versions.values():
+                if vm.holds(shadow_id):
+                    vm.flush()
+                    shadow = self.book.take(shadow_id)
+                    break
         if shadow is not None:
             # A label that fits the stable version but not the candidate's classes scores only the former.
             with contextlib.suppress(FeedbackError):

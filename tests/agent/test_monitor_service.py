@@ -259,6 +259,27 @@ def test_prediction_book_files_the_agents_own_ids_by_their_counter() -> None:
 
 
 @pytest.mark.parametrize(
+    "asked",
+    ["1a2b3c4d--1", "1a2b3c4d-+12", "1a2b3c4d-0x12", "1a2b3c4d-012", "1a2b3c4d- 12", "1a2b3c4d-1_2"],
+    ids=["minus-one", "plus", "0x", "leading-zero", "space", "underscore"],
+)
+def test_prediction_book_takes_only_the_ids_it_gave_out(asked: str) -> None:
+    """Ids that int(..., 16) reads as a counter but the app never wrote: "-1" would have matched
+    every client-chosen id (filed as -1), the others another prediction of the agent's."""
+    book: PredictionBook[str] = PredictionBook(100, own_prefix="1a2b3c4d-")
+    book.add_batch("v", np.array([2, 0]), seqs=np.array([0x12, -1]), names=[None, "order-9"])
+    assert book.take(asked) is None
+    assert book.take("order-9") is not None and book.take("1a2b3c4d-12") is not None
+
+
+def test_prediction_book_finds_a_client_id_that_looks_like_the_agents() -> None:
+    book: PredictionBook[str] = PredictionBook(100, own_prefix="1a2b3c4d-")
+    book.add_batch("v", np.array([2, 0]), seqs=np.array([0x12, -1]), names=[None, "1a2b3c4d-ab"])
+    found = book.take("1a2b3c4d-ab")  # a client reusing an id it was given, say
+    assert found is not None and found.prediction == 0
+
+
+@pytest.mark.parametrize(
     ("prediction", "label", "labelled", "correct"),
     [
         (1, "1", 1, 1),
@@ -388,6 +409,22 @@ def test_feedback_scores_against_what_was_predicted_and_goes_in_the_window() -> 
     clock.t += 61
     mon.tick()
     assert out.of("summary")[0]["feedback"] == {"labelled": 3, "correct": 2}
+
+
+def test_feedback_scores_a_shadow_copy_still_waiting_to_be_counted() -> None:
+    """The stable version's batch was counted (it reached FLUSH_REQUESTS) while the candidate's
+    shadow copy of the same request still waits in its own pending batches: the label scores both."""
+    mon, _clock, _out = monitor()
+    stable, candidate = loaded(version=1), loaded(version=2)
+    mon.attach(stable)
+    mon.attach(candidate)
+    x = np.random.default_rng(3).normal(size=(FLUSH_REQUESTS, 3))
+    ids = feed(stable, x, batch=FLUSH_REQUESTS)  # counted: in the book now
+    copy = x[:1].astype(np.float32)  # filed as app.py files a shadow copy; not counted yet
+    candidate.metrics.answered(0.0004)
+    candidate.batcher.observer([item(copy, f"{ids[0]}~shadow")], [answer(copy)], ({"x": copy}, answer(copy)))
+    scored = mon.feedback(ids[0], "1")
+    assert scored["version"] == 1 and scored["shadow"]["version"] == 2
 
 
 def test_multi_row_predictions_take_one_label_per_row() -> None:
