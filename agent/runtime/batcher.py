@@ -173,6 +173,10 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._inflight = 0
+        # Requests submitted and neither delivered nor dropped (their client gone): how busy the
+        # version is, as a shadow experiment judges it. Kept here, where a cancelled request is
+        # dropped, so nothing outside has to learn of it.
+        self.outstanding = 0
         self._timer: asyncio.TimerHandle | None = None
         self._inline_scheduled = False
         self.observer: BatchObserver | None = None  # the monitor's, when it watches this version
@@ -208,6 +212,7 @@ class Batcher:
         size = max(rows, 1)
         self._queue.append(_Item(inputs, rows if batchable else -1, ticket, key, size))
         self._queued_rows += size
+        self.outstanding += 1
         if self._executor is None:
             # Inline: run at the end of this loop iteration, so every request that
             # arrived in the same read burst (on any connection) shares one call.
@@ -227,7 +232,7 @@ class Batcher:
     def _run_inline(self) -> None:
         self._inline_scheduled = False
         while self._queue:
-            items = [i for i in self._take() if not i.ticket.cancelled]
+            items = self._take_live()
             if not items:
                 continue
             if self._on_batch is not None:
@@ -238,6 +243,13 @@ class Batcher:
     def _on_timer(self) -> None:
         self._timer = None
         self._dispatch()
+
+    def _take_live(self) -> list[_Item]:
+        """The next batch, without the requests whose client has gone (dropped: never delivered)."""
+        taken = self._take()
+        items = [i for i in taken if not i.ticket.cancelled]
+        self.outstanding -= len(taken) - len(items)
+        return items
 
     def _take(self) -> list[_Item]:
         first = self._queue.popleft()
@@ -261,7 +273,7 @@ class Batcher:
         executor = self._executor
         assert executor is not None
         while self._queue and self._inflight < self.max_inflight:
-            items = [i for i in self._take() if not i.ticket.cancelled]
+            items = self._take_live()
             if not items:
                 continue
             self._inflight += 1
@@ -295,6 +307,7 @@ class Batcher:
     def _deliver(
         self, items: list[_Item], outcomes: list[Tensors | BaseException], arrays: BatchArrays | None
     ) -> None:
+        self.outstanding -= len(items)
         for item, outcome in zip(items, outcomes, strict=True):
             if not item.ticket.cancelled:
                 item.ticket.deliver(outcome)

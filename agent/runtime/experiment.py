@@ -8,7 +8,7 @@ is loaded beside it as the experiment's arm. Requests that name no version are t
   sends one (`canary.ab_arm`), at random otherwise; the response's `model_version` says which.
 - "shadow": the stable version answers every request; `sample`% of them are then copied to the
   candidate, never before the stable answer is delivered, and dropped (counted) when the candidate
-  already has `max_inflight` copies to work through. Its answers are compared with the stable ones
+  already has `max_inflight` requests to work through. Its answers are compared with the stable ones
   (`agreement`), never returned.
 
 Requests that name a version (`/versions/{v}`) bypass the experiment.
@@ -52,7 +52,7 @@ class ExperimentRoute:
         """Shadow: whether to copy this request to the candidate now (sampled, and not too busy)."""
         if self._random.random() * 100.0 >= self.sample:
             return False
-        if self.arm.inflight >= self.max_inflight:
+        if self.arm.batcher.outstanding >= self.max_inflight:
             self.counts["dropped"] += 1
             return False
         self.counts["candidate"] += 1

@@ -171,7 +171,6 @@ class LoadedVersion:
     batching_note: str
     single_row_ms: float | None = None
     loaded_at: float = field(default_factory=time.time)
-    inflight: int = 0
     # Told of every answer this version gives (ok, seconds); the updater sets it while the
     # version is on probation.
     observer: Callable[[bool, float], None] | None = None

@@ -103,14 +103,11 @@ class _InferTicket:
         return self.deferred.cancelled
 
     def deliver(self, outcome: Tensors | BaseException) -> None:
-        lv = self.lv
-        lv.inflight -= 1
         self.deferred.resolve(self._respond(outcome))
         route = self.shadow
         if route is not None and not isinstance(outcome, BaseException) and route.shadow_wanted():
             # After the answer: the copy runs on the candidate's batcher, its result only compared.
             arm = route.arm
-            arm.inflight += 1
             shadow = _ShadowTicket(arm, outcome, self.prediction_id + SHADOW_ID_SUFFIX)
             arm.batcher.submit_ticket(self.parsed.inputs, self.parsed.rows, shadow)
 
@@ -161,7 +158,6 @@ class _ShadowTicket:
 
     def deliver(self, outcome: Tensors | BaseException) -> None:
         arm = self.arm
-        arm.inflight -= 1
         monitor = arm.monitor
         if isinstance(outcome, BaseException):
             arm.metrics.failed()
@@ -307,7 +303,6 @@ class App:
                 elif route.picks_arm(parsed.parameters.get("key")):
                     lv = route.arm  # the same signature: checked when the experiment started
         ticket = _InferTicket(self, lv, parsed, started, shadow)
-        lv.inflight += 1
         lv.batcher.submit_ticket(parsed.inputs, parsed.rows, ticket)
         return ticket.deferred
 

@@ -464,3 +464,29 @@ def test_inline_max_delay_collects_requests_across_iterations() -> None:
         assert batches == [(2, 2)]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["executor", "inline"])
+def test_outstanding_forgets_requests_whose_client_has_gone(
+    executor: ThreadPoolExecutor, inline: bool
+) -> None:
+    """`outstanding` (how busy a shadow experiment's candidate is) counts submitted requests until
+    they are delivered or dropped: a request cancelled while queued is never delivered, and an
+    app-side counter of it (the old LoadedVersion.inflight) grew for good."""
+    model = FakeModel()
+
+    async def main() -> None:
+        b, _batches = make_inline(model) if inline else make(model, executor)
+        model.gate.clear()
+        first = b.submit(rows(1), 1)
+        gone = [b.submit(rows(1, 10 * i), 1) for i in range(5)]
+        kept = b.submit(rows(2, 100), 2)
+        assert b.outstanding == 7
+        for fut in gone:
+            fut.cancel()  # the clients hung up while their requests queued
+        model.gate.set()
+        await first
+        await kept
+        assert b.outstanding == 0
+
+    asyncio.run(main())

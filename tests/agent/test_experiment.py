@@ -14,7 +14,7 @@ from agent.runtime.experiment import ExperimentRoute, agreement
 
 
 def route(mode: str = "ab", weight: int = 0, sample: int = 0, inflight: int = 0) -> ExperimentRoute:
-    arm: Any = SimpleNamespace(version=3, inflight=inflight)
+    arm: Any = SimpleNamespace(version=3, batcher=SimpleNamespace(outstanding=inflight))
     return ExperimentRoute(mode, arm, "salt", weight=weight, sample=sample)  # type: ignore[arg-type]
 
 
@@ -120,7 +120,6 @@ def test_a_shadow_copy_that_cannot_be_compared_does_not_stall_its_batch(
     arm: Any = SimpleNamespace(
         name="m",
         version=3,
-        inflight=1,
         metrics=VersionMetrics("m", "3"),
         monitor=SimpleNamespace(add_shadow=lambda c, a: shadows.append((c, a))),
     )
@@ -136,4 +135,40 @@ def test_a_shadow_copy_that_cannot_be_compared_does_not_stall_its_batch(
         return await asyncio.wait_for(client, 1.0)
 
     assert asyncio.run(main())["out"].shape == (1, 1)
-    assert arm.inflight == 0 and shadows == [(0, 0)]
+    assert shadows == [(0, 0)]
+
+
+def test_clients_that_hang_up_on_the_candidate_do_not_stop_the_shadow_copies() -> None:
+    """Eight clients of the candidate's own version (/versions/{v}) hang up while queued: their
+    requests are dropped, never delivered, and must not count as copies in flight for good
+    (before, every copy was then dropped as "busy" for the rest of the experiment)."""
+    import asyncio
+    import itertools
+
+    from agent.metrics import VersionMetrics
+    from agent.runtime.batcher import Batcher
+    from agent.serving.app import _InferTicket
+    from agent.serving.oip import InferRequest
+
+    async def main() -> ExperimentRoute:
+        batcher = Batcher(lambda i: {"out": np.ones((len(i["x"]), 1))}, None, enabled=True, max_batch_rows=8)
+        arm: Any = SimpleNamespace(
+            name="m",
+            version=2,
+            version_str="2",
+            metrics=VersionMetrics("m", "2"),
+            observer=None,
+            monitor=None,
+        )
+        arm.batcher = batcher
+        app: Any = SimpleNamespace(_ids=itertools.count(1), id_prefix="ab-")
+        for _ in range(8):
+            parsed = InferRequest(None, {}, {"x": np.ones((1, 2))}, None, False, 1)
+            ticket = _InferTicket(app, arm, parsed, 0.0)
+            batcher.submit_ticket(parsed.inputs, 1, ticket)
+            ticket.deferred.cancelled = True
+        await asyncio.sleep(0.01)
+        return ExperimentRoute("shadow", arm, "salt", sample=100)
+
+    shadow = asyncio.run(main())
+    assert all(shadow.shadow_wanted() for _ in range(3)) and shadow.counts["dropped"] == 0
