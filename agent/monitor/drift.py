@@ -183,6 +183,21 @@ def bridge_max_sf(x: float, points: Sequence[float] | NDArray[np.float64]) -> fl
     t = t[(t > 0.0) & (t < 1.0)]
     if t.size == 0 or not x > 0.0:
         return 1.0
+    # A step whose standard deviation is below the finest grid's spacing cannot be carried by a
+    # kernel on it (the midpoint rule then multiplies the mass: p fell to 0 for a step of 1e-7, a
+    # bin of a few rows in a profile of millions). Such a point is merged into the one before (or
+    # dropped near 0 or 1, where B stays near 0): B barely moves in it, so P changes by less than
+    # the grid's own error.
+    finest = (2.0 * x / BRIDGE_MAX_GRID) ** 2
+    keep = []
+    last = 0.0
+    for tj in t.tolist():
+        if tj - last >= finest and 1.0 - tj >= finest:
+            keep.append(tj)
+            last = tj
+    if not keep:
+        return 1.0
+    t = np.asarray(keep)
     steps = np.diff(np.concatenate(([0.0], t)))
     smallest_sd = math.sqrt(min(float(steps.min()), 1.0 - float(t[-1])))
     grid = int(min(BRIDGE_MAX_GRID, max(50, math.ceil(2.0 * x / smallest_sd * BRIDGE_POINTS_PER_SD))))

@@ -227,6 +227,24 @@ def test_bridge_max_at_decile_edges_matches_a_simulation() -> None:
         assert bridge_max_sf(x, t) == pytest.approx(simulated, abs=4 * se + 1e-4)
 
 
+@pytest.mark.parametrize("step", [1e-5, 1e-6, 1e-7, 1e-9], ids=["1e-5", "1e-6", "1e-7", "1e-9"])
+@pytest.mark.parametrize("x", [0.8, 1.0, 1.36])
+def test_bridge_max_with_a_tiny_step_is_the_max_without_it(x: float, step: float) -> None:
+    """Two points a tiny step apart (a bin of a few rows in a profile of millions): the bridge
+    barely moves between them. Before, a step finer than the grid inflated the density and p fell
+    to 0 (a false alarm in every window)."""
+    assert bridge_max_sf(x, [0.3, 0.3 + step, 0.6]) == pytest.approx(bridge_max_sf(x, [0.3, 0.6]), abs=1e-3)
+    assert bridge_max_sf(x, [step, 0.5, 1.0 - step]) == pytest.approx(bridge_max_sf(x, [0.5]), abs=1e-3)
+
+
+def test_binned_ks_keeps_its_false_alarm_rate_with_a_nearly_empty_reference_bin() -> None:
+    reference = np.array([1_000_000] * 5 + [1] + [1_000_000] * 5, dtype=np.float64)
+    rng = np.random.default_rng(1)
+    windows = rng.multinomial(1000, reference / reference.sum(), size=200)
+    alarms = sum(binned_ks(reference, w)[1] < 0.05 for w in windows)
+    assert alarms / len(windows) < 0.08  # alpha 0.05; it was 0.34
+
+
 def test_bridge_max_degenerate_cases() -> None:
     points = [0.1, 0.3, 0.5, 0.7, 0.9]
     assert bridge_max_sf(1.0, points) == bridge_max_sf(1.0, list(reversed(points)))
