@@ -531,18 +531,23 @@ def start_hub_device(
     return proc, sock
 
 
+def sample_requests(sample_path: Path, seed: int, n: int = 200) -> list[bytes]:
+    """Single-row inference requests drawn from the held-out sample: traffic like the training data."""
+    _, x, _ = read_sample(sample_path)
+    picks = np.random.default_rng(seed).integers(0, len(x), size=n)
+    return [
+        json.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 13], "datatype": "FP32", "data": x[i].tolist()}]}
+        ).encode()
+        for i in picks
+    ]
+
+
 def rollout(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Path) -> None:
     step("9. A canary rollout that advances by itself on the devices' telemetry")
     # The apps' requests: rows like the training data (one fixed row would be drift, and the
     # rollout's drift gate would rightly halt it).
-    _, x, _ = read_sample(sample_path)
-    rows = np.random.default_rng(9).integers(0, len(x), size=200)
-    bodies = [
-        json.dumps(
-            {"inputs": [{"name": "input", "shape": [1, 13], "datatype": "FP32", "data": x[i].tolist()}]}
-        ).encode()
-        for i in rows
-    ]
+    bodies = sample_requests(sample_path, seed=9)
     from agent.update.canary import bucket
 
     # A salt that puts one of the two devices in the first 50%: the rollout keeps it while ramping.
@@ -620,14 +625,7 @@ def rollout(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Pa
 def keep_fleet(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Path) -> None:
     """`make demo-fleet`: the hub, the broker and two devices with traffic stay up until Ctrl-C."""
     step("The demo fleet keeps running: explore it")
-    _, x, _ = read_sample(sample_path)
-    picks = np.random.default_rng(10).integers(0, len(x), size=200)
-    bodies = [
-        json.dumps(
-            {"inputs": [{"name": "input", "shape": [1, 13], "datatype": "FP32", "data": x[i].tolist()}]}
-        ).encode()
-        for i in picks
-    ]
+    bodies = sample_requests(sample_path, seed=10)
     devices = []
     for name in ("demo-005", "demo-006"):  # their data dirs hold version 2, committed in step 9
         proc, sock = start_hub_device(work, name, "line", url, hub_data, mqtt_url)

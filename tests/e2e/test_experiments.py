@@ -8,7 +8,6 @@ agreement) and fed-back labels score both. Ending the experiment unloads the can
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.e2e.test_update import FAST_PROBATION, Traffic, _retar, served_version, update_status, x_doc
+from tests.e2e.test_update import Traffic, served_version, update_status, x_doc
 from tests.support.agentproc import AgentProcess
 from tests.support.broker import Mosquitto, mosquitto_available
 from tests.support.hubproc import HubProcess
-from tests.support.packages import affine_package, wine_versions
+from tests.support.packages import affine_package, fast_wine_versions
 
 pytestmark = [
     pytest.mark.e2e,
@@ -42,13 +41,7 @@ def wait_for(what: str, check: Any, timeout: float = 90.0, detail: Any = None) -
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     out = tmp_path_factory.mktemp("wine")
-    tars = {}
-    for version, archive in wine_versions(out, versions=(1, 2)).items():
-        directory = archive.with_suffix("")
-        manifest = json.loads((directory / "manifest.json").read_text())
-        manifest["probation"] = FAST_PROBATION
-        (directory / "manifest.json").write_text(json.dumps(manifest))
-        tars[version] = _retar(directory, out / f"exp-wine-{version}.tar")
+    tars = fast_wine_versions(out, versions=(1, 2))
     # A "wine" version 3 that is another model altogether: 4 inputs named x, not wine's 13.
     tars[3] = affine_package(out / "not-wine", version=3, name="wine")
     return tars

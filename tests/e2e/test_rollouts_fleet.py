@@ -10,7 +10,6 @@ the device ids are picked so that two of the four are under 50 for that salt."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +18,11 @@ from typing import Any
 import pytest
 
 from agent.update.canary import bucket
-from tests.e2e.test_update import FAST_PROBATION, Traffic, _retar, served_version, update_status
+from tests.e2e.test_update import Traffic, served_version, update_status
 from tests.support.agentproc import AgentProcess
 from tests.support.broker import Mosquitto, mosquitto_available
 from tests.support.hubproc import HubProcess
-from tests.support.packages import wine_versions
+from tests.support.packages import wine_versions, with_probation
 
 pytestmark = [
     pytest.mark.e2e,
@@ -53,14 +52,10 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     from examples.broken_versions import make_failing_variant
 
     out = tmp_path_factory.mktemp("wine")
-    dirs = {v: archive.with_suffix("") for v, archive in wine_versions(out, versions=(1, 2)).items()}
-    dirs[3] = make_failing_variant(dirs[1], out, 3).with_suffix("")
-    tars = {}
-    for version, directory in dirs.items():
-        manifest = json.loads((directory / "manifest.json").read_text())
-        manifest["probation"] = FAST_PROBATION
-        (directory / "manifest.json").write_text(json.dumps(manifest))
-        tars[version] = _retar(directory, out / f"rollout-wine-{version}.tar")
+    archives = wine_versions(out, versions=(1, 2))
+    tars = {v: with_probation(a.with_suffix(""), out / f"fast-wine-{v}.tar") for v, a in archives.items()}
+    failing = make_failing_variant(archives[1].with_suffix(""), out, 3).with_suffix("")
+    tars[3] = with_probation(failing, out / "fast-wine-3.tar")
     return tars
 
 

@@ -16,33 +16,16 @@ import pytest
 
 from tests.support.agentproc import AgentProcess
 from tests.support.hubproc import HubProcess
-from tests.support.packages import wine_versions
+from tests.support.packages import FAST_PROBATION, fast_wine_versions
 
 pytestmark = pytest.mark.e2e
-
-FAST_PROBATION = {"min_requests": 20, "min_seconds": 1.0, "max_error_rate": 0.05, "max_latency_ratio": 50.0}
-
-
-def _retar(directory: Path, archive: Path) -> Path:
-    from agent.package.store import write_package_tar
-
-    archive.unlink(missing_ok=True)
-    write_package_tar(directory, archive)
-    return archive
 
 
 @pytest.fixture(scope="module")
 def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Versions 1-3 of the example model, with a probation short enough for a test."""
     out = tmp_path_factory.mktemp("wine")
-    dirs = {v: archive.with_suffix("") for v, archive in wine_versions(out).items()}
-    packages = {}
-    for version, directory in dirs.items():
-        manifest = json.loads((directory / "manifest.json").read_text())
-        manifest["probation"] = FAST_PROBATION
-        (directory / "manifest.json").write_text(json.dumps(manifest))
-        packages[version] = _retar(directory, out / f"fast-wine-{version}.tar")
-    return packages
+    return fast_wine_versions(out)
 
 
 @pytest.fixture
@@ -476,6 +459,7 @@ def test_only_the_current_and_previous_versions_stay_on_disk(
                     ),
                     agent=agent,
                 )
+
         # The record says committed before its actions (the clean-up among them) run: wait for them.
         def on_disk() -> list[str]:
             return sorted(p.name for p in (agent.data_dir / "models" / "wine").iterdir())

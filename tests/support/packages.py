@@ -167,3 +167,29 @@ def wine_versions(out: Path, versions: tuple[int, ...] = (1, 2, 3)) -> dict[int,
         )
         packages[version] = report.archive
     return {v: packages[v] for v in versions}
+
+
+# A probation a test can wait for: 20 answers and a second (the default is 50 and 30 s).
+FAST_PROBATION = {"min_requests": 20, "min_seconds": 1.0, "max_error_rate": 0.05, "max_latency_ratio": 50.0}
+
+
+def with_probation(directory: Path, archive: Path, probation: dict[str, float] | None = None) -> Path:
+    """The package in `directory` with `probation` in its manifest, written again as `archive`."""
+    import json
+
+    from agent.package.store import write_package_tar
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["probation"] = probation or FAST_PROBATION
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    archive.unlink(missing_ok=True)
+    write_package_tar(directory, archive)
+    return archive
+
+
+def fast_wine_versions(out: Path, versions: tuple[int, ...] = (1, 2, 3)) -> dict[int, Path]:
+    """`wine_versions`, each with FAST_PROBATION."""
+    return {
+        v: with_probation(archive.with_suffix(""), out / f"fast-wine-{v}.tar")
+        for v, archive in wine_versions(out, versions).items()
+    }
