@@ -103,7 +103,14 @@ def collector(broker: Mosquitto) -> Iterator[Collector]:
 def start_agent(tmp_path: Path, package: Path, broker: Mosquitto, **monitor: Any) -> AgentProcess:
     agent = AgentProcess(
         tmp_path / "dev",
-        extra={"device_id": "dev-7", "group": "lab", "mqtt": {"url": broker.url}, "monitor": monitor},
+        extra={
+            "device_id": "dev-7",
+            "group": "lab",
+            # A quick reconnect: on a loaded test machine a first attempt that fails would otherwise
+            # wait out the default back-off (doubling up to 60 s) before any window is sent.
+            "mqtt": {"url": broker.url, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+            "monitor": monitor,
+        },
     )
     agent.install(package)
     return agent.start()
