@@ -109,6 +109,7 @@ class TelemetryClient:
         # seq -> (paho's handle, when it was sent or its connection came up)
         self._inflight: dict[int, tuple[paho.MQTTMessageInfo, float]] = {}
         self._stop_timeout = 5.0
+        self._stop_deadline = 0.0
         self._paho = self._make_client() if config.url else None
 
     # -- the paho adapter -------------------------------------------------------------------
@@ -404,6 +405,9 @@ class TelemetryClient:
             self._wake.clear()
             connected, gen = self._session()
             if self._stopping.is_set():
+                # One budget for the whole stop (the outbox, then the offline state), so the agent's
+                # stop stays inside the unit's TimeoutStopSec with the request drain before it.
+                self._stop_deadline = time.monotonic() + self._stop_timeout
                 if connected and gen == done_gen:
                     try:
                         self._drain(gen, deadline=time.monotonic() + self._stop_timeout / 2)
@@ -451,8 +455,9 @@ class TelemetryClient:
         with self._lock:
             bd_seq = self._bd_seq
         try:
+            left = max(0.5, self._stop_deadline - time.monotonic())
             if not self._publish_now(
-                "state", messages.state_body(False, bd_seq), gen, retain=True, timeout=self._stop_timeout
+                "state", messages.state_body(False, bd_seq), gen, retain=True, timeout=left
             ):
                 log.warning("telemetry: the offline state was not acknowledged; the broker's will covers it")
         except Exception as exc:

@@ -159,6 +159,9 @@ class UpdateRunner:
         load, self-test, a signature unlike the stable's) is reported and not tried again while
         the assignment names it."""
         arm, terms = choice.arm_ref, choice.experiment
+        if self.experiment is not None and self.experiment[0].model not in self.agent.registry.experiments:
+            # The registry ended the route by itself (a version of it was unloaded): start afresh.
+            self.experiment = None
         if arm is None or terms is None:
             if self.experiment is not None:
                 self._end_experiment("the assignment names no experiment for this device any more")
