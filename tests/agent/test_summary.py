@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.metrics import LATENCY_BUCKETS
-from agent.monitor.summary import SCHEMA, FeatureBinner, WindowSummary, merge
+from agent.monitor.binning import FeatureBinner
+from agent.monitor.summary import SCHEMA, WindowSummary, merge
 from hub.packager import profile as hub_profile
 
 NAN = float("nan")

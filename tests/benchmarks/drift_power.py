@@ -53,8 +53,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from agent.monitor.binning import FeatureBinner
 from agent.monitor.drift import binned_ks, correct
-from agent.monitor.summary import FeatureBinner
 from hub.packager.profile import N_BINS, bin_counts, bin_edges, reference_profile
 
 Method = Literal["bh", "bonferroni"]
