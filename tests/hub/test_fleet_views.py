@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,35 @@ def summary(
     }
 
 
+def push_shapes(hub: HubProcess, out: Path, versions: tuple[int, ...]) -> None:
+    """Push `versions` of MODEL to `hub`: the affine model as a classifier with PROFILE, so the
+    hub can sum and test the windows the tests publish for it."""
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    y = x * 2 + 1  # affine_model(): y = 2x + 1 and the argmax label
+    test = SelfTest(
+        inputs=(Tensor("x", "FP32", (2, 4), x.ravel().tolist()),),
+        outputs=(
+            Tensor("y", "FP32", (2, 4), y.ravel().tolist()),
+            Tensor("label", "INT64", (2,), y.argmax(axis=1).tolist()),
+        ),
+    )
+    for version in versions:
+        path = write_package(
+            out / f"v{version}",
+            affine_model(),
+            name=MODEL,
+            version=version,
+            inputs=[TensorSpec("x", "FP32", (-1, 4))],
+            outputs=[TensorSpec("y", "FP32", (-1, 4)), TensorSpec("label", "INT64", (-1,))],
+            self_test=test,
+            task="classification",
+            labels=LABELS,
+            features=FEATURES,
+            reference_profile=PROFILE,
+        )
+        hub.outpost("push", str(path), "--quiet")
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     b = Mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
@@ -103,32 +133,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto) -> Iterator[HubProcess]:
     process = HubProcess(tmp_path_factory.mktemp("fleet-views-hub") / "data").start(mqtt_url=broker.url)
-    packages = tmp_path_factory.mktemp("packages")
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    y = x * 2 + 1  # affine_model(): y = 2x + 1 and the argmax label
-    test = SelfTest(
-        inputs=(Tensor("x", "FP32", (2, 4), x.ravel().tolist()),),
-        outputs=(
-            Tensor("y", "FP32", (2, 4), y.ravel().tolist()),
-            Tensor("label", "INT64", (2,), y.argmax(axis=1).tolist()),
-        ),
-    )
     try:
-        for version in (1, 2, 3):
-            path = write_package(
-                packages / f"v{version}",
-                affine_model(),
-                name=MODEL,
-                version=version,
-                inputs=[TensorSpec("x", "FP32", (-1, 4))],
-                outputs=[TensorSpec("y", "FP32", (-1, 4)), TensorSpec("label", "INT64", (-1,))],
-                self_test=test,
-                task="classification",
-                labels=LABELS,
-                features=FEATURES,
-                reference_profile=PROFILE,
-            )
-            process.outpost("push", str(path), "--quiet")
+        push_shapes(process, tmp_path_factory.mktemp("packages"), (1, 2, 3))
         yield process
     finally:
         process.kill()

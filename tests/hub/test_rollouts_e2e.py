@@ -17,12 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.package.manifest import SelfTest, Tensor, TensorSpec
 from tests.hub.test_fleet import Device, wait_for
-from tests.hub.test_fleet_views import FEATURES, LABELS, MODEL, PROFILE, summary
+from tests.hub.test_fleet_views import MODEL, push_shapes, summary
 from tests.support.broker import Mosquitto
 from tests.support.hubproc import HubProcess
-from tests.support.packages import affine_model, write_package
 
 pytestmark = pytest.mark.e2e
 
@@ -41,26 +39,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 def hub(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto) -> Iterator[HubProcess]:
     data = tmp_path_factory.mktemp("rollouts-hub") / "data"
     process = HubProcess(data, settings={"rollout_interval_s": 0.3}).start(mqtt_url=broker.url)
-    packages = tmp_path_factory.mktemp("packages")
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    y = x * 2 + 1
-    test = SelfTest(
-        inputs=(Tensor("x", "FP32", (2, 4), x.ravel().tolist()),),
-        outputs=(
-            Tensor("y", "FP32", (2, 4), y.ravel().tolist()),
-            Tensor("label", "INT64", (2,), y.argmax(axis=1).tolist()),
-        ),
-    )
     try:
-        for version in (1, 2, 3):
-            path = write_package(
-                packages / f"v{version}", affine_model(), name=MODEL, version=version,
-                inputs=[TensorSpec("x", "FP32", (-1, 4))],
-                outputs=[TensorSpec("y", "FP32", (-1, 4)), TensorSpec("label", "INT64", (-1,))],
-                self_test=test, task="classification", labels=LABELS, features=FEATURES,
-                reference_profile=PROFILE,
-            )  # fmt: skip
-            process.outpost("push", str(path), "--quiet")
+        push_shapes(process, tmp_path_factory.mktemp("packages"), (1, 2, 3))
         yield process
     finally:
         process.kill()
