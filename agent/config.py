@@ -183,6 +183,38 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    """[capture]: inputs and predictions kept for retraining when the group's deployment asks for
+    them (agent.monitor.capture). The hub's assignment turns capture on, per model, with a sample
+    rate and a rate limit; these keys are the device's own ceilings over what the hub asks."""
+
+    # false: this device never captures, whatever the hub asks (the refusal shows in status).
+    enabled: bool = True
+    max_rows_per_min: int = 600  # the most requests captured per minute, over the hub's own limit
+    # A request whose inputs and outputs take more than this as JSON is not captured (counted).
+    max_row_bytes: int = 16 * 1024
+    # A capture message is sent when it holds batch_rows requests or batch_bytes of JSON, or
+    # its oldest request waited flush_s seconds.
+    batch_rows: int = 100
+    batch_bytes: int = 256 * 1024
+    flush_s: float = 60.0
+    # Capture messages waiting in the telemetry outbox may take at most this many bytes;
+    # beyond, new batches are dropped (counted) so summaries, drift and events keep their room.
+    max_outbox_bytes: int = 8 * 1024 * 1024
+    # Captured prediction ids remembered, so a label fed back later joins its request.
+    label_ids: int = 10_000
+
+    def __post_init__(self) -> None:
+        for key in ("max_rows_per_min", "max_row_bytes", "batch_rows", "batch_bytes", "label_ids"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"capture.{key}: must be at least 1")
+        if self.max_outbox_bytes < 0:
+            raise ConfigError("capture.max_outbox_bytes: must not be negative")
+        if not self.flush_s > 0:
+            raise ConfigError("capture.flush_s: must be a positive number")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = "dev-001"
     group: str = "default"
@@ -193,6 +225,7 @@ class AgentConfig:
     hub: HubConfig = field(default_factory=HubConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
 
     @property
     def data_path(self) -> Path:
