@@ -42,6 +42,7 @@ from hub import __version__
 from hub.api.experiments import add_experiment_routes
 from hub.api.rollouts import add_rollout_routes
 from hub.api.upload import read_package_tar
+from hub.capture.tables import CaptureBase
 from hub.errors import AuthError, HubError, PackageTooLarge
 from hub.experiments.service import refuse_beside_rollout
 from hub.fleet import AlertRules, DriftSettings, FleetConsumer, FleetQueries, FleetStore, FleetUnavailable
@@ -157,6 +158,7 @@ class Hub:
         except ValueError as exc:
             raise SettingsError(f"hub settings: {exc}") from exc
         self.fleet.create_tables()
+        CaptureBase.metadata.create_all(self.db.engine)  # hub.capture's tables
         self.fleet_queries = FleetQueries(self.fleet, self.registry, drift)
         self.consumer: FleetConsumer | None = None
 

@@ -11,7 +11,9 @@ Tables (the schema; no migrations yet, `create_all` makes it):
                     model_id -> models, stable_version, candidate_version NULL, percent 0..100,
                     salt, previous_stable NULL, metadata_version NULL, created, created_by,
                     experiment NULL (canonical JSON: {"mode": "ab", "weight": W} or
-                    {"mode": "shadow", "sample": S}; see hub.registry.deployments)
+                    {"mode": "shadow", "sample": S}; see hub.registry.deployments),
+                    capture NULL (canonical JSON: {"max_rows_per_min": R, "sample_bp": S};
+                    see hub.capture)
     tokens          id, name, sha256 UNIQUE, created, revoked NULL; name UNIQUE among the
                     tokens not revoked
 
@@ -148,6 +150,7 @@ class DeploymentRow(Base):
     created: Mapped[datetime] = mapped_column(UTCDateTime())
     created_by: Mapped[str] = mapped_column(String(128), default="")
     experiment: Mapped[str | None] = mapped_column(Text, default=None)
+    capture: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class TokenRow(Base):

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from agent.package.manifest import Manifest
 from hub.errors import NotFoundError
 from hub.registry.db import DeploymentRow, GroupRow, ModelRow, VersionRow
-from hub.registry.records import Deployment, Experiment, ModelInfo, VersionInfo
+from hub.registry.records import Capture, Deployment, Experiment, ModelInfo, VersionInfo
 from hub.registry.validate import parse_manifest_bytes
 
 
@@ -121,6 +121,7 @@ def to_deployment(s: Session, row: DeploymentRow, group: str, model: str | None 
         created=row.created,
         created_by=row.created_by,
         experiment=experiment_from_text(row.experiment),
+        capture=capture_from_text(row.capture),
     )
 
 
@@ -131,3 +132,11 @@ def experiment_from_text(text: str | None) -> Experiment | None:
     doc = json.loads(text)
     mode = str(doc["mode"])
     return Experiment(mode, int(doc["weight" if mode == "ab" else "sample"]))
+
+
+def capture_from_text(text: str | None) -> Capture | None:
+    """The stored capture column (written by the service from a checked Capture)."""
+    if not text:
+        return None
+    doc = json.loads(text)
+    return Capture(int(doc["sample_bp"]), int(doc["max_rows_per_min"]))

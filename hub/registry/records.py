@@ -87,6 +87,23 @@ class Experiment:
         return {"mode": self.mode, self.key: self.value}
 
 
+CAPTURE_DEFAULT_MAX_ROWS_PER_MIN = 60
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Data capture a deployment asks its devices for (hub.capture): `sample_bp` requests in
+    10,000 (basis points, 1..10000) are captured with their predictions, at most
+    `max_rows_per_min` (1..6000) a minute per device, for every version of the model."""
+
+    sample_bp: int
+    max_rows_per_min: int = CAPTURE_DEFAULT_MAX_ROWS_PER_MIN
+
+    def to_json(self) -> dict[str, int]:
+        """The assignment's `capture` object: {"sample_bp": S, "max_rows_per_min": R}."""
+        return {"sample_bp": self.sample_bp, "max_rows_per_min": self.max_rows_per_min}
+
+
 @dataclass(frozen=True)
 class Deployment:
     """One row of a group's deployment history; the newest row is the current deployment."""
@@ -103,6 +120,7 @@ class Deployment:
     created: datetime
     created_by: str
     experiment: Experiment | None = None  # devices in the canary run it instead of the candidate
+    capture: Capture | None = None  # data capture for retraining; None: off
 
     @property
     def serial(self) -> int:
