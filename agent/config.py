@@ -145,6 +145,73 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class MqttInferenceConfig:
+    """[mqtt_inference]: OIP inference requests through a local broker (agent.serving.mqtt).
+
+    Requests arrive on `{topic_prefix}/models/{model}[/versions/{v}]/infer`; each answer goes to
+    the request's MQTT v5 response topic. A broker of its own: not the telemetry [mqtt] one.
+    """
+
+    enabled: bool = False
+    url: str = "mqtt://127.0.0.1:1883"  # mqtt://HOST[:PORT] or mqtts://HOST[:PORT]
+    topic_prefix: str = "outpost/local/{device_id}"  # {device_id} and {group} are filled in
+    qos: int = 1  # of the subscriptions and of the answers
+    max_inflight: int = 16  # requests being answered at once; more get a 503 "busy" answer
+    max_payload_bytes: int = 4 * 1024 * 1024  # larger requests get a 413 answer
+    username: str = ""
+    password_file: str = ""  # a file holding the password (read at start); empty = none
+    ca_file: str = ""  # PEM CAs of the broker's certificate (mqtts://); empty = the system's
+    keepalive_s: int = 60
+    # Reconnect: wait reconnect_min_s after a failure, doubling up to reconnect_max_s.
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("mqtt://", "mqtts://")):
+            raise ConfigError(
+                f"mqtt_inference.url: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]: {self.url!r}"
+            )
+        prefix = self.topic_prefix
+        if not prefix or prefix.startswith(("/", "$")) or prefix.endswith("/") or "//" in prefix:
+            raise ConfigError(
+                "mqtt_inference.topic_prefix: expected topic levels such as "
+                f'"outpost/local/{{device_id}}" (no leading or trailing "/", no empty level): {prefix!r}'
+            )
+        if "+" in prefix or "#" in prefix:
+            raise ConfigError(f"mqtt_inference.topic_prefix: wildcards (+, #) are not allowed: {prefix!r}")
+        try:
+            prefix.format(device_id="d", group="g")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"mqtt_inference.topic_prefix: only {{device_id}} and {{group}} may be filled in ({exc!r})"
+            ) from None
+        if self.qos not in (0, 1, 2):
+            raise ConfigError("mqtt_inference.qos: must be 0, 1 or 2")
+        for key in ("max_inflight", "max_payload_bytes", "keepalive_s"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"mqtt_inference.{key}: must be at least 1")
+        for key in ("reconnect_min_s", "reconnect_max_s"):
+            if not getattr(self, key) > 0:  # `not x > 0` also refuses NaN
+                raise ConfigError(f"mqtt_inference.{key}: must be a positive number")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ConfigError(
+                "mqtt_inference.reconnect_min_s: must not be greater than mqtt_inference.reconnect_max_s"
+            )
+        if self.password_file and not self.username:
+            raise ConfigError("mqtt_inference.password_file: is set but mqtt_inference.username is empty")
+
+    def prefix_for(self, device_id: str, group: str) -> str:
+        """The topic prefix of this device; ConfigError when the ids do not fit in a topic level."""
+        for key, value in (("device_id", device_id), ("group", group)):
+            if not value or any(c in value for c in "/+#\0"):
+                raise ConfigError(
+                    f"mqtt_inference.topic_prefix: {key} {value!r} cannot be a topic level "
+                    "(empty, or holds /, +, # or NUL)"
+                )
+        return self.topic_prefix.format(device_id=device_id, group=group)
+
+
+@dataclass(frozen=True)
 class MonitorConfig:
     """[monitor]: per-version summaries, drift tests and feedback (agent.monitor)."""
 
@@ -224,6 +291,7 @@ class AgentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    mqtt_inference: MqttInferenceConfig = field(default_factory=MqttInferenceConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
 
