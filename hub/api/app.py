@@ -47,7 +47,7 @@ from hub.errors import AuthError, HubError, PackageTooLarge
 from hub.experiments.service import refuse_beside_rollout
 from hub.fleet import AlertRules, DriftSettings, FleetConsumer, FleetQueries, FleetStore, FleetUnavailable
 from hub.registry import BlobStore, Database, Deployment, Limits, Registry, VersionInfo
-from hub.registry.deployments import parse_experiment
+from hub.registry.deployments import KEEP_CAPTURE, parse_capture, parse_experiment
 from hub.settings import HubSettings, SettingsError
 from hub.signing import KeyStore, SignedRepository
 
@@ -62,6 +62,9 @@ class DeploymentRequest(BaseModel):
     salt: str | None = None
     # {"mode": "ab", "weight": 1..99} or {"mode": "shadow", "sample": 1..100}; see hub.experiments
     experiment: dict[str, Any] | None = None
+    # {"sample_bp": 1..10000, "max_rows_per_min": 1..6000} or null (off); not named: the
+    # group's current capture is kept when the model stays (hub.capture)
+    capture: dict[str, Any] | None = None
 
 
 class RollbackRequest(BaseModel):
@@ -86,6 +89,7 @@ def deployment_json(d: Deployment) -> dict[str, Any]:
         "created": d.created.isoformat(),
         "created_by": d.created_by,
         "experiment": d.experiment.to_json() if d.experiment is not None else None,
+        "capture": d.capture.to_json() if d.capture is not None else None,
     }
 
 
@@ -217,11 +221,12 @@ class Hub:
 
     def deploy(self, group: str, req: DeploymentRequest, actor: str) -> dict[str, Any]:
         experiment = parse_experiment(req.experiment)
+        capture = parse_capture(req.capture) if "capture" in req.model_fields_set else KEEP_CAPTURE
         if experiment is not None:
             refuse_beside_rollout(self.db, group)  # a live rollout would overwrite it
         d = self.registry.set_deployment(
             group, req.model, req.stable, req.candidate, req.percent, req.salt, actor=actor,
-            experiment=experiment,
+            experiment=experiment, capture=capture,
         )  # fmt: skip
         if d.metadata_version is None:
             d = self.publish(d)

@@ -18,6 +18,10 @@ Rules:
   needs a candidate and a percent of at least 1: the devices in the canary bucket run it
   (stable stays their default, the candidate is loaded beside it) instead of switching to
   the candidate. Any new deployment without one (a rollback too) ends it.
+- Data capture ({"sample_bp": 1..10000, "max_rows_per_min": 1..6000}, or null: off) applies
+  to every version of the model the devices serve. A new deployment of the same model keeps
+  the prior capture unless the request names one (KEEP_CAPTURE: not named); a rollback keeps
+  it; a deployment of another model starts without (unless the request names one).
 - Without a salt given, a deployment keeps the prior salt while the candidate stays the
   same (ramping 10% -> 50% keeps the first 10% in the canary) and draws a new one otherwise.
 
@@ -34,10 +38,17 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any
+from typing import Any, Literal
 
 from hub.errors import ConflictError, InvalidRequestError
-from hub.registry.records import EXPERIMENT_MODES, Deployment, Experiment, VersionInfo
+from hub.registry.records import (
+    CAPTURE_DEFAULT_MAX_ROWS_PER_MIN,
+    EXPERIMENT_MODES,
+    Capture,
+    Deployment,
+    Experiment,
+    VersionInfo,
+)
 
 ASSIGNMENT_FORMAT = "outpost-assignment/1"
 SALT_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
@@ -65,6 +76,7 @@ class Plan:
     salt: str
     previous_stable: int | None
     experiment: Experiment | None = None
+    capture: Capture | None = None
 
 
 # The range of an experiment's value, by mode: the candidate's weight, the shadow sample.
@@ -115,6 +127,51 @@ def experiment_text(experiment: Experiment | None) -> str | None:
     return None if experiment is None else canonical_json(experiment.to_json()).decode("ascii")
 
 
+# Data capture's ranges: requests in 10,000 (basis points), requests a minute per device.
+CAPTURE_SAMPLE_BP = (1, 10_000)
+CAPTURE_MAX_ROWS_PER_MIN = (1, 6000)
+# What a deployment request that does not name `capture` means: keep the group's (same model).
+KEEP_CAPTURE: Literal["keep"] = "keep"
+CaptureChoice = Capture | None | Literal["keep"]
+
+
+def parse_capture(doc: Any) -> Capture | None:
+    """Data capture from its JSON object ({"sample_bp": S, "max_rows_per_min": R}; R defaults
+    to 60), or None for null; InvalidRequestError otherwise."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError('capture is {"sample_bp": S, "max_rows_per_min": R} or null')
+    extra = sorted(set(doc) - {"sample_bp", "max_rows_per_min"})
+    if extra:
+        raise InvalidRequestError(
+            f"capture takes sample_bp and max_rows_per_min only, not {', '.join(extra)}"
+        )
+    if "sample_bp" not in doc:
+        raise InvalidRequestError("capture needs sample_bp: the requests captured in 10,000 (1..10000)")
+    sample = doc["sample_bp"]
+    rate = doc.get("max_rows_per_min", CAPTURE_DEFAULT_MAX_ROWS_PER_MIN)
+    for key, value, (low, high), unit in (
+        ("sample_bp", sample, CAPTURE_SAMPLE_BP, "requests in 10,000; 100 is 1%"),
+        ("max_rows_per_min", rate, CAPTURE_MAX_ROWS_PER_MIN, "requests a minute per device"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InvalidRequestError(
+                f"capture {key} must be an integer from {low} to {high} ({unit}), not {value!r}"
+            )
+    return Capture(sample, rate)
+
+
+def check_capture(capture: CaptureChoice) -> None:
+    if isinstance(capture, Capture):
+        parse_capture(capture.to_json())
+
+
+def capture_text(capture: Capture | None) -> str | None:
+    """How the deployments table stores data capture."""
+    return None if capture is None else canonical_json(capture.to_json()).decode("ascii")
+
+
 def check_request(stable: int, candidate: int | None, percent: int, salt: str | None, actor: str) -> None:
     """Refuse values out of range, before looking at the database."""
     for what, value in (("stable version", stable), ("candidate version", candidate)):
@@ -145,9 +202,11 @@ def plan_deployment(
     salt: str | None,
     make_salt: Callable[[], str] = new_salt,
     experiment: Experiment | None = None,
+    capture: CaptureChoice = KEEP_CAPTURE,
 ) -> Plan:
     """The row a deployment request makes, given the group's current row (if any)."""
     same_model = prior is not None and prior.model == model
+    kept = capture if not isinstance(capture, str) else prior.capture if same_model and prior else None
     if prior is None or not same_model:
         previous = None
     elif prior.stable != stable:
@@ -157,7 +216,7 @@ def plan_deployment(
     if salt is None:
         keep = same_model and prior is not None and candidate is not None and prior.candidate == candidate
         salt = prior.salt if keep and prior is not None else make_salt()
-    return Plan(model, stable, candidate, percent, salt, previous, experiment)
+    return Plan(model, stable, candidate, percent, salt, previous, experiment, kept)
 
 
 def same_as(prior: Deployment | None, plan: Plan) -> bool:
@@ -170,6 +229,7 @@ def same_as(prior: Deployment | None, plan: Plan) -> bool:
         prior.salt,
         prior.previous_stable,
         prior.experiment,
+        prior.capture,
     ) == (
         plan.model,
         plan.stable,
@@ -178,6 +238,7 @@ def same_as(prior: Deployment | None, plan: Plan) -> bool:
         plan.salt,
         plan.previous_stable,
         plan.experiment,
+        plan.capture,
     )
 
 
@@ -197,7 +258,7 @@ def plan_rollback(history: Sequence[Deployment]) -> Plan:
         None,
     )
     previous = earlier.previous_stable if earlier is not None else None
-    return Plan(current.model, target, None, 0, current.salt, previous)
+    return Plan(current.model, target, None, 0, current.salt, previous, capture=current.capture)
 
 
 def _version_doc(info: VersionInfo) -> dict[str, Any]:
@@ -233,6 +294,7 @@ def assignment_document(deployment: Deployment, stable: VersionInfo, candidate: 
             "percent": deployment.percent,
             "salt": deployment.salt,
             "experiment": deployment.experiment.to_json() if deployment.experiment is not None else None,
+            "capture": deployment.capture.to_json() if deployment.capture is not None else None,
             "created": deployment.created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     )

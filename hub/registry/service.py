@@ -231,16 +231,20 @@ class Registry:
         salt: str | None = None,
         actor: str = "",
         experiment: Experiment | None = None,
+        capture: rules.CaptureChoice = rules.KEEP_CAPTURE,
     ) -> Deployment:
         """Make `stable` (and `candidate` for `percent` of devices) the group's deployment.
 
         With `experiment`, the devices in the canary run it (the candidate beside the stable
-        version) instead of switching to the candidate. Creates the group on first use.
+        version) instead of switching to the candidate. `capture` (data capture, None: off)
+        is kept from the group's deployment of the same model when not given. Creates the
+        group on first use.
         Repeating the current deployment changes nothing and returns the current row.
         """
         check_name("group", group)
         rules.check_request(stable, candidate, percent, salt, actor)
         rules.check_experiment(experiment, candidate, percent)
+        rules.check_capture(capture)
 
         def deploy(s: Session) -> Deployment:
             model_row = q.model_row(s, model, lock=True)
@@ -255,7 +259,7 @@ class Registry:
             prior_row = q.current_row(s, group_row.id)
             prior = q.to_deployment(s, prior_row, group) if prior_row is not None else None
             plan = rules.plan_deployment(
-                prior, model, stable, candidate, percent, salt, experiment=experiment
+                prior, model, stable, candidate, percent, salt, experiment=experiment, capture=capture
             )
             if prior is not None and rules.same_as(prior, plan):
                 return prior
@@ -454,6 +458,7 @@ class Registry:
             created=self._now(),
             created_by=actor,
             experiment=rules.experiment_text(plan.experiment),
+            capture=rules.capture_text(plan.capture),
         )
         s.add(row)
         s.flush()

@@ -567,6 +567,7 @@ def test_assignment_document_is_deterministic_canonical_json(three: Registry) ->
         "percent": 25,
         "salt": "s1",
         "experiment": None,
+        "capture": None,
         "created": d.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     later_deployment = three.set_deployment("edge", "wine", 3)
