@@ -13,7 +13,7 @@ Histogram buckets are fixed, the same on every device, so fleets can add them up
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -129,6 +129,8 @@ class _AgentCollector:
         yield GaugeMetricFamily(
             "outpost_model_versions_ready", "Model versions loaded and ready", value=m.models_ready
         )
+        for extra in m.collectors:
+            yield from extra()
         if m.update_state is not None:
             transitions = CounterMetricFamily(
                 "outpost_update_transitions",
@@ -156,6 +158,9 @@ class Metrics:
         # Set by the updater when a hub is configured.
         self.update_state: str | None = None
         self.update_events: dict[str, int] = {}
+        # More metric families, from parts that are optional (inference over MQTT); each is called
+        # at a scrape, after prometheus_client was imported.
+        self.collectors: list[Callable[[], Iterable[Metric]]] = []
         self._registry: CollectorRegistry | None = None
 
     def version(self, model: str, version: str) -> VersionMetrics:

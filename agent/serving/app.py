@@ -279,15 +279,28 @@ class App:
     # -- inference ----------------------------------------------------------------------------
 
     def _infer(self, req: Request, name: str, version: str | None) -> Response | Deferred:
-        lv = self.registry.get(name, version)
-        started = time.perf_counter()
         header = req.headers.get(b"inference-header-content-length")
         if header is not None and not header.isdigit():
             raise RequestError("Inference-Header-Content-Length must be a non-negative integer")
+        return self.infer(name, version, req.body, int(header) if header is not None else None)
+
+    def infer(
+        self, name: str, version: str | None, body: bytes, header_length: int | None
+    ) -> Response | Deferred:
+        """One inference request, whatever carried it (the socket, MQTT): the same validation,
+        batching, prediction ids and monitoring for every transport.
+
+        `body` is the OIP request (JSON, or a JSON header of `header_length` bytes followed by
+        binary tensors). Raises AgentError (RequestError 4xx, NotFound 404, Unavailable 503)
+        for what fails at once; otherwise returns the Deferred the answer will resolve (a 200
+        Response, or an error Response when the model fails). On the loop thread only.
+        """
+        lv = self.registry.get(name, version)
+        started = time.perf_counter()
         try:
             parsed = decode_infer_request(
-                req.body,
-                int(header) if header is not None else None,
+                body,
+                header_length,
                 lv.session.input_map,
                 lv.session.outputs,
             )

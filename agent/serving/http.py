@@ -99,6 +99,12 @@ class Deferred:
         if self._on_ready is not None:
             self._on_ready()
 
+    def when_ready(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the response is set: at once if it already is, else from `resolve`."""
+        self._on_ready = callback
+        if self.response is not None:
+            callback()
+
 
 Handler = Callable[[Request], "Response | Deferred | Awaitable[Response]"]
 

@@ -1,13 +1,19 @@
-"""Inference over MQTT, the pure parts: the [mqtt_inference] config, topics and answer payloads."""
+"""Inference over MQTT, the pure parts: the [mqtt_inference] config, topics and answer payloads.
+
+The adapter runs against a real agent and a real Mosquitto in tests/e2e/test_mqtt_inference.py.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from agent.config import MqttInferenceConfig, parse_config
 from agent.errors import ConfigError
+from agent.serving.http import Response, error_response
+from agent.serving.mqtt import answer_of, error_payload, header_length_of, infer_route, subscriptions
 
 
 def test_off_by_default() -> None:
@@ -99,3 +105,64 @@ def test_ids_that_cannot_be_a_topic_level(device_id: str, group: str) -> None:
     cfg = MqttInferenceConfig(topic_prefix="x/{group}/{device_id}")
     with pytest.raises(ConfigError, match="cannot be a topic level"):
         cfg.prefix_for(device_id, group)
+
+
+PREFIX = "outpost/local/dev-1"
+
+
+@pytest.mark.parametrize(
+    ("topic", "route"),
+    [
+        pytest.param(f"{PREFIX}/models/wine/infer", ("wine", None), id="default-version"),
+        pytest.param(f"{PREFIX}/models/wine/versions/3/infer", ("wine", "3"), id="versioned"),
+        pytest.param(f"{PREFIX}/models/wine", None, id="no-infer"),
+        pytest.param(f"{PREFIX}/models//infer", None, id="empty-model"),
+        pytest.param(f"{PREFIX}/models/wine/versions//infer", None, id="empty-version"),
+        pytest.param(f"{PREFIX}/models/wine/versions/3/ready", None, id="not-infer"),
+        pytest.param(f"{PREFIX}/models/wine/infer/x", None, id="trailing-level"),
+        pytest.param("outpost/local/dev-2/models/wine/infer", None, id="other-device"),
+        pytest.param(f"{PREFIX}x/models/wine/infer", None, id="prefix-is-not-a-level"),
+    ],
+)
+def test_infer_route(topic: str, route: tuple[str, str | None] | None) -> None:
+    assert infer_route(PREFIX, topic) == route
+
+
+def test_subscriptions_match_the_routes() -> None:
+    assert subscriptions(PREFIX) == [f"{PREFIX}/models/+/infer", f"{PREFIX}/models/+/versions/+/infer"]
+
+
+def test_answer_of_a_prediction_is_the_body() -> None:
+    body = b'{"model_name":"m","outputs":[]}'
+    assert answer_of(Response(200, body)) == (body, None)
+    binary = Response(
+        200, body + b"\x00" * 8, b"application/octet-stream", [(b"inference-header-content-length", b"31")]
+    )
+    assert answer_of(binary) == (binary.body, 31)
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 500, 503])
+def test_answer_of_an_error_carries_its_status(status: int) -> None:
+    payload, header_length = answer_of(error_response(status, "no model named 'x'"))
+    assert header_length is None
+    assert orjson.loads(payload) == {"error": "no model named 'x'", "status": status}
+    assert orjson.loads(error_payload(503, "busy")) == {"error": "busy", "status": 503}
+
+
+@pytest.mark.parametrize(
+    ("props", "expected"),
+    [
+        pytest.param([], None, id="none"),
+        pytest.param([("other", "1")], None, id="other-property"),
+        pytest.param([("Inference-Header-Content-Length", "42")], 42, id="exact-case"),
+        pytest.param([("inference-header-content-length", "0")], 0, id="lower-case"),
+    ],
+)
+def test_header_length_of(props: list[tuple[str, str]], expected: int | None) -> None:
+    assert header_length_of(props) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5", "", "٣"])
+def test_header_length_of_refuses_non_integers(value: str) -> None:
+    with pytest.raises(ValueError, match="non-negative integer"):
+        header_length_of([("Inference-Header-Content-Length", value)])
