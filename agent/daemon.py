@@ -10,6 +10,7 @@ the socket file is removed, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -32,7 +33,9 @@ from agent.serving.listen import bind_tcp, bind_unix, remove_socket_file
 
 if TYPE_CHECKING:
     from agent.monitor.service import Monitor
+    from agent.serving.mqtt import MqttInference
     from agent.telemetry import Command, TelemetryClient
+    from agent.update.canary import CapturePolicy
     from agent.update.runner import UpdateRunner
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,11 @@ class Agent:
             from agent.monitor.service import Monitor
 
             self.monitor = Monitor(config.monitor)
+            # Data capture rides on the monitor's hand-over of each batch; nothing is kept until
+            # the hub's assignment asks for it (agent.monitor.capture).
+            from agent.monitor.capture import Capture
+
+            self.monitor.capture = Capture(config.capture)
         self.registry = ModelRegistry(
             config.runtime,
             self.infer_pool,
@@ -88,6 +96,7 @@ class Agent:
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.telemetry: TelemetryClient | None = None
+        self.mqtt_inference: MqttInference | None = None  # [mqtt_inference], when enabled
         # What the retained `state` message says besides online: read by the telemetry
         # thread, so it is a dict replaced whole on the loop thread, never changed in place.
         self._state_snapshot: dict[str, Any] = {}
@@ -115,6 +124,14 @@ class Agent:
             "update": self.updater.status() if self.updater is not None else {"state": "off (no hub.url)"},
             "telemetry": self.telemetry.status() if self.telemetry is not None else {"enabled": False},
             "monitor": self.monitor.status() if self.monitor is not None else {"enabled": False},
+            "mqtt_inference": (
+                self.mqtt_inference.status() if self.mqtt_inference is not None else {"enabled": False}
+            ),
+            "capture": (
+                self.monitor.capture.status()
+                if self.monitor is not None and self.monitor.capture is not None
+                else {"enabled": False, "reason": "capture needs [monitor] enabled"}
+            ),
         }
 
     # -- loading ------------------------------------------------------------------------------
@@ -183,6 +200,17 @@ class Agent:
         except (AgentError, ValueError) as exc:  # the outbox refused (disk): serving goes on
             log.warning("telemetry: update event not recorded: %s", exc)
 
+    def on_capture_policy(self, model: str | None, policy: CapturePolicy | None) -> None:
+        """The assignment's data capture for its model (None, None: the group has no assignment)."""
+        capture = self.monitor.capture if self.monitor is not None else None
+        if capture is None:
+            if policy is not None:
+                log.warning("capture for %s asked by the hub, but [monitor] is off: nothing captured", model)
+            return
+        capture.clear_others({model} if model is not None else set())
+        if model is not None:
+            capture.set_policy(model, policy)
+
     def on_experiment_event(self, entry: dict[str, Any]) -> None:
         """An experiment started, ended or failed on this device: published as an `event`."""
         self._refresh_state()
@@ -231,6 +259,9 @@ class Agent:
         await asyncio.get_running_loop().run_in_executor(self.load_pool, self.telemetry.start)
         if self.monitor is not None:
             self.monitor.publish = self.telemetry.publish
+            if self.monitor.capture is not None:
+                self.monitor.capture.publish = self.telemetry.publish
+                self.monitor.capture.outbox_bytes = functools.partial(self.telemetry.queued_bytes, "capture")
 
     async def _monitor_ticks(self, monitor: Monitor) -> None:
         # Often enough that a window closes within a second of being due; each tick also
@@ -282,6 +313,16 @@ class Agent:
             log.info("serving on tcp:%s", cfg.server.tcp)
         self.app.started = True
         self._tasks.append(asyncio.ensure_future(self._sweeper()))
+        if cfg.mqtt_inference.enabled:  # paho is imported only then
+            from agent.serving.mqtt import MqttInference
+
+            try:
+                self.mqtt_inference = MqttInference(cfg.mqtt_inference, cfg.device_id, cfg.group, self.app)
+                self.mqtt_inference.start()
+                self.metrics.collectors.append(self.mqtt_inference.collect)
+            except AgentError as exc:  # a bad broker setting must not stop serving on the socket
+                self.mqtt_inference = None
+                log.error("inference over MQTT off: %s", exc)
         # Telemetry (sqlite3 and paho: about 2 MB of RSS) only when there is a broker or
         # something to report: with the monitor on, its windows are kept in the outbox
         # even without a broker, until one is configured.
@@ -328,6 +369,8 @@ class Agent:
             server.close()
         self.state.close_idle()
         deadline = time.monotonic() + self.config.server.drain_timeout_s
+        if self.mqtt_inference is not None:  # no more requests; those in flight answered, or the deadline
+            await self.mqtt_inference.stop(deadline)
         while self.state.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self.state.busy():

@@ -41,6 +41,7 @@ from agent.monitor.summary import WindowSummary
 from agent.runtime.batcher import BatchArrays, BatchItem
 
 if TYPE_CHECKING:
+    from agent.monitor.capture import Capture
     from agent.runtime.registry import LoadedVersion
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class VersionMonitor:
         # publishes it); None: windows close on the Monitor's ticks only.
         self.on_full: Callable[[VersionMonitor], None] | None = None
         self._warned = False
+        # Data capture for retraining (agent.monitor.capture), when the monitor has it.
+        self.capture: Capture | None = None
         self.errors = 0
         self.windows = 0
         self.drift_windows = 0
@@ -180,6 +183,8 @@ class VersionMonitor:
         as they are, with the batch's items (prediction ids and rows are read at the flush), so
         the serving path pays one append per batch. Otherwise each answered request's arrays.
         """
+        if self.capture is not None:
+            self.capture.observe(self.name, self.version, items, outcomes)
         # Only the arrays counted and the ids are kept, not the requests: holding 256 requests'
         # objects until the flush cost more (in cache misses) than the counting itself.
         if arrays is not None:
@@ -357,12 +362,15 @@ class Monitor:
         self.clock = clock
         self.book: PredictionBook[VersionMonitor] = PredictionBook(config.feedback_ids)
         self.publish: Publish | None = None  # set when telemetry starts; until then windows are dropped
+        # Data capture for retraining; None when the device has none (the daemon sets it).
+        self.capture: Capture | None = None
         self._versions: dict[tuple[str, int], VersionMonitor] = {}
         self.unpublished = 0  # closed windows with no telemetry to take them
 
     def attach(self, lv: LoadedVersion) -> None:
         vm = VersionMonitor(lv, self.config, self.book, self.clock)
         vm.on_full = lambda full: self._close(full, self.clock())
+        vm.capture = self.capture
         old = self._versions.get((lv.name, lv.version))
         if old is not None:
             self._close(old, self.clock())
@@ -385,12 +393,16 @@ class Monitor:
             vm.flush()
             if vm.summary.due(now):
                 self._close(vm, now)
+        if self.capture is not None:
+            self.capture.tick()
 
     def close_all(self) -> None:
         """At stop: publish every open window."""
         now = self.clock()
         for vm in list(self._versions.values()):
             self._close(vm, now)
+        if self.capture is not None:
+            self.capture.flush_all()
 
     def _close(self, vm: VersionMonitor, now: float) -> None:
         window, drift = vm.close(now, self.config.drift_min_rows)
@@ -416,6 +428,10 @@ class Monitor:
                 vm.flush()
             found = self.book.take(prediction_id)
         if found is None:
+            # Forgotten by the book (older than its newest predictions) but captured: the label
+            # still joins the captured request at the hub.
+            if self.capture is not None and self.capture.label(prediction_id, label):
+                return {"id": prediction_id, "captured": True}
             raise NotFound(
                 f"no prediction with id {prediction_id!r} awaits a label: unknown, already labelled, "
                 f"or older than the newest {self.book.capacity} predictions"
@@ -426,6 +442,9 @@ class Monitor:
             self.book.restore(found)  # a corrected label may follow
             raise RequestError(str(exc)) from None
         answer: dict[str, Any] = {"id": prediction_id, **result}
+        if self.capture is not None and self.capture.captured(prediction_id):
+            with contextlib.suppress(RequestError):  # a label too big to send is still scored
+                answer["captured"] = self.capture.label(prediction_id, label)
         # A shadow experiment's candidate answered the same request: its prediction is scored too.
         shadow_id = prediction_id + SHADOW_ID_SUFFIX
         shadow = self.book.take(shadow_id)

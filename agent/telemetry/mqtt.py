@@ -500,6 +500,10 @@ class TelemetryClient:
         self._wake.set()
         return seq
 
+    def queued_bytes(self, kind: str) -> int:
+        """Bytes of `kind` messages waiting in the outbox (agent.monitor.capture keeps to its share)."""
+        return self._outbox.queued_bytes(kind)
+
     def rebirth(self) -> None:
         """Publish the `state` again (same bd_seq), e.g. after the model versions changed."""
         with self._lock:

@@ -247,6 +247,18 @@ class Outbox:
         out["queued_bytes"] = int(size)
         return out
 
+    def queued_bytes(self, kind: str) -> int:
+        """Payload bytes of the stored messages of one kind (the topic's last level)."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM messages WHERE topic LIKE ?",
+                    ("%/" + kind,),
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"{self.path}: telemetry outbox read failed ({exc})") from exc
+        return int(row[0])
+
     @property
     def dropped_total(self) -> int:
         return self.counters()["dropped_total"]

@@ -12,6 +12,11 @@ version as its committed default and loads the candidate beside it: in A/B, W% o
 answered by the candidate (sticky by the request's `parameters.key`); in shadow, S% of the requests
 are copied to the candidate after the stable version answered, and its answers are only compared.
 
+An assignment may ask for data capture (`"capture"`, null when off): `{"sample_bp": S,
+"max_rows_per_min": R}` - S requests in 10,000 (basis points, 1..10000) of every version of the
+model this device serves are kept with their predictions and sent to the hub for retraining, at
+most R a minute (agent.monitor.capture; the device's `[capture]` settings cap it further).
+
 A device runs the candidate when `bucket(salt, device_id) < percent`, with
 `bucket = int(sha256(salt + device_id)[:8], 16) % 100`: the contract in architecture.md, the same
 computation as the hub's `in_canary`. Keeping the salt while ramping 10% -> 50% keeps the first
@@ -73,6 +78,20 @@ class Experiment:
 
 
 @dataclass(frozen=True)
+class CapturePolicy:
+    """Data capture the deployment asks for: `sample_bp` requests in 10,000, at most
+    `max_rows_per_min` a minute."""
+
+    sample_bp: int
+    max_rows_per_min: int
+
+    @property
+    def rate(self) -> float:
+        """The share of requests sampled, 0..1."""
+        return self.sample_bp / 10_000
+
+
+@dataclass(frozen=True)
 class Choice:
     """What this device should run under an assignment, and why."""
 
@@ -108,6 +127,7 @@ class Assignment:
     created: str
     format: str = ASSIGNMENT_FORMAT
     experiment: Experiment | None = None
+    capture: CapturePolicy | None = None
 
     @classmethod
     def parse(cls, doc: bytes | str | Mapping[str, Any], group: str | None = None) -> Assignment:
@@ -160,6 +180,7 @@ class Assignment:
             salt=salt,
             created=_get(doc, "created", str, ""),
             experiment=experiment,
+            capture=_capture(doc.get("capture")),
         )
 
 
@@ -205,6 +226,18 @@ def _experiment(doc: Any) -> Experiment | None:
             raise AssignmentError(f"assignment: experiment.sample must be 1..100, not {sample}")
         return Experiment("shadow", sample=sample)
     raise AssignmentError(f"assignment: experiment.mode must be 'ab' or 'shadow', not {mode!r}")
+
+
+def _capture(doc: Any) -> CapturePolicy | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, Mapping):
+        raise AssignmentError("assignment: capture must be an object or null")
+    sample = _int(doc, "sample_bp", "capture.", 1)
+    if sample > 10_000:
+        raise AssignmentError(f"assignment: capture.sample_bp must be 1..10000, not {sample}")
+    rate = _int(doc, "max_rows_per_min", "capture.", 1)
+    return CapturePolicy(sample, rate)
 
 
 def _no_constant(name: str) -> Any:

@@ -132,6 +132,7 @@ class UpdateRunner:
             signed = await self._blocking(self.client.check)
             if signed is None:
                 self.last_check.update(ok=True, error=None, note="the group has no assignment")
+                self.agent.on_capture_policy(None, None)
                 return True
             assignment = Assignment.parse(signed.document, group=self.agent.config.group)
         except UpdateError as exc:
@@ -146,6 +147,7 @@ class UpdateRunner:
         if target != r.assigned or assignment.serial != r.assignment_serial:
             await self.dispatch(Event.assignment(target, assignment.serial))
         await self._sync_experiment(choice, assignment.salt)
+        self.agent.on_capture_policy(assignment.model, assignment.capture)
         return True
 
     # -- experiments ----------------------------------------------------------------------
