@@ -19,7 +19,7 @@ serializes write transactions across processes (`BEGIN IMMEDIATE`); on PostgreSQ
 locks do, and a unique violation from two requests creating the same model, group or token
 name at once is retried once, so the loser gets the answer it would have got a moment later.
 Blob writes and deletes also hold a lock of this process. The tests run the same suite on
-PostgreSQL when OUTPOST_TEST_DATABASE_URL is set.
+SQLite and on a real PostgreSQL (tests/conftest.py).
 
 Known gap: pushes and deletes of one model serialize on its row, but with several hub
 processes on PostgreSQL, deleting a version of one model while another process pushes the

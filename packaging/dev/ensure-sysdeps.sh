@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that `make test` and `make demo` use, when missing
-# (Mosquitto, systemd-analyze, Chromium for the dashboard's browser test).
+# (Mosquitto, systemd-analyze, Chromium for the dashboard's browser test, PostgreSQL for the
+# hub's database tests).
 set -euo pipefail
 
 need=()
@@ -9,6 +10,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # The dashboard's browser test drives Debian's Chromium through Playwright (tests/hub/test_dashboard.py).
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# The hub's database tests start a private PostgreSQL cluster (tests/support/postgres.py).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

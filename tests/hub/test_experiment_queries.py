@@ -1,5 +1,5 @@
 """hub.experiments.queries: which deployment rows make one experiment, and what a read returns
-before any telemetry (a real SQLite registry with real packages; no hub process)."""
+before any telemetry (a real registry, on SQLite and on PostgreSQL, with real packages; no hub process)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ T0 = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+def registry(tmp_path: Path, database_url: str) -> Iterator[Registry]:
+    db = Database(database_url)
     db.create_all()
     FleetBase.metadata.create_all(db.engine)  # the windows the arms are read from
     ticks = itertools.count()

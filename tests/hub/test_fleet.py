@@ -82,8 +82,8 @@ def incoming(topic: str, doc: dict[str, Any], retained: bool = False) -> Incomin
     return Incoming(msg, retained)
 
 
-def test_store_dedupe_will_and_retention(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+def test_store_dedupe_will_and_retention(database_url: str) -> None:
+    db = Database(database_url)
     db.create_all()
     store = FleetStore(db, keep_per_device=5)
     store.create_tables()
@@ -307,14 +307,14 @@ def test_a_killed_device_goes_offline_through_its_will(hub: HubProcess, broker: 
     assert d["group"] == "plant-e"
 
 
-def test_two_hub_workers_split_the_stream(tmp_path: Path) -> None:
+def test_two_hub_workers_split_the_stream(tmp_path: Path, database_url: str) -> None:
     """Two consumers in one share group: each message reaches one of them, all are stored once.
     (A broker of its own: the module's hub process would take its share of the stream too.)"""
     from hub.fleet import FleetConsumer
 
     broker = Mosquitto(tmp_path).start()
     device = Device(broker)
-    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    db = Database(database_url)
     db.create_all()
     store = FleetStore(db)
     store.create_tables()

@@ -4,16 +4,13 @@ deduplicated, kept by age not by the per-device count, alerts once per run or ep
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hub.fleet import AlertRules, FleetStore, Incoming, parse_message
-from hub.fleet.ledger import FleetBase
 from hub.registry import Database
 
 
@@ -30,16 +27,10 @@ def clock() -> Clock:
     return Clock()
 
 
-# Like tests/hub/test_registry.py: OUTPOST_TEST_DATABASE_URL=postgresql+psycopg://... runs these
-# against PostgreSQL (the fleet tables are dropped first).
-DATABASE_URL = os.environ.get("OUTPOST_TEST_DATABASE_URL", "")
-
-
+# Every test runs on SQLite and on PostgreSQL (`database_url`, tests/conftest.py).
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> Iterator[FleetStore]:
-    db = Database(DATABASE_URL or f"sqlite:///{tmp_path / 'hub.db'}")
-    if DATABASE_URL:
-        FleetBase.metadata.drop_all(db.engine)
+def store(database_url: str, clock: Clock) -> Iterator[FleetStore]:
+    db = Database(database_url)
     db.create_all()
     rules = AlertRules(error_rate=0.1, error_rate_critical=0.5, error_min_requests=100, error_window_s=300)
     s = FleetStore(db, keep_per_device=5, clock=clock, window_retention_s=86400, rules=rules)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -39,7 +39,7 @@ from hub.registry import (
     in_canary,
 )
 from hub.registry import deployments as rules
-from hub.registry.db import Base, VersionRow
+from hub.registry.db import VersionRow
 from hub.registry.tokens import token_hash
 from hub.registry.validate import validate_package
 from tests.support.packages import affine_package
@@ -91,23 +91,20 @@ def affine(tmp_path_factory: pytest.TempPathFactory) -> Package:
     return read_package(affine_package(tmp_path_factory.mktemp("affine")))
 
 
-# The registry runs unchanged on PostgreSQL: OUTPOST_TEST_DATABASE_URL=postgresql+psycopg://...
-# runs these tests against that database (its registry tables are dropped first).
-DATABASE_URL = os.environ.get("OUTPOST_TEST_DATABASE_URL", "")
-sqlite_only = pytest.mark.skipif(bool(DATABASE_URL), reason="checks SQLite files")
+# The registry runs unchanged on PostgreSQL: every test that uses a registry runs on a fresh SQLite
+# file and on a fresh PostgreSQL database (`database_url`, tests/conftest.py).
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 Factory = Callable[..., Registry]
 
 
 @pytest.fixture
-def new_registry(tmp_path: Path) -> Iterator[Factory]:
+def new_registry(database_url: str, tmp_path: Path) -> Iterator[Factory]:
     """Registries over one database and blob store; each call is like another hub process."""
     made: list[Database] = []
 
     def make(limits: Limits | None = None) -> Registry:
-        db = Database(DATABASE_URL or f"sqlite:///{tmp_path / 'registry.db'}")
-        if DATABASE_URL and not made:
-            Base.metadata.drop_all(db.engine)
+        db = Database(database_url)
         db.create_all()
         made.append(db)
         return Registry(db, BlobStore(tmp_path / "blobs"), limits)
@@ -743,7 +740,7 @@ def test_tokens_are_hashed_at_rest(tmp_path: Path, registry: Registry) -> None:
     plaintext = reg.create_token("ops")
     secret_part = plaintext.removeprefix("outpost_").encode()
     reg.db.dispose()
-    files = list(tmp_path.glob("registry.db*"))
+    files = list(tmp_path.glob("hub.db*"))
     stored = b"".join(f.read_bytes() for f in files)
     assert token_hash(plaintext).encode() in stored  # the search does see the data
     assert secret_part not in stored
@@ -873,11 +870,19 @@ def test_in_memory_sqlite(tmp_path: Path, wine: Package) -> None:
     db.dispose()
 
 
-@sqlite_only
-def test_an_unusable_database_is_a_registry_error(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'missing-dir' / 'r.db'}")
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///{tmp}/missing-dir/r.db", "postgresql+psycopg://outpost@127.0.0.1:{port}/nowhere"],
+    ids=["sqlite-missing-dir", "postgresql-refused"],
+)
+def test_an_unusable_database_is_a_registry_error(tmp_path: Path, url: str) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = Database(url.format(tmp=tmp_path, port=port))
     with pytest.raises(RegistryError, match="cannot create the registry database"):
         db.create_all()
+    db.dispose()
 
 
 def test_blob_store(tmp_path: Path) -> None:

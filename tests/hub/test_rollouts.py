@@ -5,11 +5,9 @@ from both acting on one rollout."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,13 +15,11 @@ import pytest
 
 from hub.errors import ConflictError, InvalidRequestError, NotFoundError
 from hub.fleet import FleetStore, Incoming, parse_message
-from hub.fleet.ledger import FleetBase
 from hub.registry import Database
 from hub.rollouts import Action, Evidence, Gates, Rollout, RolloutStore, State, Sums, decide, get_rollout
 from hub.rollouts.evidence import gather
 from hub.rollouts.plan import Desired, check_steps, desired, operator_target
 from hub.rollouts.queries import list_rollouts
-from hub.rollouts.store import RolloutBase
 from tests.hub.test_fleet_views import PROFILE, summary
 
 STEPS = (5, 25, 100)
@@ -225,17 +221,10 @@ def draft(group: str = "lab") -> Rollout:
     )  # fmt: skip
 
 
-# Like tests/hub/test_registry.py: OUTPOST_TEST_DATABASE_URL=postgresql+psycopg://... runs these
-# against PostgreSQL (the rollout and fleet tables are dropped first).
-DATABASE_URL = os.environ.get("OUTPOST_TEST_DATABASE_URL", "")
-
-
+# Every store test runs on SQLite and on PostgreSQL (`database_url`, tests/conftest.py).
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    d = Database(DATABASE_URL or f"sqlite:///{tmp_path / 'hub.db'}")
-    if DATABASE_URL:
-        RolloutBase.metadata.drop_all(d.engine)
-        FleetBase.metadata.drop_all(d.engine)
+def db(database_url: str) -> Iterator[Database]:
+    d = Database(database_url)
     yield d
     d.dispose()
 

@@ -1,0 +1,51 @@
+"""Fixtures every test package may use: the hub's databases on SQLite and on PostgreSQL.
+
+`database_url` is parametrized: a test (or fixture) that asks for it runs twice, once on a fresh
+SQLite file and once on a fresh PostgreSQL schema (ids `[sqlite]`, `[postgresql]`; the second
+also carries the `postgres` marker, so `-m "not postgres"` leaves it out). Both are empty: the
+test makes its tables as it would on SQLite.
+
+PostgreSQL is a private cluster started once per session (tests/support/postgres.py), or, when
+OUTPOST_TEST_DATABASE_URL=postgresql+psycopg://user:pw@host/db is set, that server (the user
+needs CREATE on that database). Where neither is possible the PostgreSQL cases are skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.postgres import PostgresServer, PostgresUnavailable
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    external = os.environ.get("OUTPOST_TEST_DATABASE_URL", "")
+    try:
+        server = PostgresServer.external(external) if external else PostgresServer.start_private()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL for the tests: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh, empty PostgreSQL schema for this test (alone on its search_path)."""
+    url = postgres.fresh_url()
+    yield url
+    postgres.discard(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty hub database: SQLite, then PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hub.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
