@@ -70,6 +70,10 @@ class HubSettings:
     experiment_min_labelled: int = 100
     experiment_min_requests: int = 500
     experiment_min_compared: int = 100
+    # Data capture (hub.capture): captured requests kept per model version (beyond: dropped and
+    # counted), and how long captured rows, labels and counts are kept (seconds).
+    capture_max_rows_per_version: int = 1_000_000
+    capture_retention_s: float = 30 * 86400.0
 
     @property
     def mqtt_client_name(self) -> str:

@@ -42,7 +42,7 @@ from hub import __version__
 from hub.api.experiments import add_experiment_routes
 from hub.api.rollouts import add_rollout_routes
 from hub.api.upload import read_package_tar
-from hub.capture.tables import CaptureBase
+from hub.capture.store import CaptureStore
 from hub.errors import AuthError, HubError, PackageTooLarge
 from hub.experiments.service import refuse_beside_rollout
 from hub.fleet import AlertRules, DriftSettings, FleetConsumer, FleetQueries, FleetStore, FleetUnavailable
@@ -158,11 +158,12 @@ class Hub:
                 keep_per_device=settings.fleet_keep_messages_per_device,
                 window_retention_s=settings.fleet_window_retention_s,
                 rules=rules,
+                capture=CaptureStore(settings.capture_max_rows_per_version, settings.capture_retention_s),
             )
         except ValueError as exc:
             raise SettingsError(f"hub settings: {exc}") from exc
         self.fleet.create_tables()
-        CaptureBase.metadata.create_all(self.db.engine)  # hub.capture's tables
+        CaptureStore.create_tables(self.db)
         self.fleet_queries = FleetQueries(self.fleet, self.registry, drift)
         self.consumer: FleetConsumer | None = None
 

@@ -11,6 +11,8 @@
     capture_labels   (device_id, prediction_id) PK, label (JSON text), ts NULL, received; the
                      latest label fed back for a prediction wins, whether it came before or
                      after its row
+    capture_counts   (model, version) PK, rows: the version's rows stored now (kept by the
+                     writes and the expiry, so the per-version limit needs no count(*))
     capture_drops    id, device_id, group, model, version NULL, reason (rate | size | full: the
                      device's, version NULL; limit: the hub's per-version row limit), count,
                      received
@@ -90,3 +92,11 @@ class CaptureDropRow(CaptureBase):
     reason: Mapped[str] = mapped_column(String(16))
     count: Mapped[int] = mapped_column(BigInteger)
     received: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class CaptureCountRow(CaptureBase):
+    __tablename__ = "capture_counts"
+
+    model: Mapped[str] = mapped_column(String(MAX_ID_CHARS), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    rows: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -15,6 +15,10 @@ republishing versions) refreshes the state. A device whose bd_seq goes backwards
 directory wiped) stays offline until its bd_seq passes the stored one; `bd_seq` is meant to
 survive restarts.
 
+Capture (`capture`: sampled requests with predictions, and labels, for retraining) carries
+`seq` in the same sequence; its body is checked by hub.capture.rules and kept in its own
+tables, not with the telemetry.
+
 Telemetry (summary, drift, event) carries `seq`, per device, increasing and never reused:
 (device_id, seq) identifies a message, so a QoS 1 redelivery is stored once.
 """
@@ -26,6 +30,9 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from hub.capture.rules import KIND as CAPTURE
+from hub.capture.rules import CaptureMsg, InvalidCapture, parse_capture
 
 TOPIC_ROOT = "outpost/v1"
 SHARE_GROUP = "outpost-hub"
@@ -65,7 +72,7 @@ class TelemetryMsg:
     body: dict[str, Any]
 
 
-Message = StateMsg | TelemetryMsg
+Message = StateMsg | TelemetryMsg | CaptureMsg
 
 
 def _ident(value: str, what: str) -> str:
@@ -82,7 +89,7 @@ def parse_topic(topic: str) -> tuple[str, str, str] | None:
     group, device_id, kind = parts[2], parts[3], parts[4]
     if kind == CMD:
         return None
-    if kind != STATE and kind not in TELEMETRY_KINDS:
+    if kind not in (STATE, CAPTURE) and kind not in TELEMETRY_KINDS:
         raise Invalid(f"unknown kind {kind!r} in {topic!r}")
     return _ident(group, "group"), _ident(device_id, "device id"), kind
 
@@ -130,6 +137,11 @@ def parse_message(topic: str, payload: bytes) -> Message | None:
         if not isinstance(online, bool):
             raise Invalid(f"{topic}: state needs online true/false")
         return StateMsg(group, device_id, online, _int(doc, "bd_seq"), doc)
+    if kind == CAPTURE:
+        try:
+            return parse_capture(group, device_id, _int(doc, "seq"), parse_ts(doc.get("ts")), doc)
+        except InvalidCapture as exc:
+            raise Invalid(f"{topic}: {exc}") from None
     return TelemetryMsg(group, device_id, kind, _int(doc, "seq"), parse_ts(doc.get("ts")), doc)
 
 

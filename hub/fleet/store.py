@@ -22,6 +22,10 @@ Summary and drift windows are also indexed in `fleet_windows`, and alerts raised
 `fleet_alerts` (hub.fleet.ledger), in the same transaction; those are kept by age
 (`window_retention_s`, DEFAULT_WINDOW_RETENTION_S), not by the per-device count, so fleet
 sums over recent ranges never miss a window the message retention dropped.
+
+Capture messages (data for retraining, big) never go to `fleet_messages`: the `capture` sink
+(hub.capture.store) stores them in its own tables in the same transaction, and expires them on
+the same cadence. Without a sink they are counted (`capture_ignored`) and dropped.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import BigInteger, Boolean, Float, String, Text, UniqueConstraint, delete, func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from hub.capture.rules import CaptureMsg
 from hub.errors import NotFoundError
 from hub.fleet import ledger
 from hub.fleet.alerts import AlertRules
@@ -94,6 +99,17 @@ class ApplyReport:
     windows: int = 0  # summary and drift windows indexed for aggregation
     alerts: int = 0  # alerts raised or renewed
     expired: int = 0  # windows and alerts deleted by age
+    captured: int = 0  # capture messages stored (their duplicates count in `duplicates`)
+    capture_rows: int = 0  # captured requests stored
+    capture_ignored: int = 0  # capture messages dropped: no capture store
+
+
+class CaptureSink(Protocol):
+    """Where capture messages go (hub.capture.store.CaptureStore), in the fleet's transaction."""
+
+    def record(self, session: Session, msg: CaptureMsg, now: datetime) -> Any: ...
+
+    def expire(self, session: Session, now: datetime) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,7 @@ class FleetStore:
         clock: Callable[[], datetime] = utc_now,
         window_retention_s: float = DEFAULT_WINDOW_RETENTION_S,
         rules: AlertRules | None = None,
+        capture: CaptureSink | None = None,
     ) -> None:
         if keep_per_device < 1:
             raise ValueError("keep_per_device must be at least 1")
@@ -164,6 +181,7 @@ class FleetStore:
         self.clock = clock
         self.window_retention = timedelta(seconds=window_retention_s)
         self.rules = rules or AlertRules()
+        self.capture = capture
         self._expired_at: datetime | None = None
 
     def create_tables(self) -> None:
@@ -199,6 +217,8 @@ class FleetStore:
                     row.group = msg.group
                 if isinstance(msg, StateMsg):
                     self._state(row, msg, report)
+                elif isinstance(msg, CaptureMsg):
+                    self._capture(session, row, msg, now, report)
                 else:
                     touched.add(msg.device_id)
                     self._telemetry(session, row, msg, now, report)
@@ -207,6 +227,8 @@ class FleetStore:
                 report.pruned += self._prune(session, rows[device_id])
             if self._expired_at is None or (now - self._expired_at).total_seconds() >= EXPIRE_EVERY_S:
                 report.expired += ledger.expire(session, now - self.window_retention)
+                if self.capture is not None:
+                    report.expired += self.capture.expire(session, now)
                 self._expired_at = now
         return report
 
@@ -224,6 +246,19 @@ class FleetStore:
         row.bd_seq = msg.bd_seq
         row.group = msg.group
         row.state = json.dumps(state, sort_keys=True)
+
+    def _capture(
+        self, session: Session, row: DeviceRow, msg: CaptureMsg, now: datetime, report: ApplyReport
+    ) -> None:
+        if self.capture is None:
+            report.capture_ignored += 1
+            return
+        done = self.capture.record(session, msg, now)
+        report.captured += done.batches
+        report.duplicates += done.duplicates
+        report.capture_rows += done.rows
+        if row.last_seq is None or msg.seq > row.last_seq:
+            row.last_seq = msg.seq
 
     def _telemetry(
         self, session: Session, row: DeviceRow, msg: TelemetryMsg, now: datetime, report: ApplyReport
