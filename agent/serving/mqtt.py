@@ -347,6 +347,7 @@ class MqttInference:
         self, topic: str, payload: bytes, correlation: bytes | None, status: int, header_length: int | None
     ) -> None:
         """Send one answer (loop thread). Counted in `not_sent` when paho cannot take it."""
+        from paho.mqtt.enums import MQTTErrorCode
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
@@ -368,19 +369,17 @@ class MqttInference:
             self.counters.not_sent += 1
             log.warning("inference over MQTT: cannot answer on %r: %s", topic[:200], exc)
             return
-        if info.rc != 0:
-            # NO_CONN with QoS 0, or QUEUE_SIZE: the answer cannot even wait for a reconnection.
-            self.counters.not_sent += 1
-            log.warning("inference over MQTT: an answer on %s was not sent (paho error %d)", topic, info.rc)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if self.config.qos > 0:
+                if len(self._unacked) > 64:
+                    self._unacked = [i for i in self._unacked if not _acknowledged(i)]
+                self._unacked.append(info)
             return
-        if self.config.qos > 0:
-            unacked = (
-                [i for i in self._unacked if not i.is_published()]
-                if len(self._unacked) > 64
-                else self._unacked
-            )
-            unacked.append(info)
-            self._unacked = unacked
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and self.config.qos > 0:
+            return  # kept in paho's (bounded) queue and sent once the connection is back
+        # QoS 0 without a connection, or paho's queue is full: this answer is gone.
+        self.counters.not_sent += 1
+        log.warning("inference over MQTT: an answer on %s was not sent (paho error %d)", topic, info.rc)
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -411,7 +410,7 @@ class MqttInference:
         # At least a moment for the last answers' PUBACKs, even past a spent deadline.
         ack_deadline = max(deadline, time.monotonic() + 1.0)
         while self.connected and time.monotonic() < ack_deadline:
-            if all(i.is_published() for i in self._unacked):
+            if all(_acknowledged(i) for i in self._unacked):
                 break
             await asyncio.sleep(_STOP_POLL_S)
         self._client = None
@@ -461,6 +460,13 @@ class MqttInference:
             ("not_sent", "MQTT inference answers paho could not queue", c.not_sent),
         ):
             yield CounterMetricFamily(f"outpost_mqtt_inference_{name}", doc, value=value)
+
+
+def _acknowledged(info: paho.MQTTMessageInfo) -> bool:
+    try:
+        return info.is_published()
+    except (ValueError, RuntimeError):  # paho gave up on it: nothing more to wait for
+        return True
 
 
 class _Reply:
