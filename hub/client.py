@@ -246,5 +246,21 @@ class HubClient:
         return result
 
 
+    def alert_webhooks(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/api/v1/alerting/webhooks")
+        return result
+
+    def alert_deliveries(
+        self, webhook: str | None = None, state: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        params = _params(webhook=webhook, state=state, limit=limit)
+        result: list[dict[str, Any]] = self._call("GET", "/api/v1/alerting/deliveries", params=params)
+        return result
+
+    def alert_test(self, webhook: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/v1/alerting/test", json={"webhook": webhook})
+        return result
+
+
 def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}

@@ -344,3 +344,6 @@ def add_commands(commands: Any) -> None:
     from hub.experiments.cli import add_experiment_commands
 
     add_experiment_commands(commands)
+    from hub.alerting.cli import add_alert_commands
+
+    add_alert_commands(commands)

@@ -79,6 +79,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         settings = replace(settings, mqtt_url=args.mqtt)
+    if not settings.public_url:  # links in alerts point at the address served
+        from dataclasses import replace
+
+        settings = replace(settings, public_url=f"http://{args.listen}")
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise HubError(f"--listen: expected HOST:PORT, got {args.listen!r}")

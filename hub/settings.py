@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from hub.alerting.webhooks import Webhook, WebhookConfigError, parse_webhooks
 from hub.errors import HubError
 from hub.signing import ExpiryPolicy
 
@@ -74,6 +75,20 @@ class HubSettings:
     # counted), and how long captured rows, labels and counts are kept (seconds).
     capture_max_rows_per_version: int = 1_000_000
     capture_retention_s: float = 30 * 86400.0
+    # Alerts out (hub.alerting): where links in alerts point (empty: http://<serve --listen>),
+    # alerts for devices offline longer than alert_offline_after_s (0: none), the loop's period,
+    # the request timeout, and retries (backoff doubling from alert_backoff_s up to
+    # alert_backoff_max_s; given up after alert_max_attempts or alert_max_age_s).
+    public_url: str = ""
+    alert_offline_after_s: float = 900.0
+    alert_interval_s: float = 5.0
+    alert_timeout_s: float = 10.0
+    alert_max_attempts: int = 8
+    alert_backoff_s: float = 2.0
+    alert_backoff_max_s: float = 300.0
+    alert_max_age_s: float = 86400.0
+    # [[webhooks]] tables at the end of hub.toml (hub.alerting.webhooks): name, url, format, ...
+    webhooks: tuple[Webhook, ...] = ()
 
     @property
     def mqtt_client_name(self) -> str:
@@ -124,11 +139,12 @@ class HubSettings:
     def to_toml(self) -> str:
         lines = ["# outpost-hub settings (written by outpost-hub init)"]
         for f in fields(self):
-            if f.name == "data_dir":
+            if f.name in ("data_dir", "webhooks"):
                 continue
             value = getattr(self, f.name)
             rendered = f'"{value}"' if isinstance(value, str) else repr(value)
             lines.append(f"{f.name} = {rendered}")
+        lines += [w.to_toml() for w in self.webhooks]  # tables come after every top-level key
         return "\n".join(lines) + "\n"
 
 
@@ -142,6 +158,12 @@ def load_settings(data_dir: Path) -> HubSettings:
         raise SettingsError(f"{path}: not valid TOML ({exc})") from exc
     known = {f.name: f for f in fields(HubSettings) if f.name != "data_dir"}
     for key, value in doc.items():
+        if key == "webhooks":
+            try:
+                doc[key] = parse_webhooks(value)
+            except WebhookConfigError as exc:
+                raise SettingsError(f"{path}: {exc}") from exc
+            continue
         if key not in known:
             raise SettingsError(f"{path}: unknown key {key}; known keys: {', '.join(sorted(known))}")
         default = getattr(HubSettings(data_dir), key)

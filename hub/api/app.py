@@ -3,6 +3,7 @@
     /api/v1/...     the operator API; every call needs `Authorization: Bearer <token>`
     /api/v1/experiments, /api/v1/groups/{g}/experiment
                     on-device A/B and shadow experiments and their verdicts (hub.api.experiments)
+    /api/v1/alerting  webhooks, alert deliveries, a test alert (hub.api.alerting)
     /api/v1/fleet   devices as their MQTT state and telemetry left them (hub.fleet; the
                     consumer runs when the settings name a broker: `serve --mqtt URL`);
                     /summary, /drift: a model version's windows summed across devices over a
@@ -39,6 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from hub import __version__
+from hub.api.alerting import add_alerting_routes
 from hub.api.experiments import add_experiment_routes
 from hub.api.rollouts import add_rollout_routes
 from hub.api.upload import read_package_tar
@@ -394,11 +396,13 @@ def create_app(settings: HubSettings) -> FastAPI:
         task = asyncio.ensure_future(hub.refresher())
         controller = asyncio.ensure_future(rollouts.run())  # hub.rollouts: the rollout controller
         hub.start_fleet()
+        alerting.start()  # hub.alerting: alerts out to webhooks, on a thread of its own
         try:
             yield
         finally:
             task.cancel()
             controller.cancel()
+            await run_in_threadpool(alerting.stop)
             await run_in_threadpool(hub.stop_fleet)
 
     app = FastAPI(
@@ -461,6 +465,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     _fleet_routes(app, hub)
     rollouts = add_rollout_routes(app, hub)
     add_experiment_routes(app, hub)
+    alerting = add_alerting_routes(app, hub)
     from hub.dashboard import mount as mount_dashboard
 
     mount_dashboard(app, hub)
