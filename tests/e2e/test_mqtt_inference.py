@@ -346,3 +346,33 @@ asyncio.run(main())
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "{'enabled': False} []"
+
+
+def test_readme_snippet(tmp_path: Path) -> None:
+    """The README's paho example runs as written against a real agent and broker."""
+    import re
+
+    from examples.train_example import build_example
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    snippet = next(b for b in blocks if "ResponseTopic" in b)
+    with Mosquitto(tmp_path / "broker") as broker:
+        a = AgentProcess(
+            tmp_path / "agent",
+            extra={"device_id": "dev-001", "mqtt_inference": {"enabled": True, "url": broker.url}},
+        )
+        a.install(build_example(tmp_path / "wine"))
+        a.start()
+        try:
+            wait_for("the agent's subscriptions", lambda: mqtt_status(a)["subscribed"])
+            code = snippet.replace(
+                'client.connect("127.0.0.1", 1883)', f'client.connect("127.0.0.1", {broker.port})'
+            )
+            scope: dict[str, Any] = {}
+            exec(compile(code, "README.md", "exec"), scope)
+            answer = scope["answers"][b"req-1"]
+            assert answer["model_name"] == "wine"
+            assert [o["name"] for o in answer["outputs"]] == ["label", "probabilities"]
+        finally:
+            a.kill()
