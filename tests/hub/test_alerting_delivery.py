@@ -47,18 +47,28 @@ def clock() -> Clock:
     return Clock()
 
 
+_OPEN: list[Database] = []  # every Database a test opened (one per "process"), closed after it
+
+
+def database(url: str) -> Database:
+    db = Database(url)
+    _OPEN.append(db)
+    return db
+
+
 @pytest.fixture
 def db_url(tmp_path: Path) -> Iterator[str]:
     url = DATABASE_URL or f"sqlite:///{tmp_path / 'hub.db'}"
-    db = Database(url)
+    db = database(url)
     if DATABASE_URL:
         for base in (AlertingBase, RolloutBase, FleetBase):
             base.metadata.drop_all(db.engine)
     db.create_all()
     for base in (FleetBase, RolloutBase, AlertingBase):
         base.metadata.create_all(db.engine)
-    db.dispose()
     yield url
+    while _OPEN:
+        _OPEN.pop().dispose()
 
 
 @pytest.fixture
@@ -72,13 +82,13 @@ POLICY = RetryPolicy(max_attempts=5, base_s=1.0, max_backoff_s=8.0, max_age_s=36
 
 def dispatcher(url: str, clock: Clock, *hooks: Webhook, offline_after_s: float = 0.0) -> Dispatcher:
     config = AlertingConfig(hooks, HUB, offline_after_s=offline_after_s, timeout_s=5.0, policy=POLICY)
-    d = Dispatcher(Database(url), config, clock=clock)
+    d = Dispatcher(database(url), config, clock=clock)
     d.create_tables()
     return d
 
 
 def fleet(url: str, clock: Clock) -> FleetStore:
-    return FleetStore(Database(url), clock=clock)
+    return FleetStore(database(url), clock=clock)
 
 
 def msg(device: str, kind: str, seq: int, **body: Any) -> Incoming:
@@ -162,7 +172,6 @@ def test_a_restarted_hub_does_not_send_delivered_alerts_again(
     fleet(db_url, clock).apply([fallback("dev-1", 1), fallback("dev-2", 2)])
     first = dispatcher(db_url, clock, Webhook("ops", receiver.url + "/hook"))
     run(first, clock, 2)
-    first.db.dispose()
     assert len(receiver.at("/hook")) == 2
     second = dispatcher(db_url, clock, Webhook("ops", receiver.url + "/hook"))  # a new process
     run(second, clock, 3)
@@ -237,7 +246,7 @@ def test_each_format_carries_the_alert_and_its_dashboard_link(
 def test_a_device_offline_past_the_threshold_raises_one_alert_and_is_resolved_when_back(
     db_url: str, clock: Clock, receiver: Receiver
 ) -> None:
-    db = Database(db_url)
+    db = database(db_url)
     with db.session(write=True) as s:
         s.add(
             DeviceRow(device_id="dev-9", group="lab", online=False, bd_seq=4, last_seen=clock.now, state="{}")
@@ -268,11 +277,10 @@ def test_a_device_offline_past_the_threshold_raises_one_alert_and_is_resolved_wh
     run(d, clock, 10, step_s=100)
     assert len(receiver.at("/am")) == 3
     assert receiver.bodies("/am")[2][0]["labels"]["alert_id"] == "offline:dev-9@5"
-    db.dispose()
 
 
 def test_a_halted_rollout_is_notified_with_its_reason(db_url: str, clock: Clock, receiver: Receiver) -> None:
-    rollouts = RolloutStore(Database(db_url))
+    rollouts = RolloutStore(database(db_url))
     now = clock.now
     started = rollouts.create(
         Rollout(0, "lab", "wine", 3, 4, (5, 25, 100), 0, now, now, 60.0, 10, Gates(), State.RUNNING, "", 1,
