@@ -252,3 +252,17 @@ def test_retry_after_values() -> None:
     assert retry_after_s("Fri, 27 Nov 2026 13:00:00 GMT", NOW) == 0  # in the past: now
     assert retry_after_s("soon", NOW) is None
     assert retry_after_s(None, NOW) is None
+
+
+def test_the_readme_hub_toml_example_is_valid(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = next(b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[[webhooks]]" in b)
+    (tmp_path / "hub.toml").write_text(example)
+    settings = load_settings(tmp_path)
+    assert [(w.name, w.format, w.min_severity) for w in settings.webhooks] == [
+        ("ops-slack", "slack", "warning"),
+        ("pager", "alertmanager", "critical"),
+    ]
+    assert settings.public_url == "https://hub.example.com"
