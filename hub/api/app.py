@@ -3,6 +3,9 @@
     /api/v1/...     the operator API; every call needs `Authorization: Bearer <token>`
     /api/v1/experiments, /api/v1/groups/{g}/experiment
                     on-device A/B and shadow experiments and their verdicts (hub.api.experiments)
+    /api/v1/capture, /api/v1/groups/{g}/capture
+                    data capture for retraining: policies, what was captured, CSV/Parquet
+                    exports (hub.api.capture)
     /api/v1/alerting  webhooks, alert deliveries, a test alert (hub.api.alerting)
     /api/v1/fleet   devices as their MQTT state and telemetry left them (hub.fleet; the
                     consumer runs when the settings name a broker: `serve --mqtt URL`);
@@ -41,6 +44,7 @@ from pydantic import BaseModel, Field
 
 from hub import __version__
 from hub.api.alerting import add_alerting_routes
+from hub.api.capture import add_capture_routes
 from hub.api.experiments import add_experiment_routes
 from hub.api.rollouts import add_rollout_routes
 from hub.api.upload import read_package_tar
@@ -465,6 +469,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     _fleet_routes(app, hub)
     rollouts = add_rollout_routes(app, hub)
     add_experiment_routes(app, hub)
+    add_capture_routes(app, hub)
     alerting = add_alerting_routes(app, hub)
     from hub.dashboard import mount as mount_dashboard
 

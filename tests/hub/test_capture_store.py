@@ -25,6 +25,7 @@ from hub.capture.tables import (
     CaptureLabelRow,
     CaptureRow,
 )
+from hub.errors import InvalidRequestError, NotFoundError
 from hub.fleet import FleetStore, Incoming, Invalid, parse_message
 from hub.fleet.ledger import FleetBase
 from hub.fleet.store import FleetMessageRow
@@ -219,3 +220,36 @@ def test_without_a_capture_store_messages_are_counted_and_dropped(db: Database, 
     CaptureStore.create_tables(db)
     report = send(store, body(1, [row("a")]))
     assert report.capture_ignored == 1 and count(db, CaptureRow) == 0 and count(db, FleetMessageRow) == 0
+
+
+def test_the_listing_and_an_export_read_the_store(fleet: FleetStore, db: Database, tmp_path: Path) -> None:
+    from hub.capture.queries import CaptureQueries, ExportRequest
+    from hub.registry import BlobStore, Registry
+
+    send(fleet, body(1, [row("a", n=2, ts=1000.0), row("b", ts=1001.0)], dropped={"size": 4}))
+    send(fleet, body(2, labels=[{"id": "b", "label": 7}]))
+    send(fleet, {**body(1, [row("c", version=4)]), "device_id": "dev-2"})
+    queries = CaptureQueries(db, Registry(db, BlobStore(tmp_path / "blobs")), clock=lambda: 2000.0)
+    listing = queries.listing("wine")
+    assert [(v["version"], v["rows"], v["labelled"], v["devices"]) for v in listing["versions"]] == [
+        (3, 2, 1, 1),
+        (4, 1, 0, 1),
+    ]
+    assert listing["versions"][0]["first_ts"].startswith("1970-01-01T00:16:40")
+    assert listing["groups"] == [
+        {"group": "lab", "model": "wine", "capture": None, "dropped": {"rate": 0, "size": 4, "full": 0}}
+    ]
+    # version 3 was never pushed to this registry: the columns come from what was captured
+    csv_text = b"".join(queries.export(ExportRequest("wine", 3)).chunks).decode()
+    assert csv_text.splitlines() == [
+        "ts,device_id,group,version,id,row,input_0,input_1,input_2,output_label,probabilities_0,probabilities_1,probabilities_2,label",
+        "1970-01-01T00:16:40.000Z,dev-1,lab,3,a,0,0.0,,2.5,1,0.1,0.8,0.1,",
+        "1970-01-01T00:16:40.000Z,dev-1,lab,3,a,1,1.0,,2.5,1,0.1,0.8,0.1,",
+        "1970-01-01T00:16:41.000Z,dev-1,lab,3,b,0,0.0,,2.5,1,0.1,0.8,0.1,7",
+    ]
+    labelled = b"".join(queries.export(ExportRequest("wine", 3, labelled_only=True, since="1000.5")).chunks)
+    assert [line.split(",")[4] for line in labelled.decode().splitlines()[1:]] == ["b"]
+    with pytest.raises(NotFoundError):
+        queries.export(ExportRequest("wine", 9))
+    with pytest.raises(InvalidRequestError):
+        queries.export(ExportRequest("wine", 3, format="xlsx"))
