@@ -262,5 +262,50 @@ class HubClient:
         return result
 
 
+    # -- data capture (hub.capture) ---------------------------------------------------------------
+
+    def set_capture(self, group: str, sample_bp: int, max_rows_per_min: int | None = None) -> dict[str, Any]:
+        doc = _params(sample_bp=sample_bp, max_rows_per_min=max_rows_per_min)
+        result: dict[str, Any] = self._call("PUT", f"/api/v1/groups/{group}/capture", json=doc)
+        return result
+
+    def stop_capture(self, group: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"/api/v1/groups/{group}/capture")
+        return result
+
+    def capture(self, model: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/api/v1/capture", params=_params(model=model))
+        return result
+
+    def download(self, path: str, params: dict[str, Any], sink: Callable[[bytes], Any]) -> int:
+        """A streamed GET: each chunk of the body to `sink`; the number of bytes."""
+        headers = {"Authorization": f"Bearer {self.target.token}"}
+        try:
+            with self.session.get(
+                self.target.url + path,
+                params=params,
+                headers=headers,
+                stream=True,
+                timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+            ) as resp:
+                if resp.status_code >= 400:
+                    try:
+                        detail = resp.json().get("detail")
+                    except ValueError:
+                        detail = resp.text.strip()[:300]
+                    raise HubRequestError(f"hub refused ({resp.status_code}): {detail}")
+                size = 0
+                for chunk in resp.iter_content(CHUNK):
+                    sink(chunk)
+                    size += len(chunk)
+                return size
+        except requests.ConnectionError:
+            raise HubRequestError(
+                f"cannot reach the hub at {self.target.url}; is outpost-hub serving?"
+            ) from None
+        except requests.RequestException as exc:
+            raise HubRequestError(f"download from {self.target.url}{path} failed: {exc}") from exc
+
+
 def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}

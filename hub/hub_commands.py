@@ -347,3 +347,6 @@ def add_commands(commands: Any) -> None:
     from hub.alerting.cli import add_alert_commands
 
     add_alert_commands(commands)
+    from hub.capture.cli import add_capture_commands
+
+    add_capture_commands(commands)
