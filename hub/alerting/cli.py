@@ -12,6 +12,7 @@ import argparse
 from typing import Any, TextIO
 
 from hub.alerting.store import STATES
+from hub.errors import HubError
 from hub.hub_commands import _client, _hub_options, _table
 
 
@@ -57,13 +58,8 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
     if d["state"] == "delivered":
         print(f"test alert delivered to {d['webhook']} ({d['alert']})", file=out)
         return 0
-    print(
-        f"test alert to {d['webhook']}: {d['state']} after {d['attempts']} attempt(s): {d['last_error']}",
-        file=out,
-    )
-    if d["state"] == "pending":
-        print("  the hub retries it; see `outpost alerts deliveries`", file=out)
-    return 1
+    retry = "; the hub tries again (outpost alerts deliveries)" if d["state"] == "pending" else ""
+    raise HubError(f"the test alert to {d['webhook']} was not delivered: {d['last_error']}{retry}")
 
 
 def add_alert_commands(commands: Any) -> None:

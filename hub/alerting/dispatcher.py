@@ -11,9 +11,9 @@ flight. Everything the loop knows is in the database (hub.alerting.store): sever
 on one database each run the loop; the unique keys make them queue each delivery once and the
 claim makes them send it once. A process keeps only a timer for the retention sweep.
 
-A tick sends at most `batch` deliveries one after another, each bounded by `timeout_s`; the
-rest wait for the next tick. The loop runs on its own thread, so a slow webhook never holds the
-API's event loop or its thread pool.
+A tick sends at most `batch` deliveries one after another (taking the webhooks in turn), each
+bounded by `timeout_s`; the rest wait for the next tick. The loop runs on its own thread, so a
+slow webhook never holds the API's event loop or its thread pool.
 """
 
 from __future__ import annotations
@@ -115,19 +115,29 @@ class Dispatcher:
         since = now - timedelta(seconds=self.config.policy.max_age_s)
         with self.db.session(write=True) as s:
             report.noticed += sources.fleet_alerts(s, since, now, self.sources)
+            report.noticed += sources.fleet_escalations(s, since, now, self.sources)
             report.noticed += sources.rollout_halts(s, since, now, self.sources)
             report.noticed += sources.offline_devices(s, since, now, self.sources)
         with self.db.session(write=True) as s:
             for hook in self.hooks.values():
                 report.queued += store.enqueue(s, hook.name, hook.severities(), since, now, self.config.batch)
         with self.db.session() as s:
-            ids = store.due(s, list(self.hooks), now, self.config.batch)
-        for delivery_id in ids:
-            step = self.deliver(delivery_id)
-            if step is not None:
+            queues = {name: store.due(s, [name], now, self.config.batch) for name in self.hooks}
+        # Round robin over the webhooks, `batch` sends in all: one webhook's backlog does not starve
+        # the others; one that fails with a retryable error is not tried again in this tick (its
+        # other deliveries stay due, for the next tick), so a dead webhook costs one timeout a tick.
+        while report.sent < self.config.batch and any(queues.values()):
+            for queue in queues.values():
+                if not queue or report.sent >= self.config.batch:
+                    continue
+                step = self.deliver(queue.pop(0))
+                if step is None:
+                    continue
                 report.sent += 1
                 report.delivered += step.state == store.DELIVERED
                 report.failed += step.state == store.FAILED
+                if step.state == store.PENDING:
+                    queue.clear()
         self._sweep(now)
         return report
 

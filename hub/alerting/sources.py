@@ -3,6 +3,8 @@
 - `fleet`: every fleet_alerts row (hub.fleet.ledger: drift, error_rate, rollback, refused),
   once, when it is first raised. A drift run or error-rate episode renewed later is the same
   alert: it is not notified again.
+  If it turns critical later (an error rate getting worse), it is notified once more as
+  critical (`fleet_escalations`), so a pager taking only critical alerts hears of it.
 - `rollout`: every `halt` decision of a rollout (hub.rollouts.store), once.
 - `offline`: a device whose MQTT state says offline and whose last live message is older than
   `offline_after_s`: one notice per offline period (the device's birth/death sequence `bd_seq`
@@ -17,12 +19,12 @@ most `limit` notices per call; the rest come on the next tick.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from hub.alerting import store
 from hub.alerting.payloads import DEVICE_OFFLINE, RESOLVED, ROLLOUT_HALTED, Notice, dashboard_link
@@ -32,6 +34,8 @@ from hub.fleet.store import DeviceRow
 from hub.rollouts.store import DecisionRow, RolloutRow
 
 FLEET, ROLLOUT, OFFLINE = "fleet", "rollout", "offline"
+ESCALATED = "#critical"  # the ref suffix of a fleet alert's escalation to critical
+CRITICAL = "critical"
 _TITLES = {
     "drift": "Input drift",
     "error_rate": "Error rate over the threshold",
@@ -84,6 +88,35 @@ def fleet_alerts(session: Session, since: datetime, now: datetime, cfg: SourceCo
     added = 0
     for row, group in session.execute(query):
         added += store.add_notice(session, _fleet_notice(row, group, cfg, row.evidence), FLEET, row.key, now)
+    return added
+
+
+def fleet_escalations(session: Session, since: datetime, now: datetime, cfg: SourceConfig) -> int:
+    """A fleet alert that turned critical after it was notified at a lower severity (an error-rate
+    episode getting worse) is notified once more, as critical: a pager that takes only critical
+    alerts hears of it."""
+    first = aliased(NoticeRow)
+    again = exists().where(
+        and_(NoticeRow.source == FLEET, NoticeRow.ref == FleetAlertRow.key.concat(ESCALATED))
+    )
+    query = (
+        select(FleetAlertRow, DeviceRow.group)
+        .join(first, and_(first.source == FLEET, first.ref == FleetAlertRow.key))
+        .outerjoin(DeviceRow, DeviceRow.device_id == FleetAlertRow.device_id)
+        .where(
+            FleetAlertRow.last_seen >= since,
+            FleetAlertRow.severity == CRITICAL,
+            first.severity != CRITICAL,
+            ~again,
+        )
+        .order_by(FleetAlertRow.id)
+        .limit(cfg.limit)
+    )
+    added = 0
+    for row, group in session.execute(query):
+        n = _fleet_notice(row, group, cfg, row.evidence)
+        n = replace(n, id=n.id + ESCALATED, title=f"Now critical: {n.title}")
+        added += store.add_notice(session, n, FLEET, row.key + ESCALATED, now)
     return added
 
 

@@ -296,3 +296,44 @@ def test_a_halted_rollout_is_notified_with_its_reason(db_url: str, clock: Clock,
     assert "Rollout halted: wine v4 in lab" in slack["text"]
     assert "error rate 12% over 5%" in json.dumps(slack["blocks"])
     assert f"<{HUB}/models/wine|" in json.dumps(slack["blocks"])
+
+
+def summary(device: str, seq: int, requests: int, errors: int) -> Incoming:
+    return msg(device, "summary", seq, model="wine", version=3, start=1000.0, end=1060.0, requests=requests,
+               errors=errors, rows=requests - errors)  # fmt: skip
+
+
+def test_an_error_rate_turning_critical_is_notified_again_as_critical(
+    db_url: str, clock: Clock, receiver: Receiver
+) -> None:
+    hooks = (
+        Webhook("chat", receiver.url + "/json"),
+        Webhook("pager", receiver.url + "/am", format="alertmanager", min_severity="critical"),
+    )
+    d = dispatcher(db_url, clock, *hooks)
+    store = fleet(db_url, clock)
+    store.apply([summary("dev-1", 1, requests=200, errors=20)])  # 10%: a warning
+    run(d, clock, 2)
+    assert [b["severity"] for b in receiver.bodies("/json")] == ["warning"]
+    assert receiver.at("/am") == []
+    store.apply([summary("dev-2", 2, requests=200, errors=180)])  # the same bucket: 50%, critical
+    run(d, clock, 2)
+    assert [b["severity"] for b in receiver.bodies("/json")] == ["warning", "critical"]
+    ((am,),) = receiver.bodies("/am")
+    assert am["labels"]["alertname"] == "OutpostErrorRate" and am["labels"]["severity"] == "critical"
+    assert am["annotations"]["summary"].startswith("Now critical: ")
+    assert am["generatorURL"] == f"{HUB}/models/wine"
+    run(d, clock, 3)
+    assert len(receiver.at("/json")) == 2 and len(receiver.at("/am")) == 1  # once each
+
+
+def test_a_dead_webhook_costs_one_attempt_a_tick_and_does_not_hold_the_others(
+    db_url: str, clock: Clock, receiver: Receiver
+) -> None:
+    fleet(db_url, clock).apply([fallback(f"dev-{i}", i) for i in range(1, 6)])
+    receiver.script("/dead", *([503] * 50))
+    hooks = (Webhook("dead", receiver.url + "/dead"), Webhook("live", receiver.url + "/live"))
+    d = dispatcher(db_url, clock, *hooks)
+    report = d.tick()
+    assert (report.sent, report.delivered) == (6, 5)  # one try at the dead one, all five live ones
+    assert len(receiver.at("/dead")) == 1 and len(receiver.at("/live")) == 5
