@@ -305,13 +305,14 @@ def test_a_device_publishes_its_own_topics_and_the_hubs_shared_subscription_rece
     hub: Peer, connect: Callable[..., Peer]
 ) -> None:
     dev_a = connect("dev-a")
-    for kind in ("summary", "drift", "event"):
+    for kind in ("summary", "drift", "event", "capture"):
         assert dev_a.publish(topic("dev-a", kind), json.dumps({"kind": kind}).encode()) == 0
     assert dev_a.publish(topic("dev-a", "state"), b'{"online": true}', retain=True) == 0
-    wait_for(lambda: len(hub.topics()) >= 5, "the device's messages at the hub")
+    wait_for(lambda: len(hub.topics()) >= 6, "the device's messages at the hub")
     assert hub.got(topic("dev-a", "summary")) == [b'{"kind": "summary"}']
     assert hub.got(topic("dev-a", "drift")) == [b'{"kind": "drift"}']
     assert hub.got(topic("dev-a", "event")) == [b'{"kind": "event"}']
+    assert hub.got(topic("dev-a", "capture")) == [b'{"kind": "capture"}']
     # The state comes twice: through the shared subscription and the direct one.
     assert hub.got(topic("dev-a", "state")) == [b'{"online": true}'] * 2
 
@@ -322,6 +323,7 @@ def test_a_device_publishes_its_own_topics_and_the_hubs_shared_subscription_rece
         (topic("dev-b", "summary"), False),
         (topic("dev-b", "drift"), False),
         (topic("dev-b", "event"), False),
+        (topic("dev-b", "capture"), False),
         (topic("dev-b", "state"), True),
         (topic("dev-b", "state", group="other"), True),
         (topic("dev-b", "cmd"), False),
@@ -329,7 +331,18 @@ def test_a_device_publishes_its_own_topics_and_the_hubs_shared_subscription_rece
         ("outpost/v1/default/dev-a/other", False),
         ("elsewhere/dev-a", False),
     ],
-    ids=["summary", "drift", "event", "retained-state", "other-group", "cmd", "own-cmd", "kind", "outside"],
+    ids=[
+        "summary",
+        "drift",
+        "event",
+        "capture",
+        "retained-state",
+        "other-group",
+        "cmd",
+        "own-cmd",
+        "kind",
+        "outside",
+    ],
 )
 def test_a_device_cannot_publish_as_another(
     broker: Mosquitto, hub: Peer, connect: Callable[..., Peer], target: str, retain: bool
