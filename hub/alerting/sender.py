@@ -2,7 +2,8 @@
 
 Every outcome becomes an `Attempt` (a status, or an error without one); nothing raises. Redirects
 are not followed (a 3xx is a permanent failure: configure the final URL). The receiver's answer
-is read only up to `MAX_ERROR_BODY` bytes, for the error message.
+is read only up to `MAX_ERROR_BODY` bytes, for the error message; errors name no URL path or
+query (where webhook secrets live).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import requests
 
@@ -39,11 +41,17 @@ def post_json(url: str, body: Any, headers: Mapping[str, str], timeout_s: float)
     except requests.Timeout:
         return Attempt(None, f"no answer within {timeout_s:g} s")
     except requests.ConnectionError as exc:
-        return Attempt(None, f"cannot connect: {_reason(exc)}")
+        return Attempt(None, f"cannot connect: {_reason(exc, url)}")
     except requests.RequestException as exc:
-        return Attempt(None, f"request failed: {_reason(exc)}")
+        return Attempt(None, f"request failed: {_reason(exc, url)}")
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception, url: str) -> str:
+    """The error's text without the URL's path and query: a Slack webhook's path is its secret, and
+    errors are kept and shown (API, CLI, logs)."""
     text = str(exc)
+    parts = urlsplit(url)
+    for secret in (parts.query, parts.path):
+        if len(secret) > 1:
+            text = text.replace(secret, "...")
     return text if len(text) <= 300 else text[:297] + "..."

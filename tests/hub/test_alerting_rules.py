@@ -266,3 +266,12 @@ def test_the_readme_hub_toml_example_is_valid(tmp_path: Path) -> None:
         ("pager", "alertmanager", "critical"),
     ]
     assert settings.public_url == "https://hub.example.com"
+
+
+def test_connection_errors_do_not_reveal_the_webhook_secret() -> None:
+    from hub.alerting.sender import post_json
+    from tests.support.hubproc import free_port
+
+    attempt = post_json(f"http://127.0.0.1:{free_port()}/services/T0/B0/s3cr3t?k=v", {}, {}, 2.0)
+    assert attempt.status is None and attempt.error.startswith("cannot connect")
+    assert "s3cr3t" not in attempt.error and "k=v" not in attempt.error
