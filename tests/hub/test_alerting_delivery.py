@@ -337,3 +337,28 @@ def test_a_dead_webhook_costs_one_attempt_a_tick_and_does_not_hold_the_others(
     report = d.tick()
     assert (report.sent, report.delivered) == (6, 5)  # one try at the dead one, all five live ones
     assert len(receiver.at("/dead")) == 1 and len(receiver.at("/live")) == 5
+
+
+def test_a_claim_left_by_a_crashed_hub_is_taken_over_after_its_lease(
+    db_url: str, clock: Clock, receiver: Receiver
+) -> None:
+    from hub.alerting import sources
+    from hub.alerting import store as alert_store
+
+    fleet(db_url, clock).apply([fallback("dev-1", 1)])
+    hook = Webhook("ops", receiver.url + "/hook")
+    crashed = dispatcher(db_url, clock, hook)
+    with crashed.db.session(write=True) as s:  # what tick() does before it sends ...
+        since = clock.now - timedelta(hours=1)
+        sources.fleet_alerts(s, since, clock.now, crashed.sources)
+        alert_store.enqueue(s, "ops", hook.severities(), since, clock.now, 10)
+    with crashed.db.session(write=True) as s:  # ... it claims the delivery, then dies before sending
+        (delivery_id,) = alert_store.due(s, ["ops"], clock.now, 10)
+        assert alert_store.claim(s, delivery_id, "crashed", clock.now, crashed.config.lease_s)
+    survivor = dispatcher(db_url, clock, hook)
+    run(survivor, clock, 3)  # 30 s: the lease (3 x 5 s + 30 s) holds
+    assert receiver.at("/hook") == []
+    run(survivor, clock, 3)
+    assert len(receiver.at("/hook")) == 1
+    (done,) = survivor.deliveries()
+    assert (done.state, done.attempts) == ("delivered", 2)  # the crashed claim counts as an attempt
