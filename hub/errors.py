@@ -12,7 +12,9 @@
     │   ├── InvalidRequestError     a value out of range: percent, names, candidate == stable (400)
     │   ├── PackageRejected         an uploaded package failed validation; says why (422)
     │   │   └── PackageTooLarge     ... because it is over a size limit (413)
-    │   └── BlobCorruptError        a stored blob no longer hashes to its name (500)
+    │   ├── BlobCorruptError        a stored blob no longer hashes to its name (500)
+    │   └── SchemaError             the database's schema is not the one this hub runs on
+    │                               (older: `outpost-hub migrate`; newer; not a hub's) (500)
     ├── AuthError                   no operator token, or an unknown or revoked one (401)
     └── SigningError                the TUF repository (hub/signing) cannot sign or publish
         ├── MissingKeyError         a role's private key is not in its key directory (e.g. an
@@ -78,6 +80,12 @@ class PackageTooLarge(PackageRejected):
 
 class BlobCorruptError(RegistryError):
     """A stored blob's content no longer matches the SHA-256 it is stored under."""
+
+    status = 500
+
+
+class SchemaError(RegistryError):
+    """The database is not at the schema revision this hub's code runs on (hub.migrations)."""
 
     status = 500
 

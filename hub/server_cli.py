@@ -4,6 +4,7 @@ outpost-hub init --data DIR [--offline-keys DIR]   keys, TUF metadata, database,
 outpost-hub serve --data DIR [--listen HOST:PORT] [--mqtt URL]
                                                    the API and the TUF repository over HTTP;
                                                    with an MQTT URL, the fleet consumer too
+outpost-hub migrate --data DIR                     upgrade the database's schema to this version's
 outpost-hub keys rotate ROLE --data DIR            a new key for a role (root: chained)
 outpost-hub token create NAME --data DIR           another operator token
 """
@@ -24,6 +25,7 @@ log = logging.getLogger("outpost-hub")
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    from hub import migrations
     from hub.registry import BlobStore, Database, Registry
     from hub.signing import OFFLINE_ROLES, ONLINE_ROLES, KeyStore, SignedRepository
 
@@ -51,8 +53,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
     )
     repo.create()
     db = Database(settings.db_url)
-    db.create_all()
-    token = Registry(db, BlobStore(settings.blobs_dir)).create_token("operator")
+    try:
+        migrations.upgrade(db)  # the schema at the newest revision (hub.migrations)
+        token = Registry(db, BlobStore(settings.blobs_dir)).create_token("operator")
+    finally:
+        db.dispose()
     fd = os.open(settings.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
@@ -92,6 +97,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    """Upgrade the database to the newest schema revision. Run it once per upgrade of Outpost
+    (not from every hub process), after a backup; `serve` refuses a database that is behind."""
+    from hub import migrations
+    from hub.registry import Database
+
+    settings = load_settings(args.data)
+    db = Database(settings.db_url)
+    try:
+        done = migrations.upgrade(db)
+    finally:
+        db.dispose()
+    if done.adopted:
+        print(f"database made before schema migrations adopted: stamped at revision {done.after}")
+    elif done.changed:
+        print(f"database upgraded from revision {done.before or '(empty)'} to {done.after}")
+    else:
+        print(f"database already at the newest revision, {done.after}: nothing to do")
+    return 0
+
+
 def _cmd_rotate(args: argparse.Namespace) -> int:
     from hub.signing import KeyStore, SignedRepository
 
@@ -108,12 +134,16 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
+    from hub import migrations
     from hub.registry import BlobStore, Database, Registry
 
     settings = load_settings(args.data)
     db = Database(settings.db_url)
-    db.create_all()
-    print(Registry(db, BlobStore(settings.blobs_dir)).create_token(args.name))
+    try:
+        migrations.require_current(db, hint=f"outpost-hub migrate --data {args.data}")
+        print(Registry(db, BlobStore(settings.blobs_dir)).create_token(args.name))
+    finally:
+        db.dispose()
     return 0
 
 
@@ -147,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser(
+        "migrate",
+        help="upgrade the database's schema (once, after a backup; serve refuses a database that is behind)",
+    )
+    p.add_argument("--data", type=Path, required=True)
+    p.set_defaults(func=_cmd_migrate)
+
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
     p = keys.add_parser("rotate", help="replace a role's key (root rotation is chained)")
     p.add_argument("role", choices=["root", "targets", "snapshot", "timestamp", "models", "deploy"])
@@ -166,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # `migrate` prints what it did
     try:
         code: int = args.func(args)
     except HubError as exc:

@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from hub import __version__
+from hub import __version__, migrations
 from hub.api.alerting import add_alerting_routes
 from hub.api.capture import add_capture_routes
 from hub.api.experiments import add_experiment_routes
@@ -136,7 +136,12 @@ class Hub:
     def __init__(self, settings: HubSettings) -> None:
         self.settings = settings
         self.db = Database(settings.db_url)
-        self.db.create_all()
+        # The schema is upgraded by `outpost-hub migrate`, once, never by each hub process.
+        try:
+            migrations.require_current(self.db, hint=f"outpost-hub migrate --data {settings.data_dir}")
+        except HubError:
+            self.db.dispose()
+            raise
         blobs = BlobStore(settings.blobs_dir)
         blobs.sweep()  # put back blobs a crash left in the trash mid-delete
         self.registry = Registry(self.db, blobs, Limits(max_model_bytes=settings.max_upload_bytes))
@@ -168,8 +173,6 @@ class Hub:
             )
         except ValueError as exc:
             raise SettingsError(f"hub settings: {exc}") from exc
-        self.fleet.create_tables()
-        CaptureStore.create_tables(self.db)
         self.fleet_queries = FleetQueries(self.fleet, self.registry, drift)
         self.consumer: FleetConsumer | None = None
 

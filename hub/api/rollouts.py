@@ -64,9 +64,7 @@ def rollout_service(hub: Hub) -> RolloutService:
         from hub.settings import SettingsError
 
         raise SettingsError("hub settings: rollout_interval_s must be positive")
-    service = RolloutService(hub.db, hub.registry, publish, interval_s=hub.settings.rollout_interval_s)
-    service.create_tables()
-    return service
+    return RolloutService(hub.db, hub.registry, publish, interval_s=hub.settings.rollout_interval_s)
 
 
 def add_rollout_routes(app: FastAPI, hub: Hub) -> RolloutService:

@@ -1,6 +1,6 @@
 """The registry's database: SQLAlchemy 2.0 typed tables and the `Database` handle.
 
-Tables (the schema; no migrations yet, `create_all` makes it):
+Tables (the schema; hub.migrations makes and upgrades it, `create_all` is for tests and tools):
 
     models          id, name UNIQUE, last_version (highest version ever accepted), created
     model_versions  id, model_id -> models, version, manifest (JSON text as uploaded),
@@ -224,11 +224,23 @@ class Database:
         )
 
     def create_all(self) -> None:
-        """Create the tables that do not exist yet (no migrations: new columns need a new DB)."""
+        """Create the registry's tables that do not exist yet (tests and tools; a hub's database
+        is made and upgraded by hub.migrations, which also changes tables that exist)."""
         try:
             Base.metadata.create_all(self.engine)
         except sa_exc.OperationalError as exc:
             raise RegistryError(f"cannot create the registry database at {self.url}: {exc.orig}") from exc
+
+    @contextmanager
+    def connect(self, *, write: bool = False) -> Iterator[Connection]:
+        """One connection in one transaction, committed when the block ends without an
+        exception: what schema migrations run in (`write`: SQLite's BEGIN IMMEDIATE)."""
+        engine = self.engine.execution_options(**{_WRITE: True}) if write else self.engine
+        try:
+            with engine.begin() as conn:
+                yield conn
+        except sa_exc.OperationalError as exc:
+            raise RegistryError(f"the registry database cannot be used: {exc.orig}") from exc
 
     @contextmanager
     def session(self, *, write: bool = False) -> Iterator[Session]:

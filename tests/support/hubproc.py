@@ -25,7 +25,13 @@ def free_port() -> int:
 
 
 class HubProcess:
-    def __init__(self, data: Path, short_expiry: float = 0.0, settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        data: Path,
+        short_expiry: float = 0.0,
+        settings: dict[str, Any] | None = None,
+        database_url: str = "",
+    ) -> None:
         self.data = data
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -34,6 +40,8 @@ class HubProcess:
         args = [HUB_BIN, "init", "--data", str(data)]
         if short_expiry:
             args += ["--short-expiry", str(short_expiry)]
+        if database_url:
+            args += ["--database-url", database_url]
         result = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
         if result.returncode != 0:
             raise AssertionError(f"outpost-hub init failed: {result.stderr}")
