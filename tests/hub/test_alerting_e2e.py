@@ -5,6 +5,8 @@ API's deliveries, and a restarted hub that does not send again."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from hub.fleet import FleetStore, Incoming, parse_message
 from hub.registry import Database
-from tests.support.hubproc import HubProcess
+from tests.support.hubproc import HUB_BIN, HubProcess, free_port
 from tests.support.receiver import Receiver
 
 
@@ -88,3 +90,37 @@ def test_hub_sends_alerts_to_its_webhooks_once(tmp_path: Path, receiver: Receive
         assert len(receiver.at("/json")) == 2 and len(receiver.at("/slack")) == 2
     finally:
         assert hub.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
+
+
+def test_two_hub_processes_on_one_database_send_each_alert_once(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub")
+    hub.set_settings(alert_interval_s=0.1, alert_backoff_s=0.2, alert_backoff_max_s=1.0)
+    with Receiver(delay_s=0.02) as rx:
+        with (hub.data / "hub.toml").open("a") as f:
+            f.write(f'[[webhooks]]\nname = "ops"\nurl = "{rx.url}/json"\n')
+        rx.script("/json", 503, 503, 503, 429)
+        port = free_port()
+        with (tmp_path / "second.log").open("ab") as log:
+            second = subprocess.Popen(
+                [HUB_BIN, "serve", "--data", str(hub.data), "--listen", f"127.0.0.1:{port}"],
+                stdout=log,
+                stderr=log,
+            )
+        hub.start()
+        try:
+            db = Database(f"sqlite:///{hub.data / 'hub.db'}")
+            FleetStore(db).apply([fallback(f"dev-{i}", i) for i in range(1, 31)])
+            db.dispose()
+            deadline = time.monotonic() + 60
+            while sum(r.status == 200 for r in rx.at("/json")) < 30 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # ten more ticks of each hub: nothing more comes
+            delivered = [r.headers["Idempotency-Key"] for r in rx.at("/json") if r.status == 200]
+            assert sorted(delivered) == sorted(f"fleet:rollback:dev-{i}:{i}" for i in range(1, 31))
+            assert len(rx.at("/json")) == 34  # and each scripted failure was retried once
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(30)
+            hub.stop()
+    logs = hub.log() + (tmp_path / "second.log").read_text()
+    assert logs.count("delivered to webhook ops") == 30
