@@ -282,6 +282,10 @@ def render_text(results: dict[str, Any]) -> str:
         from tests.benchmarks.shadow_cost import render as render_shadow
 
         parts += ["", render_shadow(results["shadow_cost"])]
+    if "mqtt_cost" in results:
+        from tests.benchmarks.mqtt_cost import render as render_mqtt
+
+        parts += ["", render_mqtt(results["mqtt_cost"])]
     if "drift_power" in results:
         from tests.benchmarks.drift_power import render
 
@@ -320,6 +324,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         from tests.benchmarks.shadow_cost import render as render_shadow
 
         lines += [render_shadow(results["shadow_cost"], markdown=True), ""]
+    if "mqtt_cost" in results:
+        from tests.benchmarks.mqtt_cost import render as render_mqtt
+
+        lines += [render_mqtt(results["mqtt_cost"], markdown=True), ""]
     if "drift_power" in results:
         from tests.benchmarks.drift_power import render
 

@@ -15,7 +15,8 @@ in-process, so a fast wrong server cannot win. A contender that cannot start is 
 Three more sections: `drift` (tests/benchmarks/drift_power.py, no server): the detection power of
 the agent's binned KS against scipy's exact KS at the same false-alarm rate, ~210 s (~25 s quick).
 And `monitor` (tests/benchmarks/monitor_cost.py): the monitor's cost, the agent with it on vs off;
-`shadow` (tests/benchmarks/shadow_cost.py): the primary's latency with a shadow experiment vs without.
+`shadow` (tests/benchmarks/shadow_cost.py): the primary's latency with a shadow experiment vs without;
+`mqtt` (tests/benchmarks/mqtt_cost.py): inference over MQTT (a real Mosquitto) vs the socket.
 
 Writes bench-results/results.json and results.md, prints the table and PASS/FAIL per target.
 """
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks import drift_power, monitor_cost, report, shadow_cost
+from tests.benchmarks import drift_power, monitor_cost, mqtt_cost, report, shadow_cost
 from tests.benchmarks.client import (
     ClientError,
     Load,
@@ -82,7 +83,8 @@ CONTENDERS = {
     "agent": ("agent", "outpost-agent run, default config (only data_dir, socket, identity)"),
     "agent_tuned": ("agent (tuned)", "outpost-agent run, default config plus [runtime] {tuned}"),
 }
-SECTIONS = ("drift", "monitor", "shadow")  # selectable with --only like the contenders, but not servers
+# Selectable with --only like the contenders, but not servers.
+SECTIONS = ("drift", "monitor", "shadow", "mqtt")
 
 
 @dataclass(frozen=True)
@@ -502,6 +504,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             results["shadow_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
         results.setdefault("targets", []).append(shadow_cost.verdict(results["shadow_cost"]))
+    if "mqtt" in args.only.split(","):
+        print("- inference over MQTT vs the socket ...", flush=True)
+        try:
+            if not wanted and not {"monitor", "shadow"} & set(args.only.split(",")):
+                packages = build_packages(args.out / "packages")
+                wl = make_workload(packages)
+            results["mqtt_cost"] = mqtt_cost.run(packages, wl, st, args.quick)
+        except Exception as exc:  # a failure here must not lose the other figures
+            traceback.print_exc()
+            results["mqtt_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
+        results.setdefault("targets", []).append(mqtt_cost.verdict(results["mqtt_cost"]))
     if "drift" in args.only.split(","):
         print("- drift detection power ...", flush=True)
         try:

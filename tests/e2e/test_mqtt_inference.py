@@ -32,6 +32,7 @@ pytestmark = [
 
 PREFIX = "outpost/local/test-device"
 MAX_INFLIGHT = 4
+NO_DELAY = "set_tcp_nodelay true\n"  # as the README advises for a broker that carries requests
 HOLD_MS = 400  # the "held" model waits this long to fill a batch: its requests stay in flight
 
 
@@ -120,7 +121,7 @@ def x_input(rows: np.ndarray, request_id: str | None = None) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path_factory.mktemp("broker")) as b:
+    with Mosquitto(tmp_path_factory.mktemp("broker"), extra_config=NO_DELAY) as b:
         yield b
 
 
@@ -357,7 +358,7 @@ def test_readme_snippet(tmp_path: Path) -> None:
     readme = Path(__file__).resolve().parents[2] / "README.md"
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
     snippet = next(b for b in blocks if "ResponseTopic" in b)
-    with Mosquitto(tmp_path / "broker") as broker:
+    with Mosquitto(tmp_path / "broker", extra_config=NO_DELAY) as broker:
         a = AgentProcess(
             tmp_path / "agent",
             extra={"device_id": "dev-001", "mqtt_inference": {"enabled": True, "url": broker.url}},
