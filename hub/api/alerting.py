@@ -64,9 +64,7 @@ def alerting_dispatcher(hub: Hub) -> Dispatcher:
         )
     except ValueError as exc:
         raise SettingsError(f"hub settings: {exc}") from exc
-    dispatcher = Dispatcher(hub.db, config)
-    dispatcher.create_tables()
-    return dispatcher
+    return Dispatcher(hub.db, config)  # its tables are made by hub.migrations
 
 
 def add_alerting_routes(app: FastAPI, hub: Hub) -> Dispatcher:

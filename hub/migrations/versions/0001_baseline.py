@@ -1,11 +1,11 @@
 """baseline: the schema of the first release
 
-Every table of the hub as it was when migrations began (registry, fleet, rollouts, capture);
-the indexes go with their tables on downgrade.
+Every table of the hub as it was when migrations began (registry, fleet, rollouts, capture,
+alerting); the indexes go with their tables on downgrade.
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-27 14:14:21.195445
+Create Date: 2026-11-27 14:17:31.338640
 """
 
 from __future__ import annotations
@@ -313,8 +313,58 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_capture_rows_received"), "capture_rows", ["received"], unique=False)
 
+    op.create_table(
+        "alert_deliveries",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("notice_key", sa.String(length=600), nullable=False),
+        sa.Column("webhook", sa.String(length=64), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("created", sa.DateTime(), nullable=False),
+        sa.Column("next_attempt", sa.DateTime(), nullable=False),
+        sa.Column("claim", sa.String(length=64), nullable=True),
+        sa.Column("lease_until", sa.DateTime(), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=False),
+        sa.Column("last_status", sa.Integer(), nullable=True),
+        sa.Column("delivered_at", sa.DateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("notice_key", "webhook", name="uq_alert_deliveries_notice_webhook"),
+    )
+    op.create_index("ix_alert_deliveries_due", "alert_deliveries", ["state", "next_attempt"], unique=False)
+
+    op.create_table(
+        "alert_notices",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("key", sa.String(length=600), nullable=False),
+        sa.Column("source", sa.String(length=16), nullable=False),
+        sa.Column("ref", sa.String(length=580), nullable=False),
+        sa.Column("kind", sa.String(length=32), nullable=False),
+        sa.Column("severity", sa.String(length=16), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("resolves", sa.String(length=600), nullable=True),
+        sa.Column("open", sa.Boolean(), nullable=False),
+        sa.Column("title", sa.Text(), nullable=False),
+        sa.Column("text", sa.Text(), nullable=False),
+        sa.Column("model", sa.String(length=128), nullable=True),
+        sa.Column("version", sa.BigInteger(), nullable=True),
+        sa.Column("group", sa.String(length=128), nullable=True),
+        sa.Column("device", sa.String(length=128), nullable=True),
+        sa.Column("started", sa.DateTime(), nullable=False),
+        sa.Column("ended", sa.DateTime(), nullable=True),
+        sa.Column("link", sa.Text(), nullable=False),
+        sa.Column("details", sa.Text(), nullable=False),
+        sa.Column("created", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("key"),
+    )
+    op.create_index(op.f("ix_alert_notices_created"), "alert_notices", ["created"], unique=False)
+    op.create_index(op.f("ix_alert_notices_open"), "alert_notices", ["open"], unique=False)
+    op.create_index("ix_alert_notices_source", "alert_notices", ["source", "ref"], unique=False)
+
 
 def downgrade() -> None:
+    op.drop_table("alert_notices")
+    op.drop_table("alert_deliveries")
     op.drop_table("capture_rows")
     op.drop_table("capture_labels")
     op.drop_table("capture_drops")
