@@ -195,6 +195,7 @@ class MqttInference:
         client.enable_logger(logging.getLogger(__name__ + ".paho"))
         client.on_socket_open = _no_delay
         client.on_connect = self._cb_connect
+        client.on_connect_fail = self._cb_connect_fail
         client.on_disconnect = self._cb_disconnect
         client.on_subscribe = self._cb_subscribe
         client.on_message = self._cb_message
@@ -216,6 +217,9 @@ class MqttInference:
         properties: Properties | None,
     ) -> None:
         self._hand_over(self._on_connect, reason.is_failure, str(reason))
+
+    def _cb_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._hand_over(self._on_connect_fail)
 
     def _cb_disconnect(
         self,
@@ -268,6 +272,9 @@ class MqttInference:
             self._sub_mid = mid
         else:
             self.last_error = f"could not subscribe (paho error {rc})"
+
+    def _on_connect_fail(self) -> None:
+        self.last_error = f"cannot connect to {self.config.url}; retrying"
 
     def _on_disconnect(self, reason: str, unexpected: bool) -> None:
         was = self.connected

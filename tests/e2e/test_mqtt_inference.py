@@ -377,3 +377,33 @@ def test_readme_snippet(tmp_path: Path) -> None:
             assert [o["name"] for o in answer["outputs"]] == ["label", "probabilities"]
         finally:
             a.kill()
+
+
+def test_no_broker_serving_goes_on_and_stop_is_quick(tmp_path: Path) -> None:
+    """An unreachable broker: the socket serves, status says why, and SIGTERM still exits at once."""
+    from tests.support.broker import free_port
+
+    a = AgentProcess(
+        tmp_path / "agent",
+        extra={
+            "mqtt_inference": {
+                "enabled": True,
+                "url": f"mqtt://127.0.0.1:{free_port()}",
+                "reconnect_max_s": 30,
+            }
+        },
+    )
+    a.install(affine_package(tmp_path / "affine-1"))
+    a.start()
+    try:
+        time.sleep(1.0)  # a few connection attempts
+        status = mqtt_status(a)
+        assert status["enabled"] and not status["connected"] and status["connections"] == 0
+        assert status["last_error"].startswith("cannot connect to mqtt://127.0.0.1:")
+        code, doc = a.json("POST", "/v2/models/affine/infer", x_input(np.ones((1, 4), np.float32)))
+        assert code == 200, doc
+        started = time.monotonic()
+        assert a.stop() == 0
+        assert time.monotonic() - started < 5
+    finally:
+        a.kill()
