@@ -84,13 +84,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         settings = replace(settings, mqtt_url=args.mqtt)
-    if not settings.public_url:  # links in alerts point at the address served
-        from dataclasses import replace
-
-        settings = replace(settings, public_url=f"http://{args.listen}")
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise HubError(f"--listen: expected HOST:PORT, got {args.listen!r}")
+    if not settings.public_url:  # links in alerts point at the address served
+        import socket
+        from dataclasses import replace
+
+        # On every interface: the machine's name, which a browser elsewhere can open.
+        shown = socket.getfqdn() if host in ("0.0.0.0", "[::]", "::") else host
+        settings = replace(settings, public_url=f"http://{shown}:{port}")
     app = create_app(settings)
     log.info("serving on http://%s:%s (API /api/v1, TUF /tuf)", host, port)
     uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning", access_log=False)

@@ -75,10 +75,10 @@ class HubSettings:
     # counted), and how long captured rows, labels and counts are kept (seconds).
     capture_max_rows_per_version: int = 1_000_000
     capture_retention_s: float = 30 * 86400.0
-    # Alerts out (hub.alerting): where links in alerts point (empty: http://<serve --listen>),
-    # alerts for devices offline longer than alert_offline_after_s (0: none), the loop's period,
-    # the request timeout, and retries (backoff doubling from alert_backoff_s up to
-    # alert_backoff_max_s; given up after alert_max_attempts or alert_max_age_s).
+    # Alerts out (hub.alerting): where links in alerts point (empty: http://<serve --listen>, the
+    # machine's name for 0.0.0.0), alerts for devices offline longer than alert_offline_after_s
+    # (0: none), the loop's period, the request timeout, and retries (backoff doubling from
+    # alert_backoff_s up to alert_backoff_max_s; given up after alert_max_attempts or alert_max_age_s).
     public_url: str = ""
     alert_offline_after_s: float = 900.0
     alert_interval_s: float = 5.0
