@@ -4,6 +4,7 @@ that asks with a response topic and correlation data, as a device's app would.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -50,7 +51,7 @@ Answer = tuple[bytes, dict[str, str], str | None]  # payload, user properties, c
 class Requester:
     """An app's MQTT v5 client: publishes requests, collects the answers by correlation data."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, username: str = "", password: str = "") -> None:
         host, port = url.removeprefix("mqtt://").split(":")
         self.reply_topic = f"app/replies/{uuid.uuid4().hex}"
         self.answers: dict[bytes, list[Answer]] = {}
@@ -60,6 +61,8 @@ class Requester:
         self.client.on_connect = lambda c, *_: c.subscribe(self.reply_topic, qos=1)
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.on_message = self._on_message
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.connect(host, int(port))
         self.client.loop_start()
         assert subscribed.wait(10), "the app could not subscribe to its reply topic"
@@ -407,3 +410,40 @@ def test_no_broker_serving_goes_on_and_stop_is_quick(tmp_path: Path) -> None:
         assert time.monotonic() - started < 5
     finally:
         a.kill()
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto_passwd is not installed")
+def test_login_with_a_password_file(tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "agent-infer", "s3cret"], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "app", "app-pass"], check=True)
+
+    def config(m: Mosquitto) -> str:
+        return (
+            f"listener {m.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
+            f"log_dest file {m.log_path}\nset_tcp_nodelay true\n"
+        )
+
+    (tmp_path / "infer.pass").write_text("s3cret\n")
+    with Mosquitto(tmp_path / "broker", config=config) as broker:
+        a = AgentProcess(
+            tmp_path / "agent",
+            extra={
+                "mqtt_inference": {
+                    "enabled": True,
+                    "url": broker.url,
+                    "username": "agent-infer",
+                    "password_file": str(tmp_path / "infer.pass"),
+                }
+            },
+        )
+        a.install(affine_package(tmp_path / "affine-1"))
+        a.start()
+        r = Requester(broker.url, "app", "app-pass")
+        try:
+            wait_for("the agent's subscriptions", lambda: mqtt_status(a)["subscribed"])
+            answer, _ = r.ask(f"{PREFIX}/models/affine/infer", x_input(np.ones((1, 4), np.float32)))
+            assert answer["outputs"][0]["data"] == [3.0] * 4
+        finally:
+            r.close()
+            a.kill()
