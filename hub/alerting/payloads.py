@@ -44,7 +44,7 @@ _ALERTNAMES = {
     DEVICE_OFFLINE: "OutpostDeviceOffline",
     TEST: "OutpostTest",
 }
-SLACK_TEXT_LIMIT = 2900  # a section block's text is at most 3000 characters
+SLACK_TEXT_LIMIT = 3000  # a section block's text is at most 3000 characters
 
 
 @dataclass(frozen=True)
@@ -114,14 +114,25 @@ def _mrkdwn(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _cut(text: str, limit: int) -> str:
+    """At most `limit` characters, ending in "..." when cut (never inside an &...; escape)."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 3]
+    amp = head.rfind("&")
+    if amp > head.rfind(";"):
+        head = head[:amp]
+    return head + "..."
+
+
 def slack_payload(n: Notice) -> dict[str, Any]:
     mark = "Resolved" if n.status == RESOLVED else n.severity.upper()
     headline = f"[{mark}] {n.title}"
-    body = _mrkdwn(n.text)[:SLACK_TEXT_LIMIT]
+    section = _cut(f"*{_mrkdwn(headline)}*\n{_mrkdwn(n.text)}", SLACK_TEXT_LIMIT)
     return {
         "text": f"{headline}: {n.text} ({n.link})",  # notifications and clients without blocks
         "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"*{_mrkdwn(headline)}*\n{body}"}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": section}},
             {
                 "type": "context",
                 "elements": [

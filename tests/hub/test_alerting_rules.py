@@ -275,3 +275,10 @@ def test_connection_errors_do_not_reveal_the_webhook_secret() -> None:
     attempt = post_json(f"http://127.0.0.1:{free_port()}/services/T0/B0/s3cr3t?k=v", {}, {}, 2.0)
     assert attempt.status is None and attempt.error.startswith("cannot connect")
     assert "s3cr3t" not in attempt.error and "k=v" not in attempt.error
+
+
+def test_slack_section_text_stays_within_slacks_limit() -> None:
+    body = render("slack", drift_notice(title="T" * 200, text="<&>" * 2000))
+    section = body["blocks"][0]["text"]["text"]
+    assert len(section) <= 3000 and section.endswith("...")
+    assert section[:-3].endswith(("&lt;", "&amp;", "&gt;"))  # not cut inside an escape
