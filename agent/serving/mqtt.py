@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from agent.config import MqttInferenceConfig
 from agent.errors import AgentError, ConfigError
 from agent.serving.http import Deferred, Response
+from agent.serving.mqtt_messages import answer_of, error_payload, header_length_of, infer_route, subscriptions
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -48,63 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEADER_LENGTH_PROPERTY = "inference-header-content-length"  # compared without case
 _STOP_POLL_S = 0.01
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
-
-# -- pure: topics and payloads ------------------------------------------------------------------
-
-
-def subscriptions(prefix: str) -> list[str]:
-    """The topic filters of the inference requests under `prefix`."""
-    return [f"{prefix}/models/+/infer", f"{prefix}/models/+/versions/+/infer"]
-
-
-def infer_route(prefix: str, topic: str) -> tuple[str, str | None] | None:
-    """(model, version or None) of a request topic; None when it is not one."""
-    head = prefix + "/models/"
-    if not topic.startswith(head):
-        return None
-    parts = topic[len(head) :].split("/")
-    if len(parts) == 2 and parts[0] and parts[1] == "infer":
-        return parts[0], None
-    if len(parts) == 4 and parts[0] and parts[1] == "versions" and parts[2] and parts[3] == "infer":
-        return parts[0], parts[2]
-    return None
-
-
-def error_payload(status: int, message: str) -> bytes:
-    return orjson.dumps({"error": message, "status": status})
-
-
-def answer_of(response: Response) -> tuple[bytes, int | None]:
-    """The MQTT payload of a response of `App.infer`, and its JSON header length (binary outputs).
-
-    Error responses carry `{"error": ...}`; the status is added, as MQTT has no status line.
-    """
-    if response.status == 200:
-        header_length = None
-        for name, value in response.extra or ():
-            if name == b"inference-header-content-length":
-                header_length = int(value)
-        return response.body, header_length
-    try:
-        message = str(orjson.loads(response.body)["error"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        message = response.body.decode("utf-8", "replace")
-    return error_payload(response.status, message), None
-
-
-def header_length_of(user_properties: list[tuple[str, str]]) -> int | None:
-    """The request's `Inference-Header-Content-Length` user property; RequestError-worthy ValueError
-    when it is not a non-negative integer."""
-    for name, value in user_properties:
-        if name.lower() == HEADER_LENGTH_PROPERTY:
-            if not value.isascii() or not value.isdigit():
-                raise ValueError("Inference-Header-Content-Length must be a non-negative integer")
-            return int(value)
-    return None
 
 
 @dataclass(slots=True)
@@ -515,4 +460,4 @@ class _Reply:
         self.send(self.deferred.response)
 
 
-__all__ = ["Counters", "MqttInference", "answer_of", "error_payload", "infer_route", "subscriptions"]
+__all__ = ["Counters", "MqttInference"]

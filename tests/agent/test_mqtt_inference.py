@@ -13,7 +13,7 @@ import pytest
 from agent.config import MqttInferenceConfig, parse_config
 from agent.errors import ConfigError
 from agent.serving.http import Response, error_response
-from agent.serving.mqtt import answer_of, error_payload, header_length_of, infer_route, subscriptions
+from agent.serving.mqtt_messages import answer_of, error_payload, header_length_of, infer_route, subscriptions
 
 
 def test_off_by_default() -> None:
