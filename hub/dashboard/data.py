@@ -40,6 +40,20 @@ def fleet_page(hub: Hub) -> views.FleetView:
     return views.fleet_view(devices, alerts, datetime.now(UTC), rollbacks)
 
 
+DELIVERIES_SHOWN = 10
+
+
+def alert_deliveries(hub: Hub) -> dict[str, Any]:
+    """For the fleet page: the configured webhooks and the newest alert deliveries that have not
+    arrived (failed, or waiting for a retry), as the API gives them (hub.alerting)."""
+    from hub.alerting.store import DELIVERED, select_deliveries
+
+    with hub.db.session() as s:
+        recent = select_deliveries(s, limit=200)
+    waiting = [d.to_json() for d in recent if d.state != DELIVERED][:DELIVERIES_SHOWN]
+    return {"webhooks": [w.name for w in hub.settings.webhooks], "undelivered": waiting}
+
+
 def models_page(hub: Hub) -> list[tuple[str, list[int]]]:
     return [(m.name, list(m.versions)) for m in hub.registry.list_models()]
 

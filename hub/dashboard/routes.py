@@ -141,7 +141,8 @@ def mount(app: FastAPI, hub: Hub) -> None:
     async def fleet(request: Request) -> HTMLResponse:
         who = await operator(request)
         view = await load(data.fleet_page, hub)
-        return render("fleet.html", page="fleet", who=who, fleet=view)
+        out = await load(data.alert_deliveries, hub)
+        return render("fleet.html", page="fleet", who=who, fleet=view, alerts_out=out)
 
     @app.get("/models", include_in_schema=False)
     async def models(request: Request) -> HTMLResponse:

@@ -5,6 +5,7 @@ API's deliveries, and a restarted hub that does not send again."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from hub.fleet import FleetStore, Incoming, parse_message
 from hub.registry import Database
@@ -46,7 +48,8 @@ def test_hub_sends_alerts_to_its_webhooks_once(tmp_path: Path, receiver: Receive
     with (hub.data / "hub.toml").open("a") as f:  # tables after every top-level key
         f.write(
             f'[[webhooks]]\nname = "chat"\nurl = "{receiver.url}/slack"\nformat = "slack"\n\n'
-            f'[[webhooks]]\nname = "ops"\nurl = "{receiver.url}/json"\ntoken = "t0k"\n'
+            f'[[webhooks]]\nname = "ops"\nurl = "{receiver.url}/json"\ntoken = "t0k"\n\n'
+            f'[[webhooks]]\nname = "broken"\nurl = "{receiver.url}/broken"\n'
         )
     hub.start()
     try:
@@ -63,6 +66,7 @@ def test_hub_sends_alerts_to_its_webhooks_once(tmp_path: Path, receiver: Receive
         assert missing.returncode == 2 and "there is no webhook 'nope'" in missing.stderr
 
         receiver.script("/json", 503)
+        receiver.script("/broken", 400)
         db = Database(f"sqlite:///{hub.data / 'hub.db'}")
         FleetStore(db).apply([fallback("dev-1", 1)])  # as the hub's MQTT consumer stores it
         db.dispose()
@@ -81,6 +85,15 @@ def test_hub_sends_alerts_to_its_webhooks_once(tmp_path: Path, receiver: Receive
         ]
         assert hub.api("GET", "/api/v1/alerting/deliveries", params={"state": "nope"}).status_code == 400
         assert "delivered" in hub.outpost("alerts", "deliveries", "--webhook", "ops").stdout
+
+        receiver.wait_for("/broken", 1)
+        browser = requests.Session()  # the dashboard's fleet page shows the delivery that failed
+        assert browser.post(hub.url + "/login", data={"token": hub.token}, timeout=10).status_code == 200
+        page = browser.get(hub.url + "/", timeout=10).text
+        assert "Alerts out" in page and "Sent to chat, ops, broken" in page
+        (row,) = re.findall(r'<tr data-delivery="\d+">(.*?)</tr>', page, re.S)
+        assert "broken" in row and "failed" in row and "HTTP 400" in row
+        assert f'href="{hub.url}/models/wine"' in row
     finally:
         assert hub.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
 
