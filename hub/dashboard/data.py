@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sqlalchemy import select
 
@@ -93,6 +94,35 @@ def model_page(hub: Hub, name: str) -> views.ModelView:
         rollouts_for_model(hub, name),
         f"the last {DEFAULT_RANGE}",
     )
+
+
+def capture_section(hub: Hub, name: str) -> dict[str, Any]:
+    """The model page's data capture: each group's policy, and per version and group what was
+    captured, with a CSV download (the dashboard's own route, authorised by the session)."""
+    from hub.capture.cli import policy_text
+    from hub.capture.queries import CaptureQueries
+
+    doc = CaptureQueries(hub.db, hub.registry).listing(name)
+    groups = [
+        {
+            "group": g["group"],
+            "policy": policy_text(g["capture"]),
+            "dropped": "{rate} / {size} / {full}".format(**g["dropped"]),
+        }
+        for g in doc["groups"]
+    ]
+    versions = [
+        {
+            **v,
+            "first": (v["first_ts"] or "")[:19].replace("T", " "),
+            "last": (v["last_ts"] or "")[:19].replace("T", " "),
+            "over_limit": v["dropped"]["limit"],
+            "csv": f"/models/{quote(name, safe='')}/versions/{v['version']}/capture.csv"
+            f"?group={quote(v['group'])}",
+        }
+        for v in doc["versions"]
+    ]
+    return {"groups": groups, "versions": versions}
 
 
 def drift_page(hub: Hub, name: str, version: int, since: str | None) -> views.DriftView:

@@ -3,9 +3,12 @@
     GET  /login, POST /login     the operator token in a form; a session cookie on success
     POST /logout                 the cookie removed
     GET  /                       the fleet: devices, groups, recent alerts
-    GET  /models, /models/{m}    versions, deployments, who runs what, fleet figures, rollouts
+    GET  /models, /models/{m}    versions, deployments, who runs what, fleet figures, rollouts,
+                                 data capture
     GET  /drift, /drift/{m}/{v}  drift per feature over time (inline SVG), devices alerting
     GET  /experiments            A/B and shadow experiments: arms, tests, verdicts
+    GET  /models/{m}/versions/{v}/capture.csv
+                                 captured requests (hub.capture) as CSV, for the session
     GET  /dashboard.css          the one stylesheet
 
 Pages are rendered on the server (Jinja2, autoescaped); no JavaScript. Without a valid session
@@ -17,7 +20,7 @@ hub is reached over https) and holds no token (hub.dashboard.session). The JSON 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import quote
@@ -69,6 +72,20 @@ def safe_next(target: str | None) -> str:
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
     return target
+
+
+def _capture_download(app: FastAPI, hub: Hub, operator: Callable[[Request], Awaitable[str]]) -> None:
+    @app.get("/models/{name}/versions/{version}/capture.csv", include_in_schema=False)
+    async def capture_csv(
+        request: Request, name: str, version: int, group: str | None = None, labelled_only: bool = False
+    ) -> Response:
+        """The API's CSV export (hub.api.capture), authorised by the dashboard's session."""
+        from hub.api.capture import export_response
+        from hub.capture.queries import CaptureQueries, ExportRequest
+
+        await operator(request)
+        req = ExportRequest(name, version, "csv", group, labelled_only)
+        return export_response(await load(CaptureQueries(hub.db, hub.registry).export, req))
 
 
 def mount(app: FastAPI, hub: Hub) -> None:
@@ -154,7 +171,10 @@ def mount(app: FastAPI, hub: Hub) -> None:
     async def model(request: Request, name: str) -> HTMLResponse:
         who = await operator(request)
         view = await load(data.model_page, hub, name)
-        return render("model.html", page="models", who=who, model=view)
+        capture = await load(data.capture_section, hub, name)
+        return render("model.html", page="models", who=who, model=view, capture=capture)
+
+    _capture_download(app, hub, operator)
 
     @app.get("/drift", include_in_schema=False)
     async def drift_index(request: Request) -> HTMLResponse:

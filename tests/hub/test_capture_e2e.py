@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.hub.test_fleet import Device, wait_for
 from tests.hub.test_fleet_views import MODEL, push_shapes
@@ -216,3 +217,20 @@ def test_capture_refusals(hub: HubProcess) -> None:
         headers={"Content-Type": "application/json"},
     )
     assert d["capture"] == {"sample_bp": 100, "max_rows_per_min": 60}
+
+
+def test_the_dashboard_shows_capture_and_its_session_downloads_the_csv(hub: HubProcess) -> None:
+    csv_path = f"/models/{MODEL}/versions/2/capture.csv?group={GROUP}"
+    stranger = requests.get(hub.url + csv_path, allow_redirects=False, timeout=30)
+    assert stranger.status_code == 303 and stranger.headers["location"].startswith("/login")
+    browser = requests.Session()
+    login = browser.post(hub.url + "/login", data={"token": hub.token, "next": "/"}, allow_redirects=False)
+    assert login.status_code == 303
+    page = browser.get(f"{hub.url}/models/{MODEL}", timeout=30).text
+    assert "<h2>Data capture</h2>" in page
+    assert f'href="{csv_path.replace("&", "&amp;")}"' in page or f'href="{csv_path}"' in page
+    assert "<td>lab</td><td>off</td>" in page  # stopped by the first test
+    download = browser.get(hub.url + csv_path, timeout=30)
+    assert download.status_code == 200 and download.headers["content-type"].startswith("text/csv")
+    assert download.headers["content-disposition"] == f'attachment; filename="{MODEL}-v2-capture.csv"'
+    assert download.text.splitlines() == [HEADER, *V2_LINES]
