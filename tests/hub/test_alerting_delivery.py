@@ -1,15 +1,13 @@
-"""Alerts out, delivered for real: the dispatcher on a real database (SQLite here; PostgreSQL with
-OUTPOST_TEST_DATABASE_URL) sends to a real HTTP receiver on 127.0.0.1. Alerts are raised the way
+"""Alerts out, delivered for real: the dispatcher on a real database (SQLite, then PostgreSQL:
+`database_url`, tests/conftest.py) sends to a real HTTP receiver on 127.0.0.1. Alerts are raised the way
 the hub raises them (FleetStore.apply, RolloutStore, the devices table); time is a test clock."""
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +22,6 @@ from hub.rollouts.plan import Gates, State
 from hub.rollouts.store import Rollout, RolloutBase, RolloutStore
 from tests.support.receiver import Receiver
 
-DATABASE_URL = os.environ.get("OUTPOST_TEST_DATABASE_URL", "")
 HUB = "http://hub.example:8700"
 
 
@@ -57,12 +54,9 @@ def database(url: str) -> Database:
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> Iterator[str]:
-    url = DATABASE_URL or f"sqlite:///{tmp_path / 'hub.db'}"
+def db_url(database_url: str) -> Iterator[str]:
+    url = database_url  # SQLite, then PostgreSQL (tests/conftest.py)
     db = database(url)
-    if DATABASE_URL:
-        for base in (AlertingBase, RolloutBase, FleetBase):
-            base.metadata.drop_all(db.engine)
     db.create_all()
     for base in (FleetBase, RolloutBase, AlertingBase):
         base.metadata.create_all(db.engine)

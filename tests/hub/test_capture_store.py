@@ -1,12 +1,11 @@
 """Capture messages: the checks a message passes (pure), and the store (through the fleet
 store, as the consumer writes): dedupe by (device, seq), labels before or after their rows, the
-per-version limit, retention. SQLite here; OUTPOST_TEST_DATABASE_URL=postgresql+psycopg://...
-runs the store tests on PostgreSQL (the fleet and capture tables are dropped first)."""
+per-version limit, retention. The store tests run on SQLite and on PostgreSQL (`database_url`,
+tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +17,6 @@ from sqlalchemy import func, select
 from hub.capture import rules
 from hub.capture.store import CaptureStore
 from hub.capture.tables import (
-    CaptureBase,
     CaptureBatchRow,
     CaptureCountRow,
     CaptureDropRow,
@@ -27,11 +25,8 @@ from hub.capture.tables import (
 )
 from hub.errors import InvalidRequestError, NotFoundError
 from hub.fleet import FleetStore, Incoming, Invalid, parse_message
-from hub.fleet.ledger import FleetBase
 from hub.fleet.store import FleetMessageRow
 from hub.registry import Database
-
-DATABASE_URL = os.environ.get("OUTPOST_TEST_DATABASE_URL", "")
 
 
 def row(pid: str, version: int = 3, n: int = 1, ts: float = 1000.0) -> dict[str, Any]:
@@ -122,11 +117,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    d = Database(DATABASE_URL or f"sqlite:///{tmp_path / 'hub.db'}")
-    if DATABASE_URL:
-        FleetBase.metadata.drop_all(d.engine)
-        CaptureBase.metadata.drop_all(d.engine)
+def db(database_url: str) -> Iterator[Database]:
+    d = Database(database_url)  # SQLite, then PostgreSQL (tests/conftest.py)
     d.create_all()
     yield d
     d.dispose()
