@@ -5,6 +5,7 @@ the signed assignment, which always carries `capture` (null when off)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,15 +106,16 @@ def test_same_as_tells_a_capture_change() -> None:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+def registry(database_url: str, tmp_path: Path) -> Iterator[Registry]:
+    db = Database(database_url)
     db.create_all()
     reg = Registry(db, BlobStore(tmp_path / "blobs"))
     for name in ("wine", "beer"):
         for version in (1, 2):
             out = affine_package(tmp_path / f"{name}-{version}", version=version, name=name)
             reg.push_version((out / "manifest.json").read_bytes(), (out / "model.onnx").read_bytes())
-    return reg
+    yield reg
+    db.dispose()
 
 
 def signed_capture(reg: Registry, d: Deployment) -> Any:
