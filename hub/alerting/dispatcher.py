@@ -157,11 +157,16 @@ class Dispatcher:
             attempt = Attempt(None, "its alert or webhook is gone")
             step = Step(store.FAILED, error=attempt.error)
         else:
-            attempt = self.poster(
-                hook.url, render(hook.format, notice), _headers(hook, notice), self.config.timeout_s
-            )
-            now = self.clock()
-            step = next_step(self.config.policy, attempts, (now - created).total_seconds(), attempt, now)
+            try:
+                body = render(hook.format, notice)
+                attempt = self.poster(hook.url, body, _headers(hook, notice), self.config.timeout_s)
+            except Exception as exc:  # a bug, not the network (the poster maps that): record it, once
+                log.exception("alert %s to webhook %s: sending failed", notice.id, webhook)
+                attempt = Attempt(None, f"internal error: {type(exc).__name__}: {exc}")
+                step = Step(store.FAILED, error=attempt.error)
+            else:
+                now = self.clock()
+                step = next_step(self.config.policy, attempts, (now - created).total_seconds(), attempt, now)
         with self.db.session(write=True) as s:
             if not store.finish(s, delivery_id, token, step, attempt.status, now):
                 log.warning(

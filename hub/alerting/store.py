@@ -46,7 +46,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from hub.alerting.payloads import FIRING, TEST, Notice
 from hub.alerting.retry import Step
@@ -230,9 +230,19 @@ def add_delivery(session: Session, notice_key: str, webhook: str, now: datetime)
 
 
 def due(session: Session, webhooks: Sequence[str], now: datetime, limit: int) -> list[int]:
-    """Deliveries to these webhooks that may be claimed now, the oldest first."""
+    """Deliveries to these webhooks that may be claimed now, the oldest first. A resolution waits
+    while the alert it resolves is still on its way to the same webhook (or the receiver would
+    hear "resolved" before "firing")."""
     if not webhooks:
         return []
+    firing = aliased(DeliveryRow)
+    resolves_unsent = exists().where(
+        NoticeRow.key == DeliveryRow.notice_key,
+        NoticeRow.resolves.is_not(None),
+        firing.notice_key == NoticeRow.resolves,
+        firing.webhook == DeliveryRow.webhook,
+        firing.state.in_([PENDING, SENDING]),
+    )
     query = (
         select(DeliveryRow.id)
         .where(
@@ -241,6 +251,7 @@ def due(session: Session, webhooks: Sequence[str], now: datetime, limit: int) ->
                 and_(DeliveryRow.state == PENDING, DeliveryRow.next_attempt <= now),
                 and_(DeliveryRow.state == SENDING, DeliveryRow.lease_until < now),
             ),
+            ~resolves_unsent,
         )
         .order_by(DeliveryRow.next_attempt, DeliveryRow.id)
         .limit(limit)
