@@ -21,7 +21,10 @@ Outpost; that is refused too.
 
 An upgrade runs in one transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: transactional DDL under
 an advisory lock), so it applies completely or not at all, and two `migrate` at once apply each
-revision once. SQLite changes of existing tables use Alembic's batch mode (copy and rename).
+revision once. SQLite changes of existing tables use Alembic's batch mode (copy and rename); a
+batch on `deployments` must pass table_kwargs={"sqlite_autoincrement": True}, or the copy loses
+AUTOINCREMENT (`differences_from_models` reports that, autogenerate does not); and never
+recreate="always", which copies on PostgreSQL too and restarts the id sequences.
 
 A database a hub made before migrations existed (no alembic_version table, the hub's tables
 there) is adopted: stamped at head when its schema is exactly the models', refused otherwise.
@@ -165,7 +168,22 @@ def differences_from_models(conn: Connection) -> list[Any]:
     ctx = MigrationContext.configure(conn, opts={"compare_type": True})
     # A list of MetaData works here as in env.py (Alembic's AutogenContext takes either);
     # the annotation names only one.
-    return list(compare_metadata(ctx, cast(MetaData, metadata())))
+    found: list[Any] = list(compare_metadata(ctx, cast(MetaData, metadata())))
+    if conn.dialect.name == "sqlite":
+        # Autogenerate does not compare AUTOINCREMENT, and a batch copy of a table loses it unless
+        # the revision passes table_kwargs={"sqlite_autoincrement": True}: deployments' ids are
+        # the serials devices order assignments by, and must never be reused.
+        for md in metadata():
+            for table in md.tables.values():
+                if not table.kwargs.get("sqlite_autoincrement"):
+                    continue
+                sql = conn.execute(
+                    text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :name"),
+                    {"name": table.name},
+                ).scalar()
+                if sql is not None and "AUTOINCREMENT" not in str(sql).upper():
+                    found.append(("sqlite_autoincrement_lost", table.name))
+    return found
 
 
 def _has_hub_tables(conn: Connection) -> bool:

@@ -9,6 +9,7 @@ declarative base that hub.migrations does not list fails `test_every_table_of_th
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -83,7 +84,7 @@ ROWS: dict[str, dict[str, Any]] = {
     },
     "groups": {"id": 1, "name": "lab", "created": datetime(2026, 1, 2)},
     "deployments": {
-        "id": 7, "group_id": 1, "model_id": 1, "stable_version": 2, "candidate_version": None, "percent": 0,
+        "group_id": 1, "model_id": 1, "stable_version": 2, "candidate_version": None, "percent": 0,
         "salt": "s", "previous_stable": None, "metadata_version": 3, "created": datetime(2026, 1, 3),
         "created_by": "ops", "experiment": None, "capture": '{"max_rows_per_min": 5, "sample_bp": 100}',
     },
@@ -95,9 +96,11 @@ ROWS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def write_rows(db: Database) -> None:
+def write_rows(db: Database, only: str | None = None) -> None:
     with db.connect(write=True) as conn:
         for table, row in ROWS.items():
+            if only not in (None, table):
+                continue
             cols = ", ".join(f'"{c}"' for c in row)
             conn.execute(
                 text(f"INSERT INTO {table} ({cols}) VALUES ({', '.join(':' + c for c in row)})"), row
@@ -115,16 +118,55 @@ def read_rows(db: Database) -> dict[str, dict[str, Any]]:
     return got
 
 
-def test_data_survives_every_upgrade_and_downgrade_from_the_baseline(db: Database) -> None:
+# A revision after the ones shipped, as a later release would add: a column on deployments. On
+# SQLite the drop is a batch copy of the table (what any ALTER SQLite cannot do takes); on
+# PostgreSQL both are ALTERs (recreate="always" would copy there too, and restart the id sequence:
+# serials reused, which the test below catches).
+LATER = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "9999"
+down_revision = "{head}"
+branch_labels = None
+depends_on = None
+KEEP = {{"sqlite_autoincrement": True}}  # or the copy of deployments loses AUTOINCREMENT
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("deployments", table_kwargs=KEEP) as batch:
+        batch.add_column(sa.Column("note", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("deployments", table_kwargs=KEEP) as batch:
+        batch.drop_column("note")
+"""
+
+
+@pytest.fixture(params=["shipped", "with-a-later-revision"])
+def scripts(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The revisions tested: the ones shipped, or those plus LATER (in a copy of hub/migrations)."""
+    if request.param == "shipped":
+        return migrations.head()
+    copy = tmp_path / "migrations"
+    shutil.copytree(migrations.SCRIPT_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "versions" / "9999_later.py").write_text(LATER.format(head=migrations.head()))
+    monkeypatch.setattr(migrations, "SCRIPT_DIR", copy)
+    return "9999"
+
+
+def test_data_survives_every_upgrade_and_downgrade_from_the_baseline(db: Database, scripts: str) -> None:
     """Rows written at the baseline survive the upgrade to head, each revision's downgrade and
     upgrade again; and down to nothing and back gives the models' schema again."""
     assert migrations.upgrade(db, BASELINE).after == BASELINE
     write_rows(db)
     before = read_rows(db)
-    migrations.upgrade(db)
+    assert migrations.upgrade(db).after == scripts
     assert read_rows(db) == before
     script = ScriptDirectory.from_config(migrations.config())
     later = [r for r in script.walk_revisions(base=BASELINE, head="heads") if r.revision != BASELINE]
+    assert len(later) == len(list(script.walk_revisions())) - 1
     for rev in later:  # newest first: down one revision at a time, each keeping the rows
         assert isinstance(rev.down_revision, str)
         migrations.downgrade(db, rev.down_revision)
@@ -132,11 +174,25 @@ def test_data_survives_every_upgrade_and_downgrade_from_the_baseline(db: Databas
         assert read_rows(db) == before
     migrations.upgrade(db)
     assert read_rows(db) == before
+    with db.connect(write=True) as conn:  # a deployment's serial is never reused, copies or not
+        conn.execute(text("DELETE FROM deployments"))
+    write_rows(db, only="deployments")
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT id FROM deployments")).scalar() == 2
     migrations.downgrade(db, "base")
     assert hub_tables(db) == set() and migrations.current(db) is None
     migrations.upgrade(db)
-    with db.connect() as conn:
-        assert migrations.differences_from_models(conn) == []
+
+
+def test_a_batch_copy_that_loses_autoincrement_is_a_difference(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    migrations.upgrade(db)
+    with db.connect(write=True) as conn:
+        conn.execute(text("CREATE TABLE d2 AS SELECT * FROM deployments"))
+        conn.execute(text("DROP TABLE deployments"))
+        conn.execute(text("ALTER TABLE d2 RENAME TO deployments"))
+        assert ("sqlite_autoincrement_lost", "deployments") in migrations.differences_from_models(conn)
+    db.dispose()
 
 
 def test_a_database_made_before_migrations_is_adopted_only_when_it_matches(db: Database) -> None:
