@@ -18,12 +18,13 @@ most `limit` notices per call; the rest come on the next tick.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import String, and_, cast, exists, select
 from sqlalchemy.orm import Session, aliased
 
 from hub.alerting import store
@@ -52,8 +53,6 @@ class SourceConfig:
 
 
 def _fleet_notice(r: FleetAlertRow, group: str | None, cfg: SourceConfig, evidence: str) -> Notice:
-    import json
-
     title = _TITLES.get(r.kind, r.kind)
     if r.kind == "rollback" and r.severity == "critical":
         title = "Device fell back from a version"
@@ -121,8 +120,6 @@ def fleet_escalations(session: Session, since: datetime, now: datetime, cfg: Sou
 
 
 def rollout_halts(session: Session, since: datetime, now: datetime, cfg: SourceConfig) -> int:
-    from sqlalchemy import String, cast
-
     noticed = exists().where(and_(NoticeRow.source == ROLLOUT, NoticeRow.ref == cast(DecisionRow.id, String)))
     query = (
         select(DecisionRow, RolloutRow)
