@@ -1,5 +1,5 @@
-"""The alerting tables, on the registry's database (own DeclarativeBase, created with
-`create_all` on the registry's engine, as hub.fleet and hub.rollouts do; SQLite and PostgreSQL).
+"""The alerting tables, on the registry's database (own DeclarativeBase, made by hub.migrations
+as hub.fleet's and hub.rollouts' are; SQLite and PostgreSQL).
 
     alert_notices     id, key UNIQUE ("<source>:<ref>"), source (fleet | rollout | offline | test),
                       ref (the source's own id: a fleet_alerts key, a rollout decision id,

@@ -1,5 +1,5 @@
-"""The capture tables, on the registry's database (own declarative base; created with
-`create_all` on the registry's engine, like the fleet's tables).
+"""The capture tables, on the registry's database (own declarative base; made by hub.migrations,
+like the fleet's tables).
 
     capture_batches  id, device_id, seq, UNIQUE(device_id, seq) (the dedupe of a capture
                      message), group, model, ts NULL (the device's clock), received (hub clock),

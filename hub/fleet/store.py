@@ -8,8 +8,9 @@
                     device's, epoch seconds), received (hub clock), body (JSON text);
                     UNIQUE(device_id, seq)
 
-Own DeclarativeBase (the registry's tables are not touched); created with `create_all` on the
-registry's engine, in the same database (SQLite by default, PostgreSQL unchanged).
+Own DeclarativeBase (the registry's tables are not touched), in the registry's database (SQLite by
+default, PostgreSQL unchanged); the hub's schema comes from hub.migrations, `create_tables` is
+for tests.
 
 Dedupe: (device_id, seq) is unique and inserted with ON CONFLICT DO NOTHING, so a QoS 1
 redelivery, or the same message through two hub workers, is stored once.
@@ -185,6 +186,7 @@ class FleetStore:
         self._expired_at: datetime | None = None
 
     def create_tables(self) -> None:
+        """The fleet's tables, for tests and tools (a hub's database: hub.migrations)."""
         FleetBase.metadata.create_all(self.db.engine)
 
     def apply(self, batch: Sequence[Incoming]) -> ApplyReport:

@@ -1,5 +1,5 @@
-"""The rollouts' tables, on the registry's database (own DeclarativeBase, `create_all` on the
-registry's engine, as hub.fleet does; SQLite and PostgreSQL alike).
+"""The rollouts' tables, on the registry's database (own DeclarativeBase, made by hub.migrations;
+`create_tables` is for tests; SQLite and PostgreSQL alike).
 
     rollouts            id, group, model, stable, candidate, steps (JSON list of percents),
                         step (index into steps), step_started, started, min_seconds,
