@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
@@ -258,7 +259,7 @@ def test_init_migrates_serve_refuses_a_database_behind_and_migrate_upgrades_it(
 @pytest.mark.postgres
 def test_a_hub_on_postgresql_end_to_end(tmp_path: Path, postgres_url: str) -> None:
     """`init --database-url` on PostgreSQL, then the real hub process: the token, push, deploy,
-    the fleet and rollout APIs all read and write PostgreSQL."""
+    the fleet and rollout APIs and the dashboard's pages all read and write PostgreSQL."""
     hub = HubProcess(tmp_path / "hub", database_url=postgres_url).start()
     try:
         hub.outpost("push", str(affine_package(tmp_path / "affine")), "--quiet")
@@ -267,6 +268,13 @@ def test_a_hub_on_postgresql_end_to_end(tmp_path: Path, postgres_url: str) -> No
         assert dep.status_code == 200 and dep.json()["current"]["stable"] == 1, dep.text
         assert hub.api("GET", "/api/v1/fleet").json() == []
         assert hub.api("GET", "/api/v1/rollouts").status_code == 200
+        login = requests.post(
+            hub.url + "/login", data={"token": hub.token}, allow_redirects=False, timeout=10
+        )
+        assert login.status_code == 303, login.text
+        for page in ("/", "/models", "/models/affine", "/experiments", "/drift/affine/1?since=1h"):
+            resp = requests.get(hub.url + page, cookies=login.cookies, timeout=10)
+            assert resp.status_code == 200 and "<html" in resp.text, (page, resp.status_code, resp.text[:300])
     finally:
         hub.stop()
     db = Database(postgres_url)
