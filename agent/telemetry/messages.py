@@ -24,8 +24,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 TOPIC_ROOT = "outpost/v1"
-KINDS = ("state", "summary", "drift", "event")
-PUBLISHED_KINDS = ("summary", "drift", "event")  # what callers may publish; `state` is the client's own
+KINDS = ("state", "summary", "drift", "event", "capture")
+# What callers may publish; `state` is the client's own.
+PUBLISHED_KINDS = ("summary", "drift", "event", "capture")
 RESERVED_KEYS = ("device_id", "seq", "ts")
 # Commands the agent understands. "rebirth" (Sparkplug) asks for the state to be published again.
 COMMANDS = ("update", "rebirth")

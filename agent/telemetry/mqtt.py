@@ -19,6 +19,14 @@ Threads, and who does what:
 
 At least once: a message can be sent twice (a PUBACK lost with the connection, a crash
 between PUBACK and the outbox delete); the hub drops duplicates by (device_id, seq).
+
+Unheard messages stay: a PUBACK "No matching subscribers" (reason 16, MQTT 5) means the broker
+took the message and gave it to nobody. That happens after a broker restart, before the hub has
+subscribed again: a shared subscription (`$share/outpost-hub/...`) of a disconnected hub queues
+nothing in Mosquitto. Such a message is kept in the outbox and sent again after a pause (1 s,
+doubling to 30 s, reset when a message is heard), so telemetry made while the hub was away
+reaches it once it is back. A broker with no hub at all therefore keeps the outbox full, within
+its bounds (the oldest go first), which is what a store-and-forward buffer is for.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ log = logging.getLogger(__name__)
 STATE_QOS = 1
 _POLL_S = 0.1  # how often a wait re-checks for a disconnect or a stop
 _IDLE_S = 1.0  # the publisher's sleep with nothing to do (expiry, missed wake-ups)
+NO_MATCHING_SUBSCRIBERS = 16  # the PUBACK reason code of a message nobody received
+_UNHEARD_RETRY_S = (1.0, 30.0)  # the pause before sending unheard messages again, doubling
 
 
 def on_loop(loop: asyncio.AbstractEventLoop, handler: Callable[[Command], None]) -> Callable[[Command], None]:
@@ -100,6 +110,10 @@ class TelemetryClient:
         self._bd_seq = 0  # bd_seq of the current connection (its will and birth)
         self._last_error = ""
         self._rejected_mids: dict[int, ReasonCode] = {}
+        self._unheard_mids: set[int] = set()
+        self._unheard_total = 0  # PUBACKs "no matching subscribers" (each message is kept, resent)
+        self._hold_until = 0.0  # no outbox message is sent before this (monotonic)
+        self._hold_s = _UNHEARD_RETRY_S[0]
         self._rebirth = False
         self._rejected_total = 0
 
@@ -229,6 +243,9 @@ class TelemetryClient:
         if reason.is_failure:
             with self._lock:
                 self._rejected_mids[mid] = reason
+        elif reason.value == NO_MATCHING_SUBSCRIBERS:
+            with self._lock:
+                self._unheard_mids.add(mid)
 
     def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         command = messages.parse_command(bytes(msg.payload))
@@ -265,8 +282,9 @@ class TelemetryClient:
             return None
         return info
 
-    def _result(self, info: paho.MQTTMessageInfo) -> Literal["acked", "rejected", "lost"] | None:
-        """`acked` (PUBACK), `rejected` (PUBACK with a failure code), `lost` (paho gave up), None: pending."""
+    def _result(self, info: paho.MQTTMessageInfo) -> Literal["acked", "unheard", "rejected", "lost"] | None:
+        """`acked` (PUBACK), `unheard` (PUBACK "no matching subscribers"), `rejected` (PUBACK with a
+        failure code), `lost` (paho gave up), None: pending."""
         try:
             if not info.is_published():
                 return None
@@ -274,6 +292,10 @@ class TelemetryClient:
             return "lost"
         with self._lock:
             reason = self._rejected_mids.pop(info.mid, None)
+            unheard = info.mid in self._unheard_mids
+            self._unheard_mids.discard(info.mid)
+        if unheard:
+            return "unheard"
         if reason is not None:
             log.error("telemetry: the broker refused a message (%s)", reason)
             return "rejected"
@@ -286,7 +308,7 @@ class TelemetryClient:
         while True:
             result = self._result(info)
             if result is not None:
-                return result == "acked"
+                return result in ("acked", "unheard")  # the broker has it (a state is retained)
             if not self._alive(gen) or time.monotonic() > deadline:
                 return False
             if self._stopping.is_set() and not stopping:
@@ -355,6 +377,8 @@ class TelemetryClient:
         while self._alive(gen) and (
             not self._stopping.is_set() if deadline is None else time.monotonic() < deadline
         ):
+            if time.monotonic() < self._hold_until:  # the last messages were unheard: pause
+                return
             with self._lock:
                 if self._rebirth:
                     return
@@ -378,6 +402,7 @@ class TelemetryClient:
             with contextlib.suppress(ValueError, RuntimeError):  # seen again in _result below
                 oldest.wait_for_publish(_POLL_S)
             delivered: list[int] = []
+            unheard = 0
             for seq, (info, sent) in list(self._inflight.items()):
                 result = self._result(info)
                 if result is None:
@@ -387,6 +412,8 @@ class TelemetryClient:
                 del self._inflight[seq]
                 if result == "acked":
                     delivered.append(seq)
+                elif result == "unheard":
+                    unheard += 1  # kept in the outbox, sent again after the pause
                 elif result == "rejected":
                     # The broker answered with a failure (e.g. not authorized): it would refuse it
                     # again, and keeping it would block the queue for good.
@@ -397,6 +424,21 @@ class TelemetryClient:
                 # "lost": still in the outbox; sent again on the next pass
             if delivered:
                 self._outbox.ack(delivered)
+            if unheard:
+                with self._lock:
+                    self._unheard_total += unheard
+                if self._hold_s == _UNHEARD_RETRY_S[0]:
+                    log.warning(
+                        "telemetry: no subscriber took %d message(s) (is the hub connected?); "
+                        "kept, sending again in %.0f s",
+                        unheard,
+                        self._hold_s,
+                    )
+                self._hold_until = time.monotonic() + self._hold_s
+                self._hold_s = min(self._hold_s * 2, _UNHEARD_RETRY_S[1])
+                return
+            if delivered:
+                self._hold_s = _UNHEARD_RETRY_S[0]
 
     def _run(self) -> None:
         done_gen = 0  # the connection whose birth went out
@@ -426,9 +468,11 @@ class TelemetryClient:
                     done_gen = gen
                 self._drain(gen)
                 if self._outbox_pending():
-                    # _drain returned with work left: a rebirth to do, or paho refused to queue more
-                    # (a full window cut by a disconnect). Come back soon, without spinning.
-                    time.sleep(_POLL_S)
+                    # _drain returned with work left: a rebirth to do, paho refused to queue more
+                    # (a full window cut by a disconnect), or a pause after unheard messages.
+                    # Come back soon (or when the pause ends), without spinning.
+                    held = self._hold_until - time.monotonic()
+                    self._stopping.wait(min(max(_POLL_S, held), _IDLE_S))
                     self._wake.set()
             except OutboxError as exc:
                 self._error(exc)
@@ -482,7 +526,7 @@ class TelemetryClient:
         self._paho.loop_start()
 
     def publish(self, kind: str, body: Mapping[str, Any]) -> int:
-        """Store a `summary`, `drift` or `event` message in the outbox; returns its seq.
+        """Store a `summary`, `drift`, `event` or `capture` message in the outbox; returns its seq.
 
         Durable on return (OutboxError if the disk refuses it); sent when connected.
         """
@@ -518,6 +562,7 @@ class TelemetryClient:
                 "bd_seq": self._bd_seq,
                 "last_error": self._last_error,
                 "rejected": self._rejected_total,
+                "unheard": self._unheard_total,
             }
         try:
             c = self._outbox.counters()

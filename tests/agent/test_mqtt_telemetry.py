@@ -224,6 +224,9 @@ def test_store_and_forward_across_a_broker_outage_and_an_agent_restart(
 def test_broker_killed_while_connected_then_back(
     broker: Mosquitto, tmp_path: Path, cleanup: list[Callable[[], None]]
 ) -> None:
+    # The hub's stand-in: paho reconnects it after the broker's restart, and it subscribes again.
+    hub = Subscriber(broker, "outpost/v1/g/dev-r/summary")
+    cleanup.append(hub.close)
     box = Outbox(tmp_path / "o.db")
     cleanup.append(box.close)
     client = TelemetryClient(config(broker.url), "dev-r", "g", box)
@@ -241,11 +244,36 @@ def test_broker_killed_while_connected_then_back(
     assert client.status()["queued"] == 10  # nothing deleted without a PUBACK
 
     broker.start()
-    wait_for(lambda: client.status()["queued"] == 0, "the outbox to drain", timeout=15)
+    wait_for(lambda: client.status()["queued"] == 0, "the outbox to drain", timeout=30)
+    assert sorted(m["i"] for m in hub.bodies()) == list(range(11))
     late = Subscriber(broker, "outpost/v1/g/dev-r/state")
     cleanup.append(late.close)
     state = wait_for(late.bodies, "the retained birth")[0]
     assert state["online"] and state["bd_seq"] == client.status()["bd_seq"] > bd1
+
+
+def test_unheard_messages_stay_until_a_subscriber_takes_them(
+    broker: Mosquitto, tmp_path: Path, cleanup: list[Callable[[], None]]
+) -> None:
+    """After a broker restart the hub's shared subscription is gone until the hub is back: the
+    broker acknowledges with "no matching subscribers" and gives the message to nobody. The
+    outbox keeps such messages and sends them again, so they reach the hub once it listens."""
+    box = Outbox(tmp_path / "o.db")
+    cleanup.append(box.close)
+    client = TelemetryClient(config(broker.url), "dev-u", "g", box)
+    cleanup.append(client.stop)
+    client.start()
+    for i in range(3):
+        client.publish("summary", {"i": i})
+    wait_for(lambda: client.status()["unheard"] >= 1, "the broker's 'no matching subscribers'")
+    time.sleep(0.5)
+    assert client.status()["queued"] == 3
+    hub = Subscriber(broker, "outpost/v1/g/dev-u/summary")
+    cleanup.append(hub.close)
+    wait_for(lambda: client.status()["queued"] == 0, "the kept messages", timeout=15)
+    assert sorted(m["i"] for m in hub.bodies()) == [0, 1, 2]
+    client.publish("summary", {"i": 3})  # heard at once now
+    wait_for(lambda: len(hub.bodies()) == 4, "the next message")
 
 
 def test_full_outbox_keeps_the_newest_and_reports_the_drops(
@@ -302,6 +330,8 @@ def test_commands_and_only_the_publisher_thread_publishes(
     client._paho.publish = spy_publish  # type: ignore[method-assign]
     client._paho.subscribe = spy_subscribe  # type: ignore[method-assign]
     cleanup.append(client.stop)
+    events = Subscriber(broker, "outpost/v1/g/dev-c/event")
+    cleanup.append(events.close)
     client.start()
     birth = wait_for(sub.bodies, "the birth")[0]
     client.publish("event", {"kind": "install"})  # from this (a foreign) thread: only queued
