@@ -24,7 +24,11 @@
 9. two devices connected to the hub run version 1; a canary rollout of version 2 (50%, then
    100%, each step gated on the candidate's error rate and latency against the stable one, on
    fall-backs and on drift) advances by itself and ends with both devices on version 2, with no
-   failed request; the dashboard's address is printed.
+   failed request; the dashboard's address is printed;
+10. data capture for retraining: the group's deployment asks its devices to keep half of their
+   requests; one device answers its apps (over the socket, and over MQTT for an app that speaks
+   MQTT v5 request/response), the apps feed the true labels back, and the hub exports what was
+   captured as CSV, every captured request once, each with its prediction and label.
 
 Exits non-zero if any step does not behave as described.
 """
@@ -512,7 +516,7 @@ def monitoring(work: Path, mqtt_url: str, v1: Path, sample_path: Path) -> None:
 
 
 def start_hub_device(
-    work: Path, name: str, group: str, url: str, hub_data: Path, mqtt_url: str
+    work: Path, name: str, group: str, url: str, hub_data: Path, mqtt_url: str, extra: str = ""
 ) -> tuple[subprocess.Popen[bytes], str]:
     """An agent that follows the hub's assignment for `group` and reports over MQTT each second."""
     sock = str(work / f"{name}.sock")
@@ -522,7 +526,7 @@ def start_hub_device(
         f'[server]\nsocket = "{sock}"\n'
         f'[hub]\nurl = "{url}"\ntrusted_root = "{hub_data / "tuf" / "metadata" / "root.json"}"\n'
         "poll_interval_s = 0.5\n"
-        f'[mqtt]\nurl = "{mqtt_url}"\n[monitor]\nwindow_s = 1.0\n'
+        f'[mqtt]\nurl = "{mqtt_url}"\n[monitor]\nwindow_s = 1.0\n{extra}'
     )
     log = (work / f"{name}.log").open("wb")
     proc = subprocess.Popen(
@@ -622,6 +626,123 @@ def rollout(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Pa
     print("  (it stops with the demo: `make demo-fleet` runs the same and keeps the fleet up to explore)")
 
 
+def capture(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Path) -> None:
+    step("10. Data capture for retraining: sampled requests, predictions and labels, exported by the hub")
+    outpost = str(BIN / "outpost")
+    run(outpost, "capture", "start", "--group", "line", "--sample", "50%", "--max-rows-per-min", "600")
+    # demo-005 holds version 2, committed in step 9. Its apps speak the socket, and one speaks MQTT.
+    proc, sock = start_hub_device(
+        work, "demo-005", "line", url, hub_data, mqtt_url,
+        extra=f'[capture]\nflush_s = 1.0\n[mqtt_inference]\nenabled = true\nurl = "{mqtt_url}"\n',
+    )  # fmt: skip
+    try:
+        wait_until("demo-005 to serve", lambda: call_ready(sock) == 200)
+
+        def captured() -> dict[str, Any]:
+            doc: dict[str, Any] = json.loads(call(sock, "GET", "/v1/status")[2])["capture"]
+            return doc["models"].get("wine", {})
+
+        wait_until("the device to capture", lambda: captured().get("sample_bp") == 5000)
+        _, x, y = read_sample(sample_path)
+        picks = np.random.default_rng(11).integers(0, len(x), size=200)
+        for i in picks:
+            row = {"name": "input", "shape": [1, 13], "datatype": "FP32", "data": x[i].tolist()}
+            status, _, data = call(
+                sock, "POST", "/v2/models/wine/infer", json.dumps({"inputs": [row]}).encode()
+            )
+            assert status == 200, data
+            label = json.dumps({"id": json.loads(data)["id"], "label": int(y[i])}).encode()
+            status, _, data = call(sock, "POST", "/v1/feedback", label)  # the app learns the truth
+            assert status == 200, data
+        mqtt_answer = ask_over_mqtt(mqtt_url, x[picks[0]])
+        print(f"  an app asked over MQTT (v5 request/response): version {mqtt_answer['model_version']} "
+              f"answered {mqtt_answer['outputs'][0]['data']}")  # fmt: skip
+        wait_until(
+            "the batches sent", lambda: captured().get("waiting") == captured().get("labels_waiting") == 0
+        )
+        kept = captured()
+        print(
+            f"  demo-005 kept {kept['sampled']} of 201 requests, "
+            f"sent {kept['sent']} and {kept['labels']} labels"
+        )
+
+        def rows_at_hub() -> int:
+            doc = json.loads(run_quiet(outpost, "capture", "status", "--model", "wine", "--json") or "{}")
+            return sum(int(v["rows"]) for v in doc.get("versions", []) if v["version"] == 2)
+
+        wait_until("the captured requests at the hub", lambda: rows_at_hub() == kept["sent"])
+        run(outpost, "capture", "status", "--model", "wine")
+        out = work / "wine-v2.csv"
+        run(
+            outpost,
+            "capture",
+            "export",
+            "--model",
+            "wine",
+            "--version",
+            "2",
+            "--labelled-only",
+            "-o",
+            f"{out}",
+        )
+        with out.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        print(
+            f"  {out.name}: {len(rows)} rows; columns "
+            f"{', '.join(list(rows[0])[:8])}, ..., predicted, ..., label"
+        )
+        assert len(rows) == kept["labels"] > 50, (len(rows), kept)
+        right = sum(r["predicted"] == r["label"] for r in rows)
+        print(f"  version 2 on the captured, labelled requests: {right} of {len(rows)} right")
+        run(outpost, "capture", "stop", "--group", "line")
+        wait_until("capture off on the device", lambda: not captured())
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
+def ask_over_mqtt(mqtt_url: str, row: np.ndarray) -> dict[str, Any]:
+    """An app that speaks MQTT: one OIP request with a response topic and correlation data."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    host, port = mqtt_url.removeprefix("mqtt://").rsplit(":", 1)
+    answers: list[dict[str, Any]] = []
+    got = threading.Event()
+    app = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if msg.properties.CorrelationData == b"demo-1":
+            answers.append(json.loads(msg.payload))
+            got.set()
+
+    subscribed = threading.Event()
+    app.on_message = on_message
+    app.on_subscribe = lambda *_args: subscribed.set()
+    app.connect(host, int(port))
+    app.loop_start()
+    try:
+        app.subscribe("demo/app/answers", qos=1)
+        if not subscribed.wait(10):
+            raise SystemExit("demo: the app's subscription was not acknowledged")
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "demo/app/answers"
+        props.CorrelationData = b"demo-1"
+        body = {"inputs": [{"name": "input", "shape": [1, 13], "datatype": "FP32", "data": row.tolist()}]}
+        app.publish("outpost/local/demo-005/models/wine/infer", json.dumps(body), qos=1, properties=props)
+        if not got.wait(15):
+            raise SystemExit("demo: no answer over MQTT")
+        return answers[0]
+    finally:
+        app.loop_stop()
+        app.disconnect()
+
+
 def keep_fleet(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Path) -> None:
     """`make demo-fleet`: the hub, the broker and two devices with traffic stay up until Ctrl-C."""
     step("The demo fleet keeps running: explore it")
@@ -679,6 +800,7 @@ def main() -> int:
         device_updates(work, url, hub_data, v1, body, mqtt_url)
         monitoring(work, mqtt_url, v1, sample_path)
         rollout(work, url, hub_data, mqtt_url, sample_path)
+        capture(work, url, hub_data, mqtt_url, sample_path)
         if "--keep" in sys.argv[1:]:
             keep_fleet(work, url, hub_data, mqtt_url, sample_path)
         hub.terminate()
