@@ -42,15 +42,23 @@ def _manifest(package: Path) -> dict[str, Any]:
 
 
 def in_process_us(
-    package: Path, rows: np.ndarray, outputs: dict[str, np.ndarray], batch: int, n: int = 200_000
+    package: Path,
+    rows: np.ndarray,
+    outputs: dict[str, np.ndarray],
+    batch: int,
+    n: int = 200_000,
+    capture_bp: int = 0,
 ) -> float:
     """Microseconds of monitor work per answered request, flushes included, when the batcher runs
     `batch` requests per onnxruntime call: `rows` and `outputs` are one such batch's (one row per
-    request), made before the clock starts, as the agent makes them anyway."""
-    from agent.config import MonitorConfig
+    request), made before the clock starts, as the agent makes them anyway. `capture_bp` > 0: data
+    capture on at that rate (basis points), its batches encoded as they would be sent."""
+    from agent.config import CaptureConfig, MonitorConfig
     from agent.metrics import VersionMetrics
+    from agent.monitor.capture import Capture
     from agent.monitor.service import Monitor
     from agent.package.manifest import TensorSpec
+    from agent.update.canary import CapturePolicy
 
     doc = _manifest(package)
     manifest = SimpleNamespace(
@@ -75,6 +83,12 @@ def in_process_us(
     )
     monitor = Monitor(MonitorConfig())
     monitor.publish = lambda kind, body: None
+    if capture_bp:
+        # No rate limit in the way: this measures the work per captured request.
+        capture = Capture(CaptureConfig(max_rows_per_min=10**9))
+        capture.publish = lambda kind, body: json.dumps(body)
+        capture.set_policy(doc["name"], CapturePolicy(capture_bp, 10**9))
+        monitor.capture = capture
     monitor.attach(lv)  # type: ignore[arg-type]  # the monitor reads only these attributes
     observe = lv.batcher.observer
     name = spec["name"]
@@ -115,10 +129,16 @@ def run(packages: Any, wl: Any, st: Any, workdir: Path, quick: bool = False) -> 
     name = doc["inputs"][0]["name"]
     out_names = [o.name for o in session.get_outputs()]
     us: dict[str, float] = {}
+    n = 50_000 if quick else 200_000
     for batch in (1, 16):
         rows = np.repeat(wl.tab_row, batch, axis=0)
         outputs = dict(zip(out_names, session.run(None, {name: rows}), strict=True))
-        us[str(batch)] = in_process_us(packages.tabular, rows, outputs, batch, 50_000 if quick else 200_000)
+        us[str(batch)] = in_process_us(packages.tabular, rows, outputs, batch, n)
+    # Data capture on top (issue 7), 16 requests per batch: at 1% and at 10% of requests.
+    capture_us = {
+        f"{bp / 100:g}%": in_process_us(packages.tabular, rows, outputs, 16, n, capture_bp=bp)
+        for bp in (100, 1000)
+    }
 
     rounds = 1 if quick else ROUNDS
     throughput: dict[str, list[float]] = {"on": [], "off": []}
@@ -143,6 +163,7 @@ def run(packages: Any, wl: Any, st: Any, workdir: Path, quick: bool = False) -> 
         "rps_off": throughput["off"],
         "cost_throughput": 1.0 - on / off,
         "monitor_us_per_req": us,  # by requests per onnxruntime batch
+        "monitor_capture_us_per_req": capture_us,  # 16 per batch, by the share captured
         "agent_us_per_req_on": statistics.median(server_us["on"]) if server_us["on"] else None,
         "agent_us_per_req_off": statistics.median(server_us["off"]) if server_us["off"] else None,
     }
@@ -183,4 +204,10 @@ def render(result: dict[str, Any], markdown: bool = False) -> str:
         "- monitor work in-process, per request: "
         + ", ".join(f"{v:.2f} µs with {k} request(s) per onnxruntime batch" for k, v in us.items()),
     ]
+    capture = result.get("monitor_capture_us_per_req") or {}
+    if capture:
+        lines.append(
+            "- with data capture on (16 per batch), per request: "
+            + ", ".join(f"{v:.2f} µs capturing {k}" for k, v in capture.items())
+        )
     return "\n".join(lines)
