@@ -42,6 +42,10 @@ class ModelServingConfig:
     max_batch_size: int | None = None
     max_queue_delay_ms: float | None = None
     batching: bool | None = None
+    # The response cache (agent.runtime.cache); unset: [runtime]'s cache_* keys.
+    cache_ttl_s: float | None = None
+    cache_max_entries: int | None = None
+    cache_max_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,24 @@ class RuntimeConfig:
     # the event loop: handing it to a worker thread and back would cost more than
     # the run itself. 0 = always use the worker threads.
     inline_max_ms: float = 0.5
+    # The response cache: identical inputs within cache_ttl_s seconds get the answer the version
+    # gave before (per model version, bounded by entries and bytes). 0 = off; per model in
+    # [runtime.models.NAME]. See agent.runtime.cache.
+    cache_ttl_s: float = 0.0
+    cache_max_entries: int = 1024
+    cache_max_bytes: int = 16 * 1024 * 1024
     models: dict[str, ModelServingConfig] = field(default_factory=dict)
+
+    def cache_settings(self, model: str) -> tuple[float, int, int]:
+        """(ttl_s, max_entries, max_bytes) of a model's response cache; ttl_s 0 = off."""
+        per = self.models.get(model)
+        if per is None:
+            return self.cache_ttl_s, self.cache_max_entries, self.cache_max_bytes
+        return (
+            self.cache_ttl_s if per.cache_ttl_s is None else per.cache_ttl_s,
+            self.cache_max_entries if per.cache_max_entries is None else per.cache_max_entries,
+            self.cache_max_bytes if per.cache_max_bytes is None else per.cache_max_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -339,6 +360,15 @@ def _build(cls: Any, doc: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _check_cache(prefix: str, ttl_s: float | None, max_entries: int | None, max_bytes: int | None) -> None:
+    # `not x >= 0` also refuses NaN, which TOML allows; inf is a cache whose entries never expire.
+    if ttl_s is not None and not ttl_s >= 0:
+        raise ConfigError(f"{prefix}cache_ttl_s: must be a number of seconds, not negative (0 = no cache)")
+    for key, value in (("cache_max_entries", max_entries), ("cache_max_bytes", max_bytes)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{prefix}{key}: must be at least 1 (turn the cache off with cache_ttl_s = 0)")
+
+
 def _validate(cfg: AgentConfig) -> None:
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: expected one of debug, info, warning, error")
@@ -365,11 +395,13 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("runtime.inline_max_ms: must be a number, not negative")
     if not rt.max_queue_delay_ms >= 0:
         raise ConfigError("runtime.max_queue_delay_ms: must be a number, not negative")
+    _check_cache("runtime.", rt.cache_ttl_s, rt.cache_max_entries, rt.cache_max_bytes)
     for model, per in rt.models.items():
         if per.max_batch_size is not None and per.max_batch_size < 1:
             raise ConfigError(f"runtime.models.{model}.max_batch_size: must be at least 1")
         if per.max_queue_delay_ms is not None and not per.max_queue_delay_ms >= 0:
             raise ConfigError(f"runtime.models.{model}.max_queue_delay_ms: must be a number, not negative")
+        _check_cache(f"runtime.models.{model}.", per.cache_ttl_s, per.cache_max_entries, per.cache_max_bytes)
     if not cfg.hub.poll_interval_s > 0:
         raise ConfigError("hub.poll_interval_s: must be a positive number")
 

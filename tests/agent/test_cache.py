@@ -183,3 +183,54 @@ def test_metric_families() -> None:
         "outpost_cache_bytes",
         "outpost_cache_expired",
     }
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_config_default_per_model_and_off_by_default() -> None:
+    from agent.config import parse_config
+
+    cfg = parse_config({})
+    assert cfg.runtime.cache_settings("wine") == (0.0, 1024, 16 * 1024 * 1024)
+    cfg = parse_config(
+        {
+            "runtime": {
+                "cache_ttl_s": 5,
+                "cache_max_bytes": 4096,
+                "models": {"wine": {"cache_ttl_s": 0}, "iris": {"cache_max_entries": 3}},
+            }
+        }
+    )
+    assert cfg.runtime.cache_settings("wine") == (0.0, 1024, 4096)
+    assert cfg.runtime.cache_settings("iris") == (5.0, 3, 4096)
+    assert cfg.runtime.cache_settings("other") == (5.0, 1024, 4096)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        pytest.param({"cache_ttl_s": -1}, "runtime.cache_ttl_s: must be a number of seconds", id="ttl<0"),
+        pytest.param({"cache_ttl_s": float("nan")}, "runtime.cache_ttl_s", id="ttl nan"),
+        pytest.param({"cache_max_entries": 0}, "runtime.cache_max_entries: must be at least 1", id="entries"),
+        pytest.param({"cache_max_bytes": 0}, "runtime.cache_max_bytes: must be at least 1", id="bytes"),
+        pytest.param({"cache_ttl_s": "5"}, "runtime.cache_ttl_s: expected a number", id="type"),
+        pytest.param(
+            {"models": {"wine": {"cache_ttl_s": -0.5}}}, "runtime.models.wine.cache_ttl_s", id="per-model ttl"
+        ),
+        pytest.param(
+            {"models": {"wine": {"cache_max_bytes": -1}}},
+            "runtime.models.wine.cache_max_bytes",
+            id="per-model bytes",
+        ),
+        pytest.param(
+            {"models": {"wine": {"cache_ttl": 5}}}, "unknown key runtime.models.wine.cache_ttl", id="typo"
+        ),
+    ],
+)
+def test_config_errors_name_the_key(doc: dict[str, object], message: str) -> None:
+    from agent.config import parse_config
+    from agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        parse_config({"runtime": doc})
