@@ -46,6 +46,8 @@ class ModelServingConfig:
     cache_ttl_s: float | None = None
     cache_max_entries: int | None = None
     cache_max_bytes: int | None = None
+    # Execution providers for this model, in order of preference; None: [runtime] providers.
+    providers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,19 @@ class RuntimeConfig:
     cache_ttl_s: float = 0.0
     cache_max_entries: int = 1024
     cache_max_bytes: int = 16 * 1024 * 1024
+    # onnxruntime execution providers in order of preference, e.g. ["OpenVINOExecutionProvider",
+    # "CPUExecutionProvider"]; those this onnxruntime build lacks are skipped (status says so)
+    # and CPU is always the last resort (agent.runtime.providers).
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # Hardware tags (agent.runtime.hardware) used instead of the detected ones when not empty:
+    # an override for a device whose detection is wrong, e.g. ["arch:x86_64", "cpu:avx2", "ep:cpu"].
+    hardware_tags: tuple[str, ...] = ()
     models: dict[str, ModelServingConfig] = field(default_factory=dict)
+
+    def providers_for(self, model: str) -> tuple[str, ...]:
+        """The execution providers of a model, in order of preference."""
+        per = self.models.get(model)
+        return self.providers if per is None or per.providers is None else per.providers
 
     def cache_settings(self, model: str) -> tuple[float, int, int]:
         """(ttl_s, max_entries, max_bytes) of a model's response cache; ttl_s 0 = off."""
@@ -335,6 +349,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table")
         return {k: _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list")
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table")
@@ -391,12 +410,19 @@ def _validate(cfg: AgentConfig) -> None:
     for key in ("intra_op_threads", "inter_op_threads", "workers", "max_batch_size"):
         if getattr(rt, key) < 1:
             raise ConfigError(f"runtime.{key}: must be at least 1")
+    if not rt.providers:
+        raise ConfigError('runtime.providers: must name at least one provider, e.g. ["CPUExecutionProvider"]')
+    for tag in rt.hardware_tags:
+        if ":" not in tag or tag != tag.strip():
+            raise ConfigError(f'runtime.hardware_tags: {tag!r} is not a tag such as "cpu:avx2"')
     if not rt.inline_max_ms >= 0:
         raise ConfigError("runtime.inline_max_ms: must be a number, not negative")
     if not rt.max_queue_delay_ms >= 0:
         raise ConfigError("runtime.max_queue_delay_ms: must be a number, not negative")
     _check_cache("runtime.", rt.cache_ttl_s, rt.cache_max_entries, rt.cache_max_bytes)
     for model, per in rt.models.items():
+        if per.providers is not None and not per.providers:
+            raise ConfigError(f"runtime.models.{model}.providers: must name at least one provider")
         if per.max_batch_size is not None and per.max_batch_size < 1:
             raise ConfigError(f"runtime.models.{model}.max_batch_size: must be at least 1")
         if per.max_queue_delay_ms is not None and not per.max_queue_delay_ms >= 0:

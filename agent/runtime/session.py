@@ -10,11 +10,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from agent.errors import ModelLoadError
 from agent.package.manifest import TensorSpec
+from agent.runtime.providers import CPU, DEFAULT_PROVIDERS, choose_providers
 from agent.serving.datatypes import from_ort_type
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,15 @@ class SessionOptions:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     cpu_mem_arena: bool = False
+    # Execution providers in order of preference (agent.runtime.providers); CPU is always added last.
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
+
+
+def available_providers() -> list[str]:
+    """The execution providers this onnxruntime build has."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
 
 
 class OrtSession:
@@ -44,17 +55,41 @@ class OrtSession:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         so.log_severity_level = 4  # errors reach the caller and our log; onnxruntime need not print them too
+        choice = choose_providers(options.providers, ort.get_available_providers())
+        reasons = list(choice.reasons)
         try:
             self._session = ort.InferenceSession(
-                str(model_path), sess_options=so, providers=["CPUExecutionProvider"]
+                str(model_path), sess_options=so, providers=list(choice.providers)
             )
         except Exception as exc:  # onnxruntime raises several unrelated types
-            raise ModelLoadError(f"onnxruntime could not load {model_path}: {exc}") from exc
+            if choice.providers == (CPU,):
+                raise ModelLoadError(f"onnxruntime could not load {model_path}: {exc}") from exc
+            # An accelerator present in the build can still fail on this device (a missing
+            # driver or library, an operator it refuses): the CPU provider runs every model.
+            reasons.append(f"{', '.join(choice.providers[:-1])} failed at session creation ({exc}); on CPU")
+            log.warning("%s: %s", model_path, reasons[-1])
+            try:
+                self._session = ort.InferenceSession(str(model_path), sess_options=so, providers=[CPU])
+            except Exception as exc2:
+                raise ModelLoadError(f"onnxruntime could not load {model_path}: {exc2}") from exc2
+        # What onnxruntime actually registered: it can drop a provider it cannot initialise
+        # without raising.
+        self.providers: tuple[str, ...] = tuple(self._session.get_providers())
+        dropped = [p for p in choice.providers if p not in self.providers and not _noted(p, reasons)]
+        if dropped:
+            reasons.append(f"onnxruntime did not register {', '.join(dropped)}")
+        self.provider_note = "; ".join(reasons) if reasons else "as configured"
+        if reasons:
+            log.warning("%s runs on %s: %s", model_path, ", ".join(self.providers), self.provider_note)
         self.inputs = tuple(self._spec(a) for a in self._session.get_inputs())
         self.outputs = tuple(self._spec(a) for a in self._session.get_outputs())
         self.output_names = [o.name for o in self.outputs]
         self.input_map = {s.name: s for s in self.inputs}
         self._run = self._session.run
+
+    def provider_status(self) -> dict[str, Any]:
+        """For /v1/status: the providers in use, in order, and why they are not what was configured."""
+        return {"providers": list(self.providers), "providers_note": self.provider_note}
 
     @staticmethod
     def _spec(arg: object) -> TensorSpec:
@@ -68,3 +103,7 @@ class OrtSession:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         results: Sequence[np.ndarray] = self._run(self.output_names, inputs)
         return dict(zip(self.output_names, results, strict=True))
+
+
+def _noted(provider: str, reasons: list[str]) -> bool:
+    return any(provider in r for r in reasons)
