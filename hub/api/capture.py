@@ -28,6 +28,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from hub.api.params import BIGINT_MAX, Version
 from hub.capture.queries import CaptureQueries, Export, ExportRequest
 from hub.errors import ConflictError
 from hub.registry.deployments import CAPTURE_MAX_ROWS_PER_MIN, CAPTURE_SAMPLE_BP
@@ -96,14 +97,14 @@ def add_capture_routes(app: FastAPI, hub: Hub) -> CaptureQueries:
     @app.get("/api/v1/capture/{model}/{version}/export")
     async def export(
         model: str,
-        version: int,
+        version: Version,
         _actor: Operator,
         format: str = "csv",
         group: str | None = None,
         labelled_only: bool = False,
         since: str | None = None,
         until: str | None = None,
-        limit: Annotated[int | None, Query(ge=1)] = None,
+        limit: Annotated[int | None, Query(ge=1, le=BIGINT_MAX)] = None,
     ) -> StreamingResponse:
         req = ExportRequest(model, version, format, group, labelled_only, since, until, limit)
         return export_response(await run_in_threadpool(queries.export, req))

@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from hub.api.params import BIGINT_MAX, INT_MAX, RowId
 from hub.rollouts import Action, Gates, RolloutService, get_rollout, list_rollouts
 from hub.rollouts.plan import DEFAULT_MIN_REQUESTS, DEFAULT_MIN_SECONDS, DEFAULT_STEPS
 
@@ -38,11 +39,11 @@ Operator = Annotated[str, Depends(_operator)]
 
 class RolloutRequest(BaseModel):
     model: str
-    candidate: int = Field(ge=1)
+    candidate: int = Field(ge=1, le=INT_MAX)
     group: str
     steps: list[int] = Field(default_factory=lambda: list(DEFAULT_STEPS))
     min_seconds: float = Field(default=DEFAULT_MIN_SECONDS, ge=0)
-    min_requests: int = Field(default=DEFAULT_MIN_REQUESTS, ge=0)
+    min_requests: int = Field(default=DEFAULT_MIN_REQUESTS, ge=0, le=BIGINT_MAX)
     gates: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -108,7 +109,7 @@ def add_rollout_routes(app: FastAPI, hub: Hub) -> RolloutService:
         return result
 
     @app.get("/api/v1/rollouts/{rollout_id}")
-    async def rollout(rollout_id: int, _actor: Operator) -> dict[str, Any]:
+    async def rollout(rollout_id: RowId, _actor: Operator) -> dict[str, Any]:
         result: dict[str, Any] = await run_in_threadpool(one, rollout_id)
         return result
 
@@ -116,7 +117,7 @@ def add_rollout_routes(app: FastAPI, hub: Hub) -> RolloutService:
 
         def route(action: Action = action) -> None:
             async def handler(
-                rollout_id: int, actor: Operator, req: ActionRequest | None = None
+                rollout_id: RowId, actor: Operator, req: ActionRequest | None = None
             ) -> dict[str, Any]:
                 reason = req.reason if req is not None else ""
                 result: dict[str, Any] = await run_in_threadpool(act, rollout_id, action, actor, reason)

@@ -31,6 +31,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from hub import __version__
+from hub.api.params import Version
 from hub.dashboard import data, session
 from hub.errors import HubError
 from hub.registry import tokens
@@ -77,7 +78,7 @@ def safe_next(target: str | None) -> str:
 def _capture_download(app: FastAPI, hub: Hub, operator: Callable[[Request], Awaitable[str]]) -> None:
     @app.get("/models/{name}/versions/{version}/capture.csv", include_in_schema=False)
     async def capture_csv(
-        request: Request, name: str, version: int, group: str | None = None, labelled_only: bool = False
+        request: Request, name: str, version: Version, group: str | None = None, labelled_only: bool = False
     ) -> Response:
         """The API's CSV export (hub.api.capture), authorised by the dashboard's session."""
         from hub.api.capture import export_response
@@ -183,7 +184,7 @@ def mount(app: FastAPI, hub: Hub) -> None:
         return render("drift_index.html", page="drift", who=who, models=found)
 
     @app.get("/drift/{name}/{version}", include_in_schema=False)
-    async def drift(request: Request, name: str, version: int, since: str | None = None) -> HTMLResponse:
+    async def drift(request: Request, name: str, version: Version, since: str | None = None) -> HTMLResponse:
         who = await operator(request)
         view = await load(data.drift_page, hub, name, version, since)
         return render("drift.html", page="drift", who=who, drift=view)
