@@ -77,6 +77,11 @@ class RuntimeConfig:
     # Hardware tags (agent.runtime.hardware) used instead of the detected ones when not empty:
     # an override for a device whose detection is wrong, e.g. ["arch:x86_64", "cpu:avx2", "ep:cpu"].
     hardware_tags: tuple[str, ...] = ()
+    # The memory budget (agent.runtime.budget): the agent's resident set, as the budget counts it
+    # (its own baseline + each loaded version's larger of estimated and measured cost), may not
+    # pass this many MiB; a version that would is refused before loading, or least recently used
+    # versions nothing pins are unloaded to make room. 0 = no budget.
+    memory_budget_mb: int = 0
     models: dict[str, ModelServingConfig] = field(default_factory=dict)
 
     def providers_for(self, model: str) -> tuple[str, ...]:
@@ -417,6 +422,8 @@ def _validate(cfg: AgentConfig) -> None:
             raise ConfigError(f'runtime.hardware_tags: {tag!r} is not a tag such as "cpu:avx2"')
     if not rt.inline_max_ms >= 0:
         raise ConfigError("runtime.inline_max_ms: must be a number, not negative")
+    if rt.memory_budget_mb < 0:
+        raise ConfigError("runtime.memory_budget_mb: must not be negative (0 = no budget)")
     if not rt.max_queue_delay_ms >= 0:
         raise ConfigError("runtime.max_queue_delay_ms: must be a number, not negative")
     _check_cache("runtime.", rt.cache_ttl_s, rt.cache_max_entries, rt.cache_max_bytes)
