@@ -16,6 +16,8 @@
     │   └── SchemaError             the database's schema is not the one this hub runs on
     │                               (older: `outpost-hub migrate`; newer; not a hub's) (500)
     ├── AuthError                   no operator token, or an unknown or revoked one (401)
+    ├── ObjectStoreError            the S3-compatible object store (hub.objectstore) cannot be
+    │                               reached or refuses a request; names bucket and key (503)
     └── SigningError                the TUF repository (hub/signing) cannot sign or publish
         ├── MissingKeyError         a role's private key is not in its key directory (e.g. an
         │                           offline key kept on another machine); names key and dir (503)
@@ -94,6 +96,12 @@ class AuthError(HubError):
     """A request to the operator API carries no token, or an unknown or revoked one."""
 
     status = 401
+
+
+class ObjectStoreError(HubError):
+    """The S3-compatible object store cannot be reached, or refuses a request."""
+
+    status = 503
 
 
 class SigningError(HubError):

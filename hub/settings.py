@@ -7,21 +7,34 @@ DATA/tuf/              the signed TUF repository served under /tuf/
 DATA/keys/online/      keys the running hub signs with (snapshot, timestamp, models, deploy)
 DATA/keys/offline/     root and targets keys: move them off the hub after init
 DATA/operator.token    the first operator token (mode 0600), as printed by init
+
+With `blob_store = "s3"` the package files live in an S3-compatible bucket instead of
+DATA/blobs; with `tuf_publish = "s3"` the TUF repository is also published there (see
+hub.objectstore).
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hub.alerting.webhooks import Webhook, WebhookConfigError, parse_webhooks
 from hub.errors import HubError
 from hub.signing import ExpiryPolicy
 
+if TYPE_CHECKING:
+    from hub.objectstore.s3 import S3Location
+
 SETTINGS_FILE = "hub.toml"
 DEFAULT_LISTEN = "127.0.0.1:8700"
+BLOB_STORES = ("fs", "s3")
+TUF_PUBLISH = ("", "s3")
+# S3's bucket naming rules (3-63 lowercase letters, digits, '.', '-'), which MinIO follows too.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX = re.compile(r"[A-Za-z0-9._/-]*")  # safe in a key and in a URL path, unescaped
 
 
 class SettingsError(HubError):
@@ -33,6 +46,15 @@ class HubSettings:
     data_dir: Path
     database_url: str = ""  # empty: SQLite at DATA/hub.db
     offline_keys_dir: str = ""  # empty: DATA/keys/offline
+    # Object store (hub.objectstore): "fs" keeps package blobs in DATA/blobs, "s3" in s3_bucket;
+    # tuf_publish = "s3" also publishes the TUF repository to <s3_prefix>tuf/ there, for a static
+    # host or CDN to serve. Credentials come from boto3's chain (environment, profile, role).
+    blob_store: str = "fs"
+    tuf_publish: str = ""
+    s3_bucket: str = ""
+    s3_prefix: str = ""  # e.g. "outpost/": every key the hub writes starts with it
+    s3_endpoint_url: str = ""  # empty: AWS S3; e.g. http://127.0.0.1:9000 for MinIO
+    s3_region: str = ""  # empty: boto3's default (AWS_DEFAULT_REGION or the profile's)
     max_upload_bytes: int = 256 * 1024 * 1024
     refresh_interval_s: float = 60.0  # how often expiring TUF metadata is checked and re-signed
     # Expiry of online metadata, in seconds (short in tests, days in production).
@@ -89,6 +111,47 @@ class HubSettings:
     alert_max_age_s: float = 86400.0
     # [[webhooks]] tables at the end of hub.toml (hub.alerting.webhooks): name, url, format, ...
     webhooks: tuple[Webhook, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.blob_store not in BLOB_STORES:
+            raise SettingsError(f'blob_store must be "fs" or "s3", not {self.blob_store!r}')
+        if self.tuf_publish not in TUF_PUBLISH:
+            raise SettingsError(f'tuf_publish must be "" (off) or "s3", not {self.tuf_publish!r}')
+        uses_s3 = "s3" in (self.blob_store, self.tuf_publish)
+        s3_keys = ("s3_bucket", "s3_prefix", "s3_endpoint_url", "s3_region")
+        if not uses_s3:
+            stray = [k for k in s3_keys if getattr(self, k)]
+            if stray:
+                raise SettingsError(
+                    f'{", ".join(stray)} set but unused: set blob_store = "s3" and/or tuf_publish = "s3"'
+                )
+            return
+        if not _BUCKET.fullmatch(self.s3_bucket):
+            raise SettingsError(
+                f"s3_bucket {self.s3_bucket!r}: the bucket's name is needed (3-63 lowercase letters, "
+                "digits, '.' or '-') when blob_store or tuf_publish is \"s3\""
+            )
+        if not _PREFIX.fullmatch(self.s3_prefix) or "//" in self.s3_prefix.strip("/"):
+            raise SettingsError(
+                f"s3_prefix {self.s3_prefix!r}: use letters, digits, '.', '_', '-' and '/' "
+                '(e.g. "outpost/")'
+            )
+        if self.s3_endpoint_url and not re.fullmatch(r"https?://[^/\s]+/?", self.s3_endpoint_url):
+            raise SettingsError(
+                f"s3_endpoint_url {self.s3_endpoint_url!r}: expected http(s)://HOST[:PORT], "
+                "or empty for AWS S3"
+            )
+
+    def s3_location(self) -> S3Location:
+        from hub.objectstore.s3 import S3Location
+
+        prefix = self.s3_prefix.strip("/")
+        return S3Location(
+            bucket=self.s3_bucket,
+            prefix=prefix + "/" if prefix else "",
+            endpoint_url=self.s3_endpoint_url.rstrip("/"),
+            region=self.s3_region,
+        )
 
     @property
     def mqtt_client_name(self) -> str:
@@ -171,4 +234,7 @@ def load_settings(data_dir: Path) -> HubSettings:
             doc[key] = float(value)
         elif type(value) is not type(default):
             raise SettingsError(f"{path}: {key} must be a {type(default).__name__}")
-    return HubSettings(data_dir=data_dir, **doc)
+    try:
+        return HubSettings(data_dir=data_dir, **doc)
+    except SettingsError as exc:
+        raise SettingsError(f"{path}: {exc}") from exc

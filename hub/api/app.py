@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from hub import __version__, migrations
+from hub import __version__, migrations, objectstore
 from hub.api.alerting import add_alerting_routes
 from hub.api.capture import add_capture_routes
 from hub.api.experiments import add_experiment_routes
@@ -52,7 +52,7 @@ from hub.capture.store import CaptureStore
 from hub.errors import AuthError, HubError, PackageTooLarge
 from hub.experiments.service import refuse_beside_rollout
 from hub.fleet import AlertRules, DriftSettings, FleetConsumer, FleetQueries, FleetStore, FleetUnavailable
-from hub.registry import BlobStore, Database, Deployment, Limits, Registry, VersionInfo
+from hub.registry import Database, Deployment, Limits, Registry, VersionInfo
 from hub.registry.deployments import KEEP_CAPTURE, parse_capture, parse_experiment
 from hub.settings import HubSettings, SettingsError
 from hub.signing import KeyStore, SignedRepository
@@ -142,13 +142,19 @@ class Hub:
         except HubError:
             self.db.dispose()
             raise
-        blobs = BlobStore(settings.blobs_dir)
+        # Blobs in DATA/blobs or a bucket; the TUF repository also published there if asked
+        # (hub.objectstore). The hub serves /tuf/ from its directory either way.
+        bucket = objectstore.bucket(settings) if "s3" in (settings.blob_store, settings.tuf_publish) else None
+        if bucket is not None and settings.blob_store == "s3":
+            bucket.check()  # no pushes without it: say so at start, not at the first push
+        blobs = objectstore.blob_store(settings, bucket)
         blobs.sweep()  # put back blobs a crash left in the trash mid-delete
         self.registry = Registry(self.db, blobs, Limits(max_model_bytes=settings.max_upload_bytes))
         self.repo = SignedRepository(
             settings.tuf_dir,
             KeyStore(settings.online_keys, settings.offline_keys),
             expiry=settings.expiry_policy(),
+            publisher=objectstore.tuf_publisher(settings, bucket),
         )
         try:
             rules = AlertRules(
@@ -274,6 +280,13 @@ class Hub:
                     )
             except Exception:
                 log.exception("refreshing the TUF metadata failed; retrying")
+            if self.repo.publish_pending:  # at start, and after a publish that failed
+                try:
+                    published = await run_in_threadpool(self.repo.publish)
+                    if published is not None:
+                        log.info("TUF repository published: %d files uploaded", len(published.uploaded))
+                except HubError as exc:
+                    log.warning("publishing the TUF repository failed; retrying: %s", exc)
             await asyncio.sleep(self.settings.refresh_interval_s)
 
 

@@ -6,13 +6,14 @@
     d = registry.set_deployment("default", "wine", stable=info.version, actor="ops")
     document = registry.assignment_document(d)                    # to sign
 
-Modules: `db` (tables, engine), `blobs` (content-addressed files), `validate` (package checks),
-`deployments` (pure deployment rules and the assignment document), `tokens` (pure token
-helpers), `records` (the dataclasses handed out), `service` (the `Registry`).
+Modules: `db` (tables, engine), `blobs` (content-addressed files; `s3blobs`: in a bucket),
+`validate` (package checks), `deployments` (pure deployment rules and the assignment
+document), `tokens` (pure token helpers), `records` (the dataclasses handed out), `service`
+(the `Registry`).
 Errors are the `RegistryError` branch of `hub.errors`.
 """
 
-from hub.registry.blobs import BlobStore
+from hub.registry.blobs import Blobs, BlobStore
 from hub.registry.db import Database
 from hub.registry.deployments import assignment_document, canonical_json, in_canary
 from hub.registry.records import (
@@ -31,6 +32,7 @@ from hub.registry.validate import Limits, validate_package
 
 __all__ = [
     "BlobStore",
+    "Blobs",
     "Database",
     "Deployment",
     "Experiment",

@@ -6,6 +6,9 @@ Layout under `root`:
     .tmp/                         uploads being written by put_stream
     .trash/                       blobs taken out by `take`, until the caller purges or restores them
 
+`Blobs` is the interface the registry uses; `BlobStore` here is the filesystem's (the default),
+`hub.registry.s3blobs.S3BlobStore` an S3-compatible bucket's (`blob_store = "s3"`).
+
 Invariants: a file under its final name is complete, fsynced, and hashes to that name (it
 appears by one rename); blobs are immutable, so writing an existing one is a no-op. Nothing
 here knows which blobs are in use: the registry decides what to delete, and uses `take` /
@@ -19,8 +22,9 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 from agent.fsutil import fsync_dir, write_atomic
 from hub.errors import BlobCorruptError, NotFoundError
@@ -40,7 +44,29 @@ def check_hash(digest: str) -> str:
     return digest
 
 
+class Blobs(Protocol):
+    """Content-addressed, immutable blobs: what the registry needs from a store.
+
+    `take` makes a delete undoable: it returns a handle (None if the blob is absent) that the
+    caller passes to `purge` once its database change is committed, or to `restore` if not.
+    """
+
+    def exists(self, digest: str) -> bool: ...
+    def put(self, data: bytes) -> str: ...
+    def put_stream(self, chunks: Iterable[bytes]) -> tuple[str, int]: ...
+    def stream(self, digest: str) -> Iterator[bytes]: ...
+    def read(self, digest: str, *, verify: bool = True) -> bytes: ...
+    def delete(self, digest: str) -> bool: ...
+    def take(self, digest: str) -> Any: ...
+    def restore(self, digest: str, held: Any) -> None: ...
+    def purge(self, held: Any) -> None: ...
+    def hashes(self) -> list[str]: ...
+    def sweep(self) -> int: ...
+
+
 class BlobStore:
+    """Blobs as files under `root` (see the module's docstring)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self._tmp = root / ".tmp"
@@ -92,6 +118,14 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise
         return hexdigest, size
+
+    def stream(self, digest: str) -> Iterator[bytes]:
+        """The blob's bytes in chunks, unverified; NotFoundError (at once) if absent."""
+        try:
+            f = self.path(digest).open("rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} is not in the blob store") from None
+        return _chunks(f)
 
     def read(self, digest: str, *, verify: bool = True) -> bytes:
         """The blob's bytes; NotFoundError if absent, BlobCorruptError if it no longer matches."""
@@ -176,3 +210,8 @@ class BlobStore:
                     held.unlink(missing_ok=True)
                 count += 1
         return count
+
+
+def _chunks(f: Any) -> Iterator[bytes]:
+    with f:
+        yield from iter(lambda: f.read(_CHUNK), b"")

@@ -34,7 +34,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import exc as sa_exc
@@ -46,7 +45,7 @@ from hub.errors import ConflictError, InvalidRequestError, NotFoundError
 from hub.registry import deployments as rules
 from hub.registry import queries as q
 from hub.registry import tokens
-from hub.registry.blobs import BlobStore, sha256_hex
+from hub.registry.blobs import Blobs, sha256_hex
 from hub.registry.db import Database, DeploymentRow, GroupRow, ModelRow, TokenRow, VersionRow
 from hub.registry.records import Deployment, Experiment, GroupInfo, ModelInfo, TokenInfo, VersionInfo
 from hub.registry.validate import Limits, check_model_runs, check_package
@@ -71,7 +70,7 @@ class Registry:
     def __init__(
         self,
         db: Database,
-        blobs: BlobStore,
+        blobs: Blobs,
         limits: Limits | None = None,
         *,
         clock: Callable[[], datetime] = utc_now,
@@ -164,7 +163,7 @@ class Registry:
         it (the push is being undone because signing failed): then, if it was the latest,
         the same number may be pushed again.
         """
-        held: list[tuple[str, Path]] = []
+        held: list[tuple[str, object]] = []
         with self._blob_lock:
             try:
                 with self._writing(f"deleting {name} version {version}") as s:
@@ -202,7 +201,7 @@ class Registry:
 
     def collect_garbage(self) -> list[str]:
         """Delete blobs no version references (left by a crash); their hashes."""
-        held: list[tuple[str, Path]] = []
+        held: list[tuple[str, object]] = []
         with self._blob_lock:
             try:
                 with self._writing("collecting unused blobs") as s:

@@ -18,11 +18,18 @@ Every mutating call holds an exclusive flock on `<repo>/.lock` (several hub proc
 the directory), reads the published state from disk, and publishes through `Edit.commit()`;
 metadata versions are never reused. `refresh()` is meant to be called periodically by the
 running hub: it re-signs online roles before they expire and is a cheap no-op otherwise.
+
+With a `publisher` (hub.signing.publish: `tuf_publish = "s3"`), every operation that wrote
+files publishes them to the object store before it releases the lock, in an order that keeps
+the published copy consistent. A failed publish is logged, not raised: the directory (and the
+hub's own /tuf/) is already current, and `publish()` (the hub's refresher retries it) catches
+the object store up.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,7 +38,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hub.errors import InvalidNameError, RepositoryStateError, TargetConflictError, UnknownTargetError
+from hub.errors import (
+    InvalidNameError,
+    ObjectStoreError,
+    RepositoryStateError,
+    TargetConflictError,
+    UnknownTargetError,
+)
 from hub.signing._tuf import DelegatedRole, Delegations, Key, Root, TargetFile, Targets
 from hub.signing.edit import Edit, genesis
 from hub.signing.expiry import Clock, ExpiryPolicy, system_clock, utc_now
@@ -53,9 +66,11 @@ from hub.signing.layout import (
     model_prefix,
     model_target,
 )
+from hub.signing.publish import Publisher, PublishReport
 from hub.signing.store import MetadataStore
 
 _HASHES = ["sha256"]
+log = logging.getLogger("outpost-hub")
 
 
 @dataclass(frozen=True)
@@ -94,12 +109,17 @@ class SignedRepository:
         keystore: KeyStore,
         expiry: ExpiryPolicy | None = None,
         clock: Clock = system_clock,
+        publisher: Publisher | None = None,
     ) -> None:
         self.layout = Layout(Path(repo_dir))
         self.keystore = keystore
         self.expiry = expiry if expiry is not None else ExpiryPolicy()
         self._clock = clock
         self._store = MetadataStore(self.layout)
+        self.publisher = publisher
+        # True until a publish succeeds: the object store may lag the directory (a new
+        # process has not compared them yet, or a publish failed).
+        self.publish_pending = publisher is not None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -113,7 +133,9 @@ class SignedRepository:
                 raise RepositoryStateError(
                     f"{self.layout.metadata_dir} already holds metadata: the repository exists"
                 )
-            return genesis(self._store, self.keystore, self.expiry, utc_now(self._clock))
+            versions = genesis(self._store, self.keystore, self.expiry, utc_now(self._clock))
+            self._publish_changes()
+            return versions
 
     def exists(self) -> bool:
         return self.layout.metadata_file(TIMESTAMP).is_file()
@@ -126,7 +148,37 @@ class SignedRepository:
     def _edit(self) -> Iterator[Edit]:
         with self._store.locked():
             self._store.require_published()
-            yield Edit(self._store, self.keystore, self.expiry, utc_now(self._clock))
+            try:
+                yield Edit(self._store, self.keystore, self.expiry, utc_now(self._clock))
+            finally:  # also after a failure part way: what was written is published
+                self._publish_changes()
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(self) -> PublishReport | None:
+        """Bring the object store up to the directory (None without a publisher); raises
+        ObjectStoreError if it cannot. Safe to repeat: only what is missing is uploaded."""
+        if self.publisher is None:
+            return None
+        with self._store.locked():
+            return self._publish()
+
+    def _publish(self) -> PublishReport:
+        assert self.publisher is not None  # for mypy: callers check
+        self.publish_pending = True
+        report = self.publisher.publish(self.layout)
+        self._store.changed = False
+        self.publish_pending = False
+        return report
+
+    def _publish_changes(self) -> None:
+        """Publish (lock held) if files changed; a failure is logged and left for publish()."""
+        if self.publisher is None or not self._store.changed:
+            return
+        try:
+            self._publish()
+        except (ObjectStoreError, OSError) as exc:
+            log.warning("publishing the TUF repository to the object store failed (retried later): %s", exc)
 
     # -- models ---------------------------------------------------------------------------
 

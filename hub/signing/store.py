@@ -44,6 +44,8 @@ class MetadataStore:
         self._cache: dict[str, tuple[int, Metadata[Any]]] = {}
         # (role, version, delegator version) found correctly signed; see Edit.is_trusted().
         self.trusted: set[tuple[str, int, int]] = set()
+        # Set by every write and removal: the files changed since the last publish (hub.signing.publish).
+        self.changed = False
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -134,6 +136,7 @@ class MetadataStore:
         return self._versioned(role, version, Targets, remember=False)
 
     def remove(self, path: Path) -> None:
+        self.changed = True
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
@@ -183,6 +186,7 @@ class MetadataStore:
         self._write(path, data)
 
     def _write(self, path: Path, data: bytes) -> None:
+        self.changed = True
         try:
             write_atomic(path, data, mode=_FILE_MODE)
         except OSError as exc:
