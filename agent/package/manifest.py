@@ -70,6 +70,32 @@ class ModelFile:
     size: int
 
 
+VARIANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_TAG_RE = re.compile(r"^[a-z0-9_]+:[a-z0-9_.+-]+$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a variant's own manifest says it is: its name ("int8", "fp32", "fp16") and the
+    hardware tags (agent.runtime.hardware) a device needs to run it; no tags: runs anywhere."""
+
+    name: str
+    requires: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VariantFile:
+    """A variant listed in the generic manifest: its name, requirements and the files that hold
+    it, beside manifest.json in the same version (each its own signed target), bound by SHA-256."""
+
+    name: str
+    requires: tuple[str, ...]
+    manifest: str  # file name, e.g. "manifest.int8.json"
+    manifest_sha256: str
+    model: str  # file name, e.g. "model.int8.onnx"
+    sha256: str
+
+
 @dataclass(frozen=True)
 class Manifest:
     name: str
@@ -89,12 +115,19 @@ class Manifest:
     quantization: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     format: str = FORMAT
+    # Hardware variants (absent from the JSON when unset, so a manifest without variants reads
+    # as before): `variant` names what this package is; the generic package's manifest also
+    # lists the others under `variants`, in order of preference. Agents that know no variants
+    # ignore both keys.
+    variant: Variant | None = None
+    variants: tuple[VariantFile, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as JSON values (lists, not tuples), ready for json.dumps or parse_manifest."""
         doc: dict[str, Any] = _lists(asdict(self))
-        if self.self_test is None:
-            doc.pop("self_test")
+        for key in ("self_test", "variant", "variants"):
+            if not getattr(self, key):
+                doc.pop(key)
         return doc
 
 
@@ -247,6 +280,7 @@ def parse_manifest(doc: Any) -> Manifest:
     quant = doc.get("quantization", {})
     if not isinstance(profile, dict) or not isinstance(quant, dict):
         raise PackageError("manifest: reference_profile and quantization must be objects")
+    variant, variants = _variant_keys(doc, model.file)
     return Manifest(
         name=name,
         version=version,
@@ -261,4 +295,65 @@ def parse_manifest(doc: Any) -> Manifest:
         reference_profile=profile,
         quantization=quant,
         created=str(doc.get("created", "")),
+        variant=variant,
+        variants=variants,
     )
+
+
+def _variant_keys(doc: dict[str, Any], generic_file: str) -> tuple[Variant | None, tuple[VariantFile, ...]]:
+    """`variant` (what this package is) and `variants` (the others, in the generic manifest only:
+    the hub refuses a listed variant whose own manifest lists variants)."""
+    return _variant(doc.get("variant")), _variants(doc.get("variants", []), generic_file)
+
+
+def _requires(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, str) and _TAG_RE.match(t) for t in value):
+        raise PackageError(f'manifest: {where}requires must be a list of tags such as "cpu:vnni"')
+    return tuple(value)
+
+
+def _variant(doc: Any) -> Variant | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise PackageError("manifest: variant must be an object")
+    name = _require(doc, "name", str, "variant.")
+    if not VARIANT_RE.match(name):
+        raise PackageError(f"manifest: variant.name {name!r} must be 1-32 characters of a-z, 0-9, '_', '-'")
+    return Variant(name, _requires(doc.get("requires", []), "variant."))
+
+
+def _variants(items: Any, generic_file: str) -> tuple[VariantFile, ...]:
+    if not isinstance(items, list):
+        raise PackageError("manifest: variants must be a list")
+    out: list[VariantFile] = []
+    files = {MANIFEST_FILE, generic_file}
+    for i, doc in enumerate(items):
+        where = f"variants[{i}]."
+        if not isinstance(doc, dict):
+            raise PackageError(f"manifest: variants[{i}] must be an object")
+        name = _require(doc, "name", str, where)
+        if not VARIANT_RE.match(name):
+            raise PackageError(
+                f"manifest: {where}name {name!r} must be 1-32 characters of a-z, 0-9, '_', '-'"
+            )
+        if any(v.name == name for v in out):
+            raise PackageError(f"manifest: {where}name {name!r} is listed twice")
+        entry = VariantFile(
+            name=name,
+            requires=_requires(doc.get("requires", []), where),
+            manifest=_require(doc, "manifest", str, where),
+            manifest_sha256=_require(doc, "manifest_sha256", str, where),
+            model=_require(doc, "model", str, where),
+            sha256=_require(doc, "sha256", str, where),
+        )
+        for key in ("manifest", "model"):
+            file = getattr(entry, key)
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", file) or file in files:
+                raise PackageError(f"manifest: {where}{key} {file!r} must be a plain file name of its own")
+            files.add(file)
+        for key in ("manifest_sha256", "sha256"):
+            if not re.fullmatch(r"[0-9a-f]{64}", getattr(entry, key)):
+                raise PackageError(f"manifest: {where}{key} must be 64 lowercase hex digits")
+        out.append(entry)
+    return tuple(out)

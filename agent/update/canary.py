@@ -17,6 +17,13 @@ An assignment may ask for data capture (`"capture"`, null when off): `{"sample_b
 model this device serves are kept with their predictions and sent to the hub for retraining, at
 most R a minute (agent.monitor.capture; the device's `[capture]` settings cap it further).
 
+A version may name hardware variants (`"variants"`, absent or [] when there are none): `[{"name":
+"int8", "requires": ["cpu:vnni"], "manifest", "model", "sha256", "manifest_sha256"}, ...]` in order
+of preference, each its own signed files of the same version. The version's own `manifest`/`model`
+are the generic variant (`"variant"` names it), so an agent that knows no variants installs that.
+This agent takes the first variant whose `requires` tags its hardware has (agent.runtime.hardware),
+else the generic one (`pick_variant`).
+
 A device runs the candidate when `bucket(salt, device_id) < percent`, with
 `bucket = int(sha256(salt + device_id)[:8], 16) % 100`: the contract in architecture.md, the same
 computation as the hub's `in_canary`. Keeping the salt while ramping 10% -> 50% keeps the first
@@ -28,6 +35,7 @@ keys this agent does not know are ignored, so a newer hub can add some without b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -65,6 +73,39 @@ class AssignedVersion:
     model: str  # target path of the ONNX file
     sha256: str  # of the ONNX file
     manifest_sha256: str  # of the manifest bytes
+    # The hardware variant these files are ("" when the hub names none), and the other variants
+    # of the version, in order of preference (empty once a variant was picked).
+    variant: str = ""
+    variants: tuple[AssignedVariant, ...] = ()
+
+
+@dataclass(frozen=True)
+class AssignedVariant:
+    """One hardware variant of a version: the tags it requires and its files."""
+
+    name: str
+    requires: tuple[str, ...]
+    manifest: str
+    model: str
+    sha256: str
+    manifest_sha256: str
+
+
+def pick_variant(version: AssignedVersion, tags: frozenset[str] | None) -> AssignedVersion:
+    """The first variant whose requirements `tags` meets, as the version to fetch; else the
+    generic files. `tags` None: no hardware known, the generic files."""
+    if tags is not None:
+        for v in version.variants:
+            if all(t in tags for t in v.requires):
+                return AssignedVersion(
+                    version=version.version,
+                    manifest=v.manifest,
+                    model=v.model,
+                    sha256=v.sha256,
+                    manifest_sha256=v.manifest_sha256,
+                    variant=v.name,
+                )
+    return dataclasses.replace(version, variants=())
 
 
 @dataclass(frozen=True)
@@ -184,21 +225,22 @@ class Assignment:
         )
 
 
-def choose(assignment: Assignment, device_id: str) -> Choice:
+def choose(assignment: Assignment, device_id: str, hardware: frozenset[str] | None = None) -> Choice:
     """Stable or candidate for this device: the candidate when its bucket is under `percent`.
 
     With an experiment, a device in the bucket keeps the stable version (the update life cycle's
-    target) and takes the candidate as the experiment's arm instead."""
+    target) and takes the candidate as the experiment's arm instead. Each version is the variant
+    that fits `hardware` (the device's tags; None: the generic files)."""
     if not isinstance(device_id, str) or not device_id:
         raise ValueError("choose: device_id must be a non-empty string")
     b = bucket(assignment.salt, device_id)
+    stable = pick_variant(assignment.stable, hardware)
     if assignment.candidate is not None and b < assignment.percent:
+        candidate = pick_variant(assignment.candidate, hardware)
         if assignment.experiment is not None:
-            return Choice(
-                assignment.stable, "stable", b, assignment.model, assignment.experiment, assignment.candidate
-            )
-        return Choice(assignment.candidate, "candidate", b, assignment.model)
-    return Choice(assignment.stable, "stable", b, assignment.model)
+            return Choice(stable, "stable", b, assignment.model, assignment.experiment, candidate)
+        return Choice(candidate, "candidate", b, assignment.model)
+    return Choice(stable, "stable", b, assignment.model)
 
 
 def ab_arm(salt: str, key: str | None, weight: int, draw: float) -> bool:
@@ -273,6 +315,22 @@ def _name(doc: Mapping[str, Any], key: str, where: str) -> str:
 def _version(doc: Mapping[str, Any], model: str, where: str) -> AssignedVersion:
     version = _int(doc, "version", where, 1)
     prefix = f"models/{model}/{version}/"
+    paths, hashes = _files(doc, prefix, where)
+    variant = doc.get("variant", "")
+    if not isinstance(variant, str):
+        raise AssignmentError(f"assignment: {where}variant must be a string")
+    return AssignedVersion(
+        version=version,
+        manifest=paths["manifest"],
+        model=paths["model"],
+        sha256=hashes["sha256"],
+        manifest_sha256=hashes["manifest_sha256"],
+        variant=variant,
+        variants=_variants(doc.get("variants", []), prefix, where),
+    )
+
+
+def _files(doc: Mapping[str, Any], prefix: str, where: str) -> tuple[dict[str, str], dict[str, str]]:
     paths = {}
     for key in ("manifest", "model"):
         path: str = _get(doc, key, str, where)
@@ -287,10 +345,21 @@ def _version(doc: Mapping[str, Any], model: str, where: str) -> AssignedVersion:
         if not _SHA256.fullmatch(digest):
             raise AssignmentError(f"assignment: {where}{key} must be 64 lowercase hex digits")
         hashes[key] = digest
-    return AssignedVersion(
-        version=version,
-        manifest=paths["manifest"],
-        model=paths["model"],
-        sha256=hashes["sha256"],
-        manifest_sha256=hashes["manifest_sha256"],
-    )
+    return paths, hashes
+
+
+def _variants(items: Any, prefix: str, where: str) -> tuple[AssignedVariant, ...]:
+    if not isinstance(items, list):
+        raise AssignmentError(f"assignment: {where}variants must be a list")
+    out = []
+    for i, doc in enumerate(items):
+        at = f"{where}variants[{i}]."
+        if not isinstance(doc, Mapping):
+            raise AssignmentError(f"assignment: {where}variants[{i}] must be an object")
+        name = _get(doc, "name", str, at)
+        requires = doc.get("requires", [])
+        if not isinstance(requires, list) or not all(isinstance(t, str) for t in requires):
+            raise AssignmentError(f"assignment: {at}requires must be a list of strings")
+        paths, hashes = _files(doc, prefix, at)
+        out.append(AssignedVariant(name, tuple(requires), paths["manifest"], paths["model"], **hashes))
+    return tuple(out)

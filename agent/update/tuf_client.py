@@ -153,6 +153,7 @@ class UpdateClient:
         *,
         manifest_sha256: str | None = None,
         model_sha256: str | None = None,
+        targets: tuple[str, str] | None = None,
     ) -> Path:
         """Download `model` `version` (manifest + model file) into a new directory under `into`.
 
@@ -161,6 +162,9 @@ class UpdateClient:
         directory (`.outpost-fetch-*`), fsynced, and the directory is renamed into place, so a
         package directory is never partial. Returns it (for `Store.install`). On any failure
         nothing is left under `into`.
+
+        `targets` (manifest, model) are the target paths of a hardware variant, files of this
+        version other than manifest.json and model.onnx; only those two are downloaded.
         """
         _check_name("model", model)
         if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= _MAX_VERSION:
@@ -169,8 +173,11 @@ class UpdateClient:
         into = Path(into)
         with self._cycle() as updater:
             infos: dict[str, TargetFile] = {}
-            for name in (MANIFEST_TARGET, MODEL_TARGET):
-                path = f"models/{model}/{version}/{name}"
+            prefix = f"models/{model}/{version}/"
+            manifest_path, model_path = targets or (prefix + MANIFEST_TARGET, prefix + MODEL_TARGET)
+            for name, path in ((MANIFEST_TARGET, manifest_path), (MODEL_TARGET, model_path)):
+                if not path.startswith(prefix) or "/" in path[len(prefix) :]:
+                    raise UpdateError(f"{path} is not a file of {model} version {version}")
                 info = updater.get_targetinfo(path)
                 if info is None:
                     raise VerificationError(
