@@ -71,7 +71,8 @@ class ModelFile:
 
 
 VARIANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_TAG_RE = re.compile(r"^[a-z0-9_]+:[a-z0-9_.+-]+$")
+# A requirement: a hardware tag (agent.runtime.hardware), or alternatives joined by "|".
+_TAG_RE = re.compile(r"^[a-z0-9_]+:[a-z0-9_.+-]+(\|[a-z0-9_]+:[a-z0-9_.+-]+)*$")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Tags are `kind:value` strings, lowercase:
   avx512_vnni, avx_vnni, amx_int8, avx512_bf16 and avx512_fp16 on x86; neon, asimddp, i8mm,
   sve, bf16 and fp16 (asimdhp) on ARM. Two summaries: `cpu:vnni` (an int8 dot-product on x86:
   avx512_vnni or avx_vnni) and `cpu:dotprod` (ARM's asimddp), so a variant for "fast int8"
-  can require one tag per architecture.
+  can require `cpu:vnni|cpu:dotprod` (a requirement with alternatives, see `meets`).
 - `ep:<provider>`: the onnxruntime execution providers present (`ep:cpu`, `ep:cuda`,
   `ep:openvino`, ...).
 
@@ -68,11 +68,18 @@ class Hardware:
     source: str = "detected"  # or "configured (runtime.hardware_tags)"
 
     def meets(self, requires: Iterable[str]) -> bool:
-        """Whether every required tag is one of this device's."""
-        return all(tag in self.tags for tag in requires)
+        """Whether this device meets every requirement (see `meets`)."""
+        return meets(self.tags, requires)
 
     def status(self) -> dict[str, object]:
         return {"tags": sorted(self.tags), "source": self.source}
+
+
+def meets(tags: Iterable[str], requires: Iterable[str]) -> bool:
+    """Whether `tags` meet every requirement; a requirement is a tag, or alternatives joined by
+    "|" of which one is enough ("cpu:vnni|cpu:dotprod": fast int8 on x86 or on ARM)."""
+    have = set(tags)
+    return all(any(alt in have for alt in req.split("|")) for req in requires)
 
 
 def normalize_arch(machine: str) -> str:

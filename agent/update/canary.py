@@ -21,8 +21,8 @@ A version may name hardware variants (`"variants"`, absent or [] when there are 
 "int8", "requires": ["cpu:vnni"], "manifest", "model", "sha256", "manifest_sha256"}, ...]` in order
 of preference, each its own signed files of the same version. The version's own `manifest`/`model`
 are the generic variant (`"variant"` names it), so an agent that knows no variants installs that.
-This agent takes the first variant whose `requires` tags its hardware has (agent.runtime.hardware),
-else the generic one (`pick_variant`).
+This agent takes the first variant whose `requires` its hardware meets (each requirement a tag, or
+alternatives joined by "|"; agent.runtime.hardware.meets), else the generic one (`pick_variant`).
 
 A device runs the candidate when `bucket(salt, device_id) < percent`, with
 `bucket = int(sha256(salt + device_id)[:8], 16) % 100`: the contract in architecture.md, the same
@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.errors import AssignmentError
+from agent.runtime.hardware import meets
 from agent.update.lifecycle import VersionRef
 
 ASSIGNMENT_FORMAT = "outpost-assignment/1"
@@ -96,7 +97,7 @@ def pick_variant(version: AssignedVersion, tags: frozenset[str] | None) -> Assig
     generic files. `tags` None: no hardware known, the generic files."""
     if tags is not None:
         for v in version.variants:
-            if all(t in tags for t in v.requires):
+            if meets(tags, v.requires):
                 return AssignedVersion(
                     version=version.version,
                     manifest=v.manifest,

@@ -10,6 +10,7 @@ import pytest
 
 from agent.errors import AssignmentError, PackageError
 from agent.package.manifest import Manifest, ModelFile, TensorSpec, Variant, VariantFile, parse_manifest
+from agent.runtime.hardware import meets
 from agent.update.canary import AssignedVersion, Assignment, choose, pick_variant
 
 
@@ -231,3 +232,28 @@ def test_pick_variant_keeps_the_version() -> None:
         "int8",
         "models/wine/2/manifest.int8.json",
     )
+
+
+@pytest.mark.parametrize(
+    ("tags", "requires", "met"),
+    [
+        pytest.param({"cpu:vnni"}, [], True, id="nothing-required"),
+        pytest.param({"cpu:vnni"}, ["cpu:vnni|cpu:dotprod"], True, id="first-alternative"),
+        pytest.param({"cpu:dotprod"}, ["cpu:vnni|cpu:dotprod"], True, id="second-alternative"),
+        pytest.param({"cpu:avx2"}, ["cpu:vnni|cpu:dotprod"], False, id="no-alternative"),
+        pytest.param({"cpu:vnni"}, ["cpu:vnni|cpu:dotprod", "ep:cuda"], False, id="all-requirements"),
+    ],
+)
+def test_requirements_with_alternatives(tags: set[str], requires: list[str], met: bool) -> None:
+    assert meets(tags, requires) is met
+    doc = dataclasses.replace(GENERIC, variants=()).to_json()
+    doc["variant"] = {"name": "int8", "requires": requires}
+    assert parse_manifest(doc).variant == Variant("int8", tuple(requires))
+
+
+def test_a_requirement_must_be_tags() -> None:
+    doc = dataclasses.replace(GENERIC, variants=()).to_json()
+    for bad in (["cpu:vnni|"], ["|cpu:vnni"], ["cpu:vnni||cpu:x"], ["CPU:VNNI"]):
+        doc["variant"] = {"name": "int8", "requires": bad}
+        with pytest.raises(PackageError, match="requires"):
+            parse_manifest(doc)
