@@ -82,6 +82,9 @@ class VersionMonitor:
         self._seen_answers = lv.metrics.requests
         self._seen_latency = list(lv.metrics.latency.counts)
         self._seen_latency_s = lv.metrics.latency.sum
+        # The response cache's hits and misses, read like the answers (agent.runtime.cache).
+        self._cache = lv.cache
+        self._seen_cache = (lv.cache.hits, lv.cache.misses) if lv.cache is not None else (0, 0)
         self._failed = 0  # requests the model failed since the last flush
         self._batches: list[_Batch] = []  # onnxruntime batches since the last flush
         self._pending = 0  # requests in _batches
@@ -270,6 +273,11 @@ class VersionMonitor:
         latency_us = max(round((m.latency.sum - self._seen_latency_s) * 1e6), 0)
         self._seen_answers, self._seen_latency, self._seen_latency_s = m.requests, counts, m.latency.sum
         self.summary.add_answers(answers + failed, failed, latency, latency_us)
+        cache = self._cache
+        if cache is not None:
+            hits, misses = cache.hits, cache.misses
+            self.summary.add_cache(hits - self._seen_cache[0], misses - self._seen_cache[1])
+            self._seen_cache = (hits, misses)
 
     def _count(self, batches: list[_Batch]) -> None:
         # Per batch (not per request) list comprehensions, then numpy over all the rows.

@@ -33,7 +33,9 @@ Window schema (JSON-ready, `SCHEMA`):
               or {"labelled": 40, "abs_error_sum": 3.2, "sq_error_sum": 0.9}   # regression
               or null,                              # no prediction kind: nothing to score
      "shadow": {"compared": 120, "agreed": 117}    # a shadow experiment's candidate: its answers to
-              or null}                              # copies, compared row by row with the stable's
+              or null,                              # copies, compared row by row with the stable's
+     "cache": {"hits": 90, "misses": 30}           # the version's response cache: requests answered
+              or null}                              # from it, and looked up in it but not there
 
 For every feature, sum(counts) + missing + other == rows; likewise for the prediction.
 Feedback counts the labels that arrived during the window (for predictions made in it or
@@ -205,6 +207,8 @@ class WindowSummary:
         self.sq_error_sum = 0.0
         self.shadow_compared = 0
         self.shadow_agreed = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     @property
     def prediction_kind(self) -> str | None:
@@ -289,6 +293,12 @@ class WindowSummary:
         self.shadow_compared += compared
         self.shadow_agreed += agreed
 
+    def add_cache(self, hits: int, misses: int) -> None:
+        """Requests the response cache answered (hits; they are among `requests` too) and requests it
+        was asked for and did not hold (misses: the model answered them)."""
+        self.cache_hits += hits
+        self.cache_misses += misses
+
     def add_feedback(
         self, labelled: int, correct: int = 0, abs_error: float = 0.0, sq_error: float = 0.0
     ) -> None:
@@ -353,6 +363,11 @@ class WindowSummary:
                 if self.shadow_compared
                 else None
             ),
+            "cache": (
+                {"hits": self.cache_hits, "misses": self.cache_misses}
+                if self.cache_hits or self.cache_misses
+                else None
+            ),
         }
         self._reset(now)
         return window
@@ -413,6 +428,7 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
         "prediction": None if pa is None else _add_counts(pa, pb, "prediction"),
         "feedback": _add_feedback(a.get("feedback"), b.get("feedback")),
         "shadow": _add_shadow(a.get("shadow"), b.get("shadow")),
+        "cache": _add_cache(a.get("cache"), b.get("cache")),
     }
 
 
@@ -423,6 +439,15 @@ def _add_shadow(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dic
     if b is None:
         return dict(a)
     return {"compared": a["compared"] + b["compared"], "agreed": a["agreed"] + b["agreed"]}
+
+
+def _add_cache(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    # None is "no cache, or nothing looked up" (or an agent from before the cache): zero.
+    if a is None:
+        return None if b is None else dict(b)
+    if b is None:
+        return dict(a)
+    return {"hits": a["hits"] + b["hits"], "misses": a["misses"] + b["misses"]}
 
 
 def _add_feedback(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, Any] | None:

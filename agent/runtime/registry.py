@@ -27,6 +27,7 @@ from agent.metrics import Metrics, VersionMetrics
 from agent.package.manifest import Manifest, SelfTest, Tensor, TensorSpec
 from agent.package.store import InstalledVersion
 from agent.runtime.batcher import Batcher, Tensors
+from agent.runtime.cache import CacheSettings, ResponseCache
 from agent.runtime.session import OrtSession, SessionOptions
 from agent.serving.datatypes import numpy_dtype
 
@@ -176,6 +177,9 @@ class LoadedVersion:
     observer: Callable[[bool, float], None] | None = None
     # Summaries, drift and feedback (agent.monitor); set by the registry's on_add hook.
     monitor: VersionMonitor | None = None
+    # The response cache (agent.runtime.cache) when the model's config turns it on: this
+    # version's answers only, gone with the version.
+    cache: ResponseCache | None = None
 
     @property
     def version_str(self) -> str:
@@ -289,7 +293,11 @@ class ModelRegistry:
             on_batch=vm.on_batch,
             uniform=all(d >= 0 for spec in session.inputs for d in spec.shape[1:]),
         )
-        return LoadedVersion(m.name, m.version, m, session, batcher, vm, note, single_ms)
+        lv = LoadedVersion(m.name, m.version, m, session, batcher, vm, note, single_ms)
+        ttl_s, max_entries, max_bytes = cfg.cache_settings(m.name)
+        if ttl_s > 0:
+            lv.cache = ResponseCache(m.name, m.version, CacheSettings(ttl_s, max_entries, max_bytes))
+        return lv
 
     # -- switching (event loop thread) -------------------------------------------------------
 
@@ -407,6 +415,7 @@ class ModelRegistry:
                     "single_row_ms": lv.single_row_ms,
                     "loaded_at": lv.loaded_at,
                     "queued": lv.batcher.queued,
+                    **({"cache": lv.cache.status()} if lv.cache is not None else {}),
                 }
                 for lv in sorted(model.versions.values(), key=lambda v: v.version)
             ]

@@ -16,6 +16,16 @@ every route, as with the Docker socket.
 The infer path avoids coroutines: decoding runs at once on the event loop, the
 batcher's future gets a callback that encodes the answer, and the protocol
 writes it when that future completes.
+
+With a version's response cache on (agent.runtime.cache), a request whose inputs it answered
+within the time window is answered at once from the cache: a new prediction id, the same
+outputs, the version that stored them; the batcher and onnxruntime are skipped. Such a hit is
+still a request of that version: it is in the metrics and the monitor's window (requests,
+latency, feature and prediction counts, so drift sees its inputs), its id can be scored by
+feedback, and capture may sample it. It sends no shadow copy (the copy would cost the model run
+the cache saved). While a version is on probation (`lv.observer` set) its cache is filled but
+not read, so probation judges the model itself. Requests whose `parameters` hold anything but
+`binary_data_output` and `key` (which do not change the outputs) bypass the cache.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,6 +44,7 @@ from agent import __version__
 from agent.errors import AgentError, NotFound, RequestError
 from agent.metrics import Metrics
 from agent.runtime.batcher import Tensors
+from agent.runtime.cache import ResponseCache, input_key, metric_families
 from agent.runtime.registry import LoadedVersion, ModelRegistry
 from agent.serving.http import Deferred, Request, Response, error_response, json_response
 from agent.serving.oip import InferRequest, decode_infer_request, encode_infer_response
@@ -50,6 +61,8 @@ _OK_EMPTY_LIVE = Response(200, b'{"live":true}')
 _OK_EMPTY_READY = Response(200, b'{"ready":true}')
 _BINARY_CT = b"application/octet-stream"
 SHADOW_ID_SUFFIX = "~shadow"  # the candidate's prediction of a shadow copy is filed under id + this
+# Request parameters that leave the outputs as they are: requests with only these may be cached.
+CACHE_NEUTRAL_PARAMETERS = frozenset({"binary_data_output", "key"})
 
 AdminHook = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -73,7 +86,17 @@ def _runtime_status(exc: BaseException) -> tuple[int, str]:
 class _InferTicket:
     """Carries one inference from the batcher back to its connection, encoding the answer."""
 
-    __slots__ = ("app", "deferred", "lv", "parsed", "prediction_id", "prediction_seq", "shadow", "started")
+    __slots__ = (
+        "app",
+        "cache_key",
+        "deferred",
+        "lv",
+        "parsed",
+        "prediction_id",
+        "prediction_seq",
+        "shadow",
+        "started",
+    )
 
     def __init__(
         self,
@@ -82,12 +105,14 @@ class _InferTicket:
         parsed: InferRequest,
         started: float,
         shadow: ExperimentRoute | None = None,
+        cache_key: bytes | None = None,
     ) -> None:
         self.app = app
         self.lv = lv
         self.parsed = parsed
         self.started = started
         self.shadow = shadow  # a shadow experiment that may get a copy once this is answered
+        self.cache_key = cache_key  # the answer goes into lv.cache under this key
         self.deferred = Deferred()
         # The response's `id`: the request's, or a new one (the monitor files predictions by it,
         # the agent's own by their counter).
@@ -138,9 +163,36 @@ class _InferTicket:
         vm.answered(elapsed)
         if lv.observer is not None:
             lv.observer(True, elapsed)
-        if header_len is None:
-            return Response(200, body)
-        return Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])
+        if self.cache_key is not None and lv.cache is not None:
+            lv.cache.put(self.cache_key, outcome)
+        return _ok(body, header_len)
+
+
+def _ok(body: bytes, header_len: int | None) -> Response:
+    if header_len is None:
+        return Response(200, body)
+    return Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])
+
+
+class _CacheHit:
+    """A request answered from the cache, as the monitor's batch observer sees a request (a
+    `BatchItem` that is its own ticket): its inputs, rows and prediction id."""
+
+    __slots__ = ("inputs", "prediction_id", "prediction_seq", "size")
+    cancelled = False
+
+    def __init__(self, inputs: Tensors, rows: int, prediction_id: str, prediction_seq: int) -> None:
+        self.inputs = inputs
+        self.size = max(rows, 1)
+        self.prediction_id = prediction_id
+        self.prediction_seq = prediction_seq
+
+    @property
+    def ticket(self) -> _CacheHit:
+        return self
+
+    def deliver(self, outcome: Tensors | BaseException) -> None:  # answered already: nothing to do
+        pass
 
 
 class _ShadowTicket:
@@ -201,6 +253,7 @@ class App:
         self.id_prefix = os.urandom(4).hex() + "-"
         self._ids = itertools.count(1)
         self._infer_paths: dict[str, tuple[str, str | None]] = {}
+        metrics.collectors.append(self._cache_metrics)
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -315,9 +368,55 @@ class App:
                     shadow = route
                 elif route.picks_arm(parsed.parameters.get("key")):
                     lv = route.arm  # the same signature: checked when the experiment started
-        ticket = _InferTicket(self, lv, parsed, started, shadow)
+        key = None
+        cache = lv.cache  # after the routing: the cache of the version that answers
+        if cache is not None:
+            params = parsed.parameters
+            if not params or params.keys() <= CACHE_NEUTRAL_PARAMETERS:
+                key = input_key(parsed.inputs)
+                if lv.observer is None:
+                    outputs = cache.get(key)
+                    if outputs is not None:
+                        return self._answer_cached(lv, parsed, outputs, started)
+                else:  # on probation: the model answers (and fills the cache)
+                    cache.bypassed += 1
+            else:
+                cache.bypassed += 1
+        ticket = _InferTicket(self, lv, parsed, started, shadow, key)
         lv.batcher.submit_ticket(parsed.inputs, parsed.rows, ticket)
         return ticket.deferred
+
+    def _answer_cached(
+        self, lv: LoadedVersion, parsed: InferRequest, outputs: Tensors, started: float
+    ) -> Response:
+        """A cache hit answered like the model's answer: a new prediction id, counted and observed."""
+        if parsed.id is not None:
+            prediction_id, seq = parsed.id, -1
+        else:
+            seq = next(self._ids)
+            prediction_id = f"{self.id_prefix}{seq:x}"
+        vm = lv.metrics
+        try:
+            body, header_len = encode_infer_response(
+                lv.name, lv.version_str, prediction_id, outputs, parsed.outputs, parsed.binary_output
+            )
+        except Exception as err:
+            vm.failed()
+            log.error("%s version %d: could not encode the response: %r", lv.name, lv.version, err)
+            return error_response(500, f"could not encode the response: {err}")
+        vm.answered(time.perf_counter() - started)
+        observer = lv.batcher.observer
+        if observer is not None:  # the monitor (and capture): as if it were a batch of its own
+            try:
+                observer((_CacheHit(parsed.inputs, parsed.rows, prediction_id, seq),), (outputs,), None)
+            except Exception:  # the monitor's failure is its own, as in the batcher
+                log.exception("batch observer failed")
+        return _ok(body, header_len)
+
+    def _cache_metrics(self) -> Iterator[Any]:
+        caches: list[ResponseCache] = [lv.cache for lv in self.registry.all_loaded() if lv.cache is not None]
+        if caches:
+            yield from metric_families(caches)
 
     def next_id(self) -> str:
         return f"{self.id_prefix}{next(self._ids):x}"

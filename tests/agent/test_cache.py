@@ -234,3 +234,48 @@ def test_config_errors_name_the_key(doc: dict[str, object], message: str) -> Non
 
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         parse_config({"runtime": doc})
+
+
+# -- the monitor's window -----------------------------------------------------------------------
+
+
+def test_summary_window_counts_hits_and_misses_and_windows_add_up() -> None:
+    from agent.monitor.summary import merge
+    from tests.agent.test_monitor_service import feed, loaded, monitor
+
+    mon, clock, out = monitor()
+    lv = loaded()
+    lv.cache = ResponseCache("m", 1, CacheSettings(600.0), clock)
+    mon.attach(lv)
+    x = np.random.default_rng(3).standard_normal((8, 3)).astype(np.float32)
+    for i in range(3):  # three misses, answered by the model
+        assert lv.cache.get(b"%d" % i) is None
+        lv.cache.put(b"%d" % i, {"y": x[i]})
+    for i in range(5):  # five hits
+        assert lv.cache.get(b"%d" % (i % 3)) is not None
+    feed(lv, x)  # all eight are requests the version answered, each seen by the observer
+    clock.t += 61
+    mon.tick()
+    (first,) = out.of("summary")
+    assert first["requests"] == 8 and first["rows"] == 8
+    assert first["cache"] == {"hits": 5, "misses": 3}
+    lv.cache.get(b"0")
+    feed(lv, x[:1])
+    clock.t += 61
+    mon.tick()
+    second = out.of("summary")[1]
+    assert second["cache"] == {"hits": 1, "misses": 0}
+    assert merge(first, second)["cache"] == {"hits": 6, "misses": 3}
+    assert merge(first, {**second, "cache": None})["cache"] == {"hits": 5, "misses": 3}
+
+
+def test_summary_window_without_a_cache_says_null() -> None:
+    from tests.agent.test_monitor_service import feed, loaded, monitor
+
+    mon, clock, out = monitor()
+    lv = loaded()
+    mon.attach(lv)
+    feed(lv, np.zeros((2, 3), np.float32))
+    clock.t += 61
+    mon.tick()
+    assert out.of("summary")[0]["cache"] is None

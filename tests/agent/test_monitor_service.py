@@ -76,6 +76,7 @@ def loaded(profile: dict[str, Any] = PROFILE, task: str = "classification", vers
         batcher=batcher,
         metrics=metrics,
         monitor=None,
+        cache=None,
     )
 
 

@@ -80,6 +80,7 @@ def in_process_us(
         batcher=SimpleNamespace(observer=None),
         metrics=VersionMetrics(doc["name"], str(doc["version"])),
         monitor=None,
+        cache=None,
     )
     monitor = Monitor(MonitorConfig())
     monitor.publish = lambda kind, body: None
