@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -180,6 +181,9 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None
         self._inline_scheduled = False
         self.observer: BatchObserver | None = None  # the monitor's, when it watches this version
+        # time.monotonic() of the last request (or of the start): the memory budget evicts the
+        # least recently used versions first (agent.runtime.budget).
+        self.last_used = time.monotonic()
 
     @property
     def inline(self) -> bool:
@@ -207,6 +211,7 @@ class Batcher:
         loop iteration between the run and the response.
         """
         loop = asyncio.get_running_loop()
+        self.last_used = time.monotonic()
         batchable = self.enabled and 0 < rows <= self.max_batch_rows
         key = _compat_key(inputs) if batchable and not self._uniform else ()
         size = max(rows, 1)
