@@ -138,12 +138,17 @@ class S3Bucket:
 
     def names(self, under: str = "") -> Iterator[str]:
         """Every object name (relative to the prefix) that starts with `under`."""
+        return (name for name, _ in self.listing(under))
+
+    def listing(self, under: str = "") -> Iterator[tuple[str, str]]:
+        """(name, ETag without quotes) of every object whose name starts with `under`. For an
+        object uploaded in one part and not encrypted with KMS, the ETag is its MD5."""
         paginator = self._client.get_paginator("list_objects_v2")
         start = len(self.location.prefix)
         try:
             for page in paginator.paginate(Bucket=self.location.bucket, Prefix=self.location.key(under)):
                 for item in page.get("Contents", []):
-                    yield item["Key"][start:]
+                    yield item["Key"][start:], item.get("ETag", "").strip('"')
         except (BotoCoreError, ClientError) as exc:
             raise self._error("list", under, exc) from exc
 

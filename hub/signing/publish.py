@@ -17,7 +17,11 @@ Cache headers: versioned metadata and hash-named targets never change (cached fo
 shows a new deployment or a rollback within that time.
 
 Immutable names once uploaded are remembered per process, so a publish after an edit uploads
-only that edit's files; the first publish of a process lists the bucket once.
+only that edit's files; the first publish of a process lists the bucket once. A hash-named
+target found there is the same file by construction; a versioned metadata file is trusted only
+if the listing's ETag is the MD5 of the local file (otherwise, e.g. the files of an earlier
+repository under the same prefix, it is uploaded again). Objects under `tuf/` that the
+directory does not hold are deleted: the bucket's `tuf/` is the directory's mirror.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ class ObjectSink(Protocol):
 
     def delete(self, name: str) -> None: ...
 
-    def names(self, under: str = "") -> Iterator[str]: ...
+    def listing(self, under: str = "") -> Iterator[tuple[str, str]]:
+        """(name, ETag) of every object whose name starts with `under`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class Publisher:
     def publish(self, layout: Layout) -> PublishReport:
         local = dict(_local_files(layout))
         if self._published is None:
-            self._published = {n.removeprefix(TUF) for n in self.sink.names(TUF)}
+            self._published = self._already_there(local)
         uploaded: list[str] = []
         for name in publish_order(local):
             path = local[name]
@@ -98,6 +104,19 @@ class Publisher:
             self.sink.delete(TUF + name)
             self._published.discard(name)
         return PublishReport(tuple(uploaded), tuple(deleted))
+
+    def _already_there(self, local: dict[str, Path]) -> set[str]:
+        """The immutable names in the sink that need no upload (see the module's docstring)."""
+        found = set()
+        for key, etag in self.sink.listing(TUF):
+            name = key.removeprefix(TUF)
+            if name in MUTABLE:
+                continue  # compared by content in publish()
+            path = local.get(name)
+            if name.startswith("metadata/") and path is not None and etag != _md5(path):
+                continue
+            found.add(name)
+        return found
 
 
 def publish_order(names: Iterator[str] | dict[str, Path] | set[str]) -> list[str]:
@@ -135,3 +154,7 @@ def _local_files(layout: Layout) -> Iterator[tuple[str, Path]]:
 
 def _content_type(name: str) -> str:
     return "application/json" if name.endswith(".json") else "application/octet-stream"
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()

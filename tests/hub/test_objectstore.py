@@ -13,10 +13,11 @@ from typing import IO, Any
 import pytest
 from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 
+from examples.train_example import build_example
 from hub.errors import BlobCorruptError, NotFoundError, ObjectStoreError
 from hub.objectstore import blob_store, tuf_publisher
 from hub.objectstore.s3 import S3Bucket, S3Location
-from hub.registry import Blobs, BlobStore
+from hub.registry import Blobs, BlobStore, Database, Registry
 from hub.registry.s3blobs import S3BlobStore
 from hub.settings import HubSettings, SettingsError, load_settings
 from hub.signing import KeyStore, SignedRepository
@@ -182,6 +183,32 @@ def test_an_unreachable_store_is_one_clear_error() -> None:
         S3BlobStore(dead).exists("0" * 64)
 
 
+def test_the_registry_pushes_and_deletes_through_the_bucket(
+    tmp_path: Path, s3: S3Server, bucket: S3Bucket
+) -> None:
+    directory = build_example(tmp_path / "wine")
+    manifest, model = (directory / "manifest.json").read_bytes(), (directory / "model.onnx").read_bytes()
+    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    db.create_all()
+    try:
+        registry = Registry(db, S3BlobStore(bucket))
+        v1 = registry.push_version(manifest, model)
+        doc = json.loads(manifest)
+        v2 = registry.push_version(json.dumps({**doc, "version": 2}).encode(), model)  # same model bytes
+        keys = set(s3.objects(bucket.location.bucket))
+        assert keys == {
+            f"outpost/blobs/{h[:2]}/{h}" for h in (v1.model_sha256, v1.manifest_sha256, v2.manifest_sha256)
+        }
+        registry.delete_version("wine", 1)  # the shared model blob stays: v2 uses it
+        assert registry.blobs.hashes() == sorted([v2.model_sha256, v2.manifest_sha256])
+        registry.delete_version("wine", 2)
+        assert s3.objects(bucket.location.bucket) == {}
+        registry.blobs.put(b"left behind by a crash")
+        assert registry.collect_garbage() == [hashlib.sha256(b"left behind by a crash").hexdigest()]
+    finally:
+        db.dispose()
+
+
 # -- publishing the TUF repository --------------------------------------------------------------
 
 
@@ -258,8 +285,12 @@ class RecordingSink:
     def delete(self, name: str) -> None:
         self.files.pop(name.removeprefix("tuf/"), None)
 
-    def names(self, under: str = "") -> Iterator[str]:
-        return iter([f"tuf/{n}" for n in self.files if f"tuf/{n}".startswith(under)])
+    def listing(self, under: str = "") -> Iterator[tuple[str, str]]:
+        return iter(
+            (f"tuf/{n}", hashlib.md5(data).hexdigest())
+            for n, data in self.files.items()
+            if f"tuf/{n}".startswith(under)
+        )
 
 
 def local_tree(repo: SignedRepository) -> dict[str, bytes]:
@@ -362,3 +393,23 @@ def test_the_repository_in_a_real_bucket_equals_the_directory(
         Bucket=bucket.location.bucket, Key="outpost/tuf/metadata/timestamp.json"
     )
     assert (head["ContentType"], head["CacheControl"]) == ("application/json", MUTABLE_CACHE)
+
+
+def test_an_earlier_repository_under_the_prefix_is_replaced(
+    tmp_path: Path, s3: S3Server, bucket: S3Bucket
+) -> None:
+    """Same names (1.root.json, ...), other keys and bytes: the listing's ETags tell them apart."""
+    old = SignedRepository(
+        tmp_path / "old", KeyStore.under(tmp_path / "old-keys"), publisher=Publisher(bucket)
+    )
+    old.create()
+    old.add_model_version("wine", 1, {"manifest.json": b"{}", "model.onnx": b"onnx-1"})
+    new = SignedRepository(
+        tmp_path / "new", KeyStore.under(tmp_path / "new-keys"), publisher=Publisher(bucket)
+    )
+    new.create()
+    published = {
+        k.removeprefix("outpost/tuf/"): v
+        for k, v in s3.objects(bucket.location.bucket, "outpost/tuf/").items()
+    }
+    assert published == local_tree(new)
