@@ -16,10 +16,13 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from hub import __version__
 from hub.errors import HubError
+
+if TYPE_CHECKING:
+    from hub.packager import PackageReport
 
 PROG = "outpost"
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -104,6 +107,14 @@ def _add_package(commands: argparse._SubParsersAction[_Parser]) -> None:
         f"(default {DEFAULT_TOLERANCE})",
     )
     p.add_argument("--no-quantize", action="store_true", help="keep FP32; do not try int8")
+    p.add_argument(
+        "--variants",
+        metavar="LIST",
+        default="",
+        help="hardware variants of the version, in order of preference, e.g. int8,fp32: fp32 is "
+        "the generic one every device can run, int8 goes to devices with VNNI or ARM dot-product "
+        "(see 'Hardware variants' in the README)",
+    )
     p.set_defaults(handler=_cmd_package)
 
 
@@ -113,7 +124,9 @@ def _score(value: float | None) -> str:
 
 def _cmd_package(args: argparse.Namespace, out: TextIO) -> int:
     from hub.packager import INT8, PackageOptions, build_package
+    from hub.packager.variants import parse_variants
 
+    variants = parse_variants(args.variants) if args.variants else ()
     report = build_package(
         args.model,
         args.sample,
@@ -125,8 +138,12 @@ def _cmd_package(args: argparse.Namespace, out: TextIO) -> int:
             labels=args.labels,
             tolerance=args.tolerance,
             quantize=not args.no_quantize,
+            variants=variants,
         ),
     )
+    if variants:
+        print(_variants_report(report), file=out)
+        return EXIT_OK
     m = report.manifest
     metric = "accuracy" if m.task == "classification" else "R²"
     basis = "true labels" if report.with_labels else "agreement with the scikit-learn model"
@@ -149,6 +166,31 @@ def _cmd_package(args: argparse.Namespace, out: TextIO) -> int:
     lines += [f"  package  {report.directory}/", f"  archive  {report.archive}"]
     print("\n".join(lines), file=out)
     return EXIT_OK
+
+
+def _variants_report(report: PackageReport) -> str:
+    """The variants side by side: what each requires, its score, latency and size."""
+    m = report.manifest
+    metric = "accuracy" if m.task == "classification" else "R2"
+    basis = "true labels" if report.with_labels else "agreement with the scikit-learn model"
+    lines = [
+        f"packaged {m.name} version {m.version} as {len(report.variants)} variant(s): {m.task}, "
+        f"{len(m.features)} features" + (f", {len(m.labels)} classes" if m.labels else ""),
+        f"  {metric} against {basis} on {m.reference_profile['n']} sample rows; latency measured "
+        "here with onnxruntime (CPU), median per row",
+    ]
+    width = max(len(", ".join(v.requires) or "(generic)") for v in report.variants)
+    head = f"  {'variant':<8} {'requires':<{width}} {metric:>9} {'latency us/row':>15} {'size':>10}  file"
+    lines.append(head)
+    for v in report.variants:
+        requires = ", ".join(v.requires) or "(generic)"
+        lines.append(
+            f"  {v.name:<8} {requires:<{width}} {_score(v.evaluation.accuracy):>9} "
+            f"{v.evaluation.latency_us:>15.1f} {v.size:>10}  {v.model_file}"
+        )
+    lines += [f"  {name:<8} not included: {why}" for name, why in report.skipped]
+    lines += [f"  package  {report.directory}/", f"  archive  {report.archive}"]
+    return "\n".join(lines)
 
 
 def build_parser() -> _Parser:

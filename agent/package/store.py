@@ -109,14 +109,24 @@ def _extract_tar(archive: Path, into: Path) -> Path:
 
 
 def write_package_tar(directory: Path, archive: Path) -> None:
-    """Pack a package directory into a tar file (manifest first, then the model)."""
+    """Pack a package directory into a tar file (manifest first, then the model, then the files
+    of the hardware variants the manifest lists, each checked against its listed SHA-256)."""
     import io
     import tarfile
 
     manifest = read_manifest(directory)
+    names = [MANIFEST_FILE, manifest.model.file]
+    for v in manifest.variants:
+        for name, digest in ((v.manifest, v.manifest_sha256), (v.model, v.sha256)):
+            path = directory / name
+            if not path.is_file() or sha256_file(path) != digest:
+                raise PackageError(
+                    f"{path}: variant {v.name}'s file is missing or not the one the manifest lists"
+                )
+            names.append(name)
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w") as tar:
-        for name in (MANIFEST_FILE, manifest.model.file):
+        for name in names:
             data = (directory / name).read_bytes()
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -76,6 +76,9 @@ class PackageOptions:
     tolerance: float = DEFAULT_TOLERANCE  # largest accuracy (R²) loss int8 may cost
     quantize: bool = True
     replace: bool = False  # overwrite an existing NAME-N (examples and demos only)
+    # Hardware variants to produce (hub.packager.variants), e.g. ("int8", "fp32"); empty: one
+    # model, int8 or fp32 by the tolerance, as before.
+    variants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,18 @@ class PackageReport:
     int8: Evaluation | None
     decision: Decision
     with_labels: bool  # scored against true labels, or against the sklearn model
+    # With variants: each one produced, generic first, and those left out with why.
+    variants: tuple[VariantReport, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class VariantReport:
+    name: str
+    requires: tuple[str, ...]
+    evaluation: Evaluation
+    model_file: str
+    size: int
 
 
 def package_paths(options: PackageOptions) -> tuple[Path, Path]:
@@ -169,17 +184,29 @@ def refuse_existing(directory: Path, archive: Path, replace: bool) -> None:
         )
 
 
+def manifest_text(manifest: Manifest) -> str:
+    return json.dumps(manifest.to_json(), indent=2, allow_nan=False) + "\n"
+
+
 def write_package(
-    model: bytes, manifest: Manifest, directory: Path, archive: Path, replace: bool
+    model: bytes,
+    manifest: Manifest,
+    directory: Path,
+    archive: Path,
+    replace: bool,
+    extra: dict[str, bytes] | None = None,
 ) -> None:
-    """Write, verify and pack; the final names appear only when everything is done."""
+    """Write, verify and pack; the final names appear only when everything is done. `extra`:
+    more files of the package (the variants the manifest lists), by name."""
     refuse_existing(directory, archive, replace)
     work: Path | None = None
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         (work / MODEL_FILE).write_bytes(model)
-        text = json.dumps(manifest.to_json(), indent=2, allow_nan=False) + "\n"
+        for name, data in (extra or {}).items():
+            (work / name).write_bytes(data)
+        text = manifest_text(manifest)
         (work / MANIFEST_FILE).write_text(text, encoding="utf-8")
         try:
             parse_manifest(json.loads(text))
@@ -249,34 +276,19 @@ def build_package(model_path: Path, sample_path: Path, options: PackageOptions) 
         int8_model if decision.kept == INT8 and int8_model else (fp32_model, fp32_runner)
     )
 
-    labels = tuple(str(c) for c in info.classes)
-    outputs = runner.run(sample.x)
-    if info.task == CLASSIFICATION:
-        predicted = encode_classes(outputs[LABEL], info.classes, "predicted label")
-        prediction = classification_prediction(predicted, labels)
-    else:
-        prediction = regression_prediction(outputs[PREDICTION])
-    rows = sample.x[selftest.pick_rows(sample.x, outputs, info.task)]
-    atol, rtol = selftest.tolerance(decision.kept == INT8, outputs)
+    quantization = quantization_record(
+        info.task, fp32, int8, decision, options, sample.y is not None
+    )
+    if options.variants:
+        from hub.packager.variants import package_variants
 
-    manifest = Manifest(
-        name=options.name,
-        version=options.version,
-        model=ModelFile(
-            file=MODEL_FILE, sha256=hashlib.sha256(kept_model).hexdigest(), size=len(kept_model)
-        ),
-        inputs=runner.inputs,
-        outputs=runner.outputs,
-        task=info.task,
-        labels=labels,
-        features=features,
-        self_test=selftest.self_test(rows, runner.run(rows), atol, rtol),
-        probation=ProbationPolicy(),
-        reference_profile=reference_profile(sample.x, features, prediction),
-        quantization=quantization_record(
-            info.task, fp32, int8, decision, options, sample.y is not None
-        ),
-        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        int8_pair = (int8_model[0], int8_model[1], int8) if int8_model and int8 else None
+        return package_variants(
+            options, info, sample, features, truth, (fp32_model, fp32_runner, fp32), int8_pair,
+            decision, quantization, why_none,
+        )  # fmt: skip
+    manifest = make_manifest(
+        options, info, sample, features, runner, kept_model, decision.kept == INT8, quantization
     )
     write_package(kept_model, manifest, directory, archive, options.replace)
     return PackageReport(
@@ -287,4 +299,42 @@ def build_package(model_path: Path, sample_path: Path, options: PackageOptions) 
         int8=int8,
         decision=decision,
         with_labels=sample.y is not None,
+    )
+
+
+def make_manifest(
+    options: PackageOptions,
+    info: EstimatorInfo,
+    sample: Sample,
+    features: tuple[str, ...],
+    runner: OrtModel,
+    model: bytes,
+    quantized: bool,
+    quantization: dict[str, Any],
+    model_file: str = MODEL_FILE,
+) -> Manifest:
+    """The manifest of `model` (run by `runner`): signature, profile and self-test from the sample."""
+    labels = tuple(str(c) for c in info.classes)
+    outputs = runner.run(sample.x)
+    if info.task == CLASSIFICATION:
+        predicted = encode_classes(outputs[LABEL], info.classes, "predicted label")
+        prediction = classification_prediction(predicted, labels)
+    else:
+        prediction = regression_prediction(outputs[PREDICTION])
+    rows = sample.x[selftest.pick_rows(sample.x, outputs, info.task)]
+    atol, rtol = selftest.tolerance(quantized, outputs)
+    return Manifest(
+        name=options.name,
+        version=options.version,
+        model=ModelFile(file=model_file, sha256=hashlib.sha256(model).hexdigest(), size=len(model)),
+        inputs=runner.inputs,
+        outputs=runner.outputs,
+        task=info.task,
+        labels=labels,
+        features=features,
+        self_test=selftest.self_test(rows, runner.run(rows), atol, rtol),
+        probation=ProbationPolicy(),
+        reference_profile=reference_profile(sample.x, features, prediction),
+        quantization=quantization,
+        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
