@@ -25,6 +25,7 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, ModelLoadError, PackageError
 from agent.metrics import Metrics
 from agent.package.store import InstalledVersion, Store
+from agent.runtime.hardware import Hardware, detect
 from agent.runtime.registry import ModelRegistry
 from agent.sdnotify import Notifier
 from agent.serving.app import App
@@ -48,6 +49,8 @@ class Agent:
         self.config = config
         self.notifier = notifier or Notifier.from_environment()
         self.store = Store(config.data_path)
+        # The hardware class model variants are chosen by (agent.runtime.hardware).
+        self.hardware: Hardware = detect(config.runtime.hardware_tags)
         self.metrics = Metrics(connections=lambda: len(self.state.connections))
         # Inference and loading get separate threads: loading a large model must
         # not stall requests to the models already serving.
@@ -121,6 +124,7 @@ class Agent:
                 "connections": len(self.state.connections),
             },
             "data_dir": cfg.data_dir,
+            "hardware": self.hardware.status(),
             "update": self.updater.status() if self.updater is not None else {"state": "off (no hub.url)"},
             "telemetry": self.telemetry.status() if self.telemetry is not None else {"enabled": False},
             "monitor": self.monitor.status() if self.monitor is not None else {"enabled": False},
@@ -174,7 +178,20 @@ class Agent:
 
     def _refresh_state(self) -> None:
         versions = {m["name"]: m["default_version"] for m in self.registry.status()}
-        state: dict[str, Any] = {"versions": versions}
+        # The execution providers each model's default version runs on, and the hardware class.
+        providers = {
+            lv.name: list(lv.session.providers)
+            for lv in self.registry.all_loaded()
+            if versions.get(lv.name) == lv.version
+        }
+        state: dict[str, Any] = {"versions": versions, "providers": providers}
+        state["hardware"] = sorted(self.hardware.tags)
+        # The hardware variant each default version is (absent: a package without variants).
+        state["variants"] = {
+            lv.name: lv.manifest.variant.name
+            for lv in self.registry.all_loaded()
+            if versions.get(lv.name) == lv.version and lv.manifest.variant is not None
+        }
         if self.updater is not None:
             r = self.updater.record
             state["update"] = {

@@ -262,7 +262,9 @@ class ModelRegistry:
         cfg = self._config
         session = OrtSession(
             installed.model_path,
-            SessionOptions(cfg.intra_op_threads, cfg.inter_op_threads, cfg.cpu_mem_arena),
+            SessionOptions(
+                cfg.intra_op_threads, cfg.inter_op_threads, cfg.cpu_mem_arena, cfg.providers_for(m.name)
+            ),
         )
         check_signature(m, session)
         if m.self_test is not None:
@@ -415,6 +417,8 @@ class ModelRegistry:
                     "single_row_ms": lv.single_row_ms,
                     "loaded_at": lv.loaded_at,
                     "queued": lv.batcher.queued,
+                    **lv.session.provider_status(),
+                    "variant": lv.manifest.variant.name if lv.manifest.variant is not None else None,
                     **({"cache": lv.cache.status()} if lv.cache is not None else {}),
                 }
                 for lv in sorted(model.versions.values(), key=lambda v: v.version)
