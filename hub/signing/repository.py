@@ -22,8 +22,8 @@ running hub: it re-signs online roles before they expire and is a cheap no-op ot
 With a `publisher` (hub.signing.publish: `tuf_publish = "s3"`), every operation that wrote
 files publishes them to the object store before it releases the lock, in an order that keeps
 the published copy consistent. A failed publish is logged, not raised: the directory (and the
-hub's own /tuf/) is already current, and `publish()` (the hub's refresher retries it) catches
-the object store up.
+hub's own /tuf/) is already current, and the next edit or `refresh()` (which the running hub
+calls periodically) catches the object store up; `publish()` does it at once, or raises.
 """
 
 from __future__ import annotations
@@ -145,13 +145,15 @@ class SignedRepository:
         return self.layout.root_json
 
     @contextmanager
-    def _edit(self) -> Iterator[Edit]:
+    def _edit(self, *, publish: bool = False) -> Iterator[Edit]:
+        """An Edit under the lock; afterwards the object store gets what changed (everything
+        that differs with `publish`, or when an earlier publish failed)."""
         with self._store.locked():
             self._store.require_published()
             try:
                 yield Edit(self._store, self.keystore, self.expiry, utc_now(self._clock))
             finally:  # also after a failure part way: what was written is published
-                self._publish_changes()
+                self._publish_changes(publish)
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -171,9 +173,10 @@ class SignedRepository:
         self.publish_pending = False
         return report
 
-    def _publish_changes(self) -> None:
-        """Publish (lock held) if files changed; a failure is logged and left for publish()."""
-        if self.publisher is None or not self._store.changed:
+    def _publish_changes(self, always: bool = False) -> None:
+        """Publish (lock held) if files changed; a failure is logged and retried by the next
+        edit or refresh()."""
+        if self.publisher is None or not (always or self._store.changed or self.publish_pending):
             return
         try:
             self._publish()
@@ -298,8 +301,12 @@ class SignedRepository:
         Also re-signs an online role whose published signature its delegator no longer trusts
         (a key rotation cut short after publishing the new root or targets), so the fleet
         recovers without an operator.
+
+        With a publisher, it also publishes whatever the object store lacks, including files
+        written by another process or `outpost-hub keys rotate` (cheap when nothing is new: the
+        directory is compared with what this process uploaded, without a request).
         """
-        with self._edit() as edit:
+        with self._edit(publish=True) as edit:
             now, policy = edit.now, self.expiry
             expiries = edit.expiries()
             due = {role for role, expires in expiries.items() if policy.renew_at(role, expires) <= now}

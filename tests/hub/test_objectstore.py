@@ -348,11 +348,22 @@ def test_a_failed_publish_leaves_the_old_state_and_is_caught_up(
     assert sink.files["metadata/timestamp.json"] == before["metadata/timestamp.json"]
     assert dangling(sink.files) == []
     sink.fail_on = ""
-    report = repo.publish()
-    assert report is not None
-    assert report.uploaded == ("metadata/2.snapshot.json", "metadata/timestamp.json")
+    sink.writes.clear()
+    repo.refresh()  # what the running hub calls periodically
+    assert sink.writes == ["metadata/2.snapshot.json", "metadata/timestamp.json"]
     assert sink.files == local_tree(repo)
     assert repo.publish_pending is False
+
+
+def test_files_another_process_signs_are_published_by_the_next_refresh(
+    repo: SignedRepository, sink: RecordingSink
+) -> None:
+    cli = SignedRepository(repo.layout.base, repo.keystore)  # `outpost-hub keys rotate`: no publisher
+    cli.rotate_key("timestamp")
+    assert sink.files != local_tree(repo)
+    repo.refresh()
+    assert sink.files == local_tree(repo)
+    assert "metadata/2.root.json" in sink.files
 
 
 def test_pruned_files_leave_the_bucket_too(repo: SignedRepository, sink: RecordingSink) -> None:
