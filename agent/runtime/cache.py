@@ -83,13 +83,13 @@ def input_key(inputs: Mapping[str, np.ndarray]) -> bytes:
     """The cache key of a request's inputs (16 bytes): equal exactly when every input has the same
     name, dtype, shape and bytes."""
     h = hashlib.blake2b(digest_size=_KEY_BYTES)
-    names = sorted(inputs) if len(inputs) > 1 else list(inputs)
-    for name in names:
+    for name in sorted(inputs) if len(inputs) > 1 else inputs:
         arr = inputs[name]
-        raw_name = name.encode()
-        h.update(b"%d:%s%s%r" % (len(raw_name), raw_name, arr.dtype.str.encode(), arr.shape))
+        h.update(f"{len(name)}:{name}{arr.dtype.str}{arr.shape}".encode())
         if arr.dtype.hasobject:
             _hash_objects(h, arr)
+        elif arr.flags.c_contiguous:
+            h.update(arr.data)
         else:
             h.update(np.ascontiguousarray(arr).data)
     return h.digest()

@@ -88,6 +88,39 @@ def binary_infer_request(model: str, tensors: list[tuple[str, str, Any]],
     )
 
 
+@dataclass(frozen=True)
+class RequestMix:
+    """A workload of different requests instead of one: each connection walks `order` (from its own
+    offset), where an entry is an index into `pool` (a request that repeats) or -1 (a request made
+    unique: `template` with the number of a counter written over `width` bytes at `slot`).
+
+    kind "digits": the slot holds ASCII `1.dddddd` (a JSON number; six decimals stay distinct as
+    float32); kind "f32": four little-endian float32 bytes, 1 + n * 2**-23 (exact up to 2**23).
+    The bytes are made as they are sent: one join per unique request, nothing per repeat.
+    """
+
+    pool: tuple[bytes, ...]
+    order: tuple[int, ...]
+    template: bytes
+    slot: int
+    kind: str = "digits"
+
+    @property
+    def width(self) -> int:
+        return 8 if self.kind == "digits" else 4
+
+    def value(self, n: int) -> bytes:
+        if self.kind == "digits":
+            return b"1.%06d" % (n % 1_000_000)
+        import struct
+
+        return struct.pack("<f", 1.0 + (n % (1 << 23)) * 2.0**-23)
+
+    def unique(self, n: int) -> bytes:
+        t = self.template
+        return b"".join((t[: self.slot], self.value(n), t[self.slot + self.width :]))
+
+
 # --- one request, fully parsed (outside the timed loop) ----------------------------------------
 
 
@@ -245,9 +278,14 @@ class LoadResult:
 class _Worker:
     """One process's share of the connections, driven by protocol callbacks."""
 
-    def __init__(self, socket_path: str, raw: bytes) -> None:
+    def __init__(self, socket_path: str, raw: bytes | RequestMix, index: int = 0) -> None:
         self.socket_path = socket_path
-        self.raw = raw
+        self.raw = raw if isinstance(raw, bytes) else b""
+        self.mix = raw if isinstance(raw, RequestMix) else None
+        # Where this process starts in the mix's order, and its unique requests' first number:
+        # processes never send the same "unique" request.
+        self.step = index * 7919
+        self.serial = index * 250_000
         self.measure_ns = 0
         self.end_ns = 0
         self.starts = array("q")
@@ -255,6 +293,16 @@ class _Worker:
         self.errors: Counter[str] = Counter()
         self.reconnects = 0
         self.live: set[_Conn] = set()
+
+    def next_request(self) -> bytes:
+        mix = self.mix
+        assert mix is not None
+        pick = mix.order[self.step % len(mix.order)]
+        self.step += 1
+        if pick >= 0:
+            return mix.pool[pick]
+        self.serial += 1
+        return mix.unique(self.serial)
 
     def record(self, t0: int, t1: int, status: int) -> None:
         if t0 < self.measure_ns:
@@ -306,8 +354,10 @@ class _Conn(asyncio.Protocol):
     def send(self) -> None:
         assert self.transport is not None
         self.busy = True
+        w = self.w
+        raw = w.raw if w.mix is None else w.next_request()
         self.t0 = time.perf_counter_ns()
-        self.transport.write(self.w.raw)
+        self.transport.write(raw)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -359,7 +409,7 @@ class _Conn(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-def _child(pipe: Any, socket_path: str, raw: bytes, connections: int) -> None:
+def _child(pipe: Any, socket_path: str, raw: bytes | RequestMix, connections: int, index: int = 0) -> None:
     """A load process: connect, report ready, wait for the window, run it, send back samples."""
     try:
         import uvloop
@@ -368,7 +418,7 @@ def _child(pipe: Any, socket_path: str, raw: bytes, connections: int) -> None:
     except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    worker = _Worker(socket_path, raw)
+    worker = _Worker(socket_path, raw, index)
     try:
         async def connect() -> list[_Conn]:
             conns = []
@@ -444,7 +494,7 @@ class Load:
             result = load.join()
     """
 
-    def __init__(self, socket_path: str, raw: bytes, connections: int, warmup_s: float,
+    def __init__(self, socket_path: str, raw: bytes | RequestMix, connections: int, warmup_s: float,
                  duration_s: float, processes: int = 1) -> None:
         self.socket_path = socket_path
         self.raw = raw
@@ -468,9 +518,9 @@ class Load:
         share = [self.connections // self.processes] * self.processes
         for i in range(self.connections % self.processes):
             share[i] += 1
-        for n in share:
+        for index, n in enumerate(share):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_child, args=(child, self.socket_path, self.raw, n),
+            proc = ctx.Process(target=_child, args=(child, self.socket_path, self.raw, n, index),
                                daemon=True)
             proc.start()
             child.close()

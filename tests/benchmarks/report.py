@@ -286,6 +286,10 @@ def render_text(results: dict[str, Any]) -> str:
         from tests.benchmarks.mqtt_cost import render as render_mqtt
 
         parts += ["", render_mqtt(results["mqtt_cost"])]
+    if "cache_cost" in results:
+        from tests.benchmarks.cache_cost import render as render_cache
+
+        parts += ["", render_cache(results["cache_cost"])]
     if "drift_power" in results:
         from tests.benchmarks.drift_power import render
 
@@ -328,6 +332,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         from tests.benchmarks.mqtt_cost import render as render_mqtt
 
         lines += [render_mqtt(results["mqtt_cost"], markdown=True), ""]
+    if "cache_cost" in results:
+        from tests.benchmarks.cache_cost import render as render_cache
+
+        lines += [render_cache(results["cache_cost"], markdown=True), ""]
     if "drift_power" in results:
         from tests.benchmarks.drift_power import render
 

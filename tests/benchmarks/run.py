@@ -16,7 +16,8 @@ Three more sections: `drift` (tests/benchmarks/drift_power.py, no server): the d
 the agent's binned KS against scipy's exact KS at the same false-alarm rate, ~210 s (~25 s quick).
 And `monitor` (tests/benchmarks/monitor_cost.py): the monitor's cost, the agent with it on vs off;
 `shadow` (tests/benchmarks/shadow_cost.py): the primary's latency with a shadow experiment vs without;
-`mqtt` (tests/benchmarks/mqtt_cost.py): inference over MQTT (a real Mosquitto) vs the socket.
+`mqtt` (tests/benchmarks/mqtt_cost.py): inference over MQTT (a real Mosquitto) vs the socket;
+`cache` (tests/benchmarks/cache_cost.py): the response cache off vs on, on a workload with repeats.
 
 Writes bench-results/results.json and results.md, prints the table and PASS/FAIL per target.
 """
@@ -40,11 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks import drift_power, monitor_cost, mqtt_cost, report, shadow_cost
+from tests.benchmarks import cache_cost, drift_power, monitor_cost, mqtt_cost, report, shadow_cost
 from tests.benchmarks.client import (
     ClientError,
     Load,
     LoadResult,
+    RequestMix,
     binary_infer_request,
     cpu_count,
     decode_infer_response,
@@ -84,7 +86,7 @@ CONTENDERS = {
     "agent_tuned": ("agent (tuned)", "outpost-agent run, default config plus [runtime] {tuned}"),
 }
 # Selectable with --only like the contenders, but not servers.
-SECTIONS = ("drift", "monitor", "shadow", "mqtt")
+SECTIONS = ("drift", "monitor", "shadow", "mqtt", "cache")
 
 
 @dataclass(frozen=True)
@@ -192,8 +194,9 @@ def _sleep_until_ns(t_ns: int) -> None:
 
 
 def measure(server: Server, raw: bytes, model: str, expected: dict[str, np.ndarray],
-            connections: int, st: Settings) -> dict[str, Any]:
-    """Check one answer, then run the closed-loop load, watching the server's CPU and RSS."""
+            connections: int, st: Settings, load_with: RequestMix | None = None) -> dict[str, Any]:
+    """Check one answer (to `raw`), then run the closed-loop load (of `raw`, or of the requests of
+    `load_with`), watching the server's CPU and RSS."""
     if server.proc.poll() is not None:
         return {"status": f"failed: the server exited ({server.log_tail()})"}
     try:
@@ -201,8 +204,8 @@ def measure(server: Server, raw: bytes, model: str, expected: dict[str, np.ndarr
         if problem:
             return {"status": f"invalid: {problem}"}
         rss: list[int] = []
-        with Load(server.socket, raw, connections, st.warmup_s, st.duration_s,
-                  st.client_procs) as load:
+        with Load(server.socket, raw if load_with is None else load_with, connections,
+                  st.warmup_s, st.duration_s, st.client_procs) as load:
             load.start()
             _sleep_until_ns(load.measure_ns)
             cpu0 = server.cpu_seconds()
@@ -515,6 +518,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             results["mqtt_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
         results.setdefault("targets", []).append(mqtt_cost.verdict(results["mqtt_cost"]))
+    if "cache" in args.only.split(","):
+        print("- response cache, off vs on (80% repeats) ...", flush=True)
+        try:
+            if not wanted and not {"monitor", "shadow", "mqtt"} & set(args.only.split(",")):
+                packages = build_packages(args.out / "packages")
+                wl = make_workload(packages)
+            results["cache_cost"] = cache_cost.run(packages, wl, st, args.quick)
+        except Exception as exc:  # a failure here must not lose the other figures
+            traceback.print_exc()
+            results["cache_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
+        results.setdefault("targets", []).append(cache_cost.verdict(results["cache_cost"]))
     if "drift" in args.only.split(","):
         print("- drift detection power ...", flush=True)
         try:
