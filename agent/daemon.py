@@ -25,8 +25,9 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, ModelLoadError, PackageError
 from agent.metrics import Metrics
 from agent.package.store import InstalledVersion, Store
+from agent.runtime.budget import MemoryBudget
 from agent.runtime.hardware import Hardware, detect
-from agent.runtime.registry import ModelRegistry
+from agent.runtime.registry import LoadedVersion, ModelRegistry
 from agent.sdnotify import Notifier
 from agent.serving.app import App
 from agent.serving.http import HttpProtocol, ServerState
@@ -70,9 +71,12 @@ class Agent:
             config.runtime,
             self.infer_pool,
             self.metrics,
-            on_add=self.monitor.attach if self.monitor is not None else None,
-            on_remove=self.monitor.detach if self.monitor is not None else None,
+            on_add=self._on_add,
+            on_remove=self._on_remove,
         )
+        # Every load is admitted, measured and accounted for by the memory budget.
+        self.budget = MemoryBudget(self.registry, config.runtime)
+        self.metrics.collectors.append(self.budget.collect)
         self.app = App(
             self.registry,
             self.metrics,
@@ -124,6 +128,7 @@ class Agent:
                 "connections": len(self.state.connections),
             },
             "data_dir": cfg.data_dir,
+            "memory": self.budget.status(),
             "hardware": self.hardware.status(),
             "update": self.updater.status() if self.updater is not None else {"state": "off (no hub.url)"},
             "telemetry": self.telemetry.status() if self.telemetry is not None else {"enabled": False},
@@ -140,11 +145,22 @@ class Agent:
 
     # -- loading ------------------------------------------------------------------------------
 
+    def _on_add(self, lv: LoadedVersion) -> None:
+        self.budget.added(lv)
+        if self.monitor is not None:
+            self.monitor.attach(lv)
+
+    def _on_remove(self, lv: LoadedVersion) -> None:
+        self.budget.removed(lv)
+        if self.monitor is not None:
+            self.monitor.detach(lv)
+
     async def _load_one(self, installed: InstalledVersion) -> str | None:
         m = installed.manifest
         loop = asyncio.get_running_loop()
         try:
-            lv = await loop.run_in_executor(self.load_pool, self.registry.load, installed)
+            self.budget.admit(m)  # refused (ModelLoadError) before any session exists when it does not fit
+            lv = await loop.run_in_executor(self.load_pool, self.budget.load, installed)
         except (ModelLoadError, PackageError) as exc:
             log.error("%s version %d not served: %s", m.name, m.version, exc)
             self.registry.record_failure(m.name, m.version, str(exc))
@@ -164,6 +180,8 @@ class Agent:
                 m = item.manifest
                 if self.registry.is_loaded(m.name, m.version):
                     continue
+                if (m.name, m.version) in self.budget.evicted:
+                    continue  # loading it again would only evict another version
                 if self.updater is not None and not self.updater.keeps(m.name, m.version):
                     continue  # the updater loads (and counts) versions it is bringing in
                 error = await self._load_one(item)
@@ -313,6 +331,8 @@ class Agent:
         except OSError as exc:
             raise AgentError(f"data_dir {cfg.data_dir}: {exc}") from exc
         self.notifier.status("loading models")
+        # onnxruntime's start and the agent's baseline RSS, before any model (the memory budget)
+        await loop.run_in_executor(self.load_pool, self.budget.start)
         result = await self.reload()
         log.info("loaded %d model version(s), %d failed", len(result["loaded"]), len(result["failed"]))
 
