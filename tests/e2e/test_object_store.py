@@ -15,7 +15,7 @@ from tuf.ngclient import Updater
 
 from tests.e2e.test_update import served_version, update_status, wait_for
 from tests.support.agentproc import AgentProcess
-from tests.support.hubproc import HubProcess
+from tests.support.hubproc import HubProcess, free_port
 from tests.support.packages import fast_wine_versions
 from tests.support.s3server import S3Server, s3_environment
 
@@ -174,3 +174,15 @@ def test_bytes_altered_in_the_bucket_are_refused(
     finally:
         agent.kill()
         client.put_object(Bucket=BUCKET, Key=key, Body=original)
+
+
+def test_a_hub_whose_bucket_cannot_be_reached_says_so_and_does_not_start(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    process = HubProcess(
+        tmp_path / "data", settings={"blob_store": "s3", "s3_bucket": BUCKET, "s3_endpoint_url": dead}
+    )
+    with pytest.raises(AssertionError, match="hub exited"):
+        process.start()
+    assert f"outpost-hub: error: cannot reach the bucket s3://{BUCKET}/ at {dead}" in process.log()

@@ -177,7 +177,7 @@ def test_large_blobs_go_up_in_parts(s3: S3Server, bucket: S3Bucket, monkeypatch:
     assert store.read(digest) == data
 
 
-def test_an_unreachable_store_is_one_clear_error() -> None:
+def test_an_unreachable_store_is_one_clear_error(s3: S3Server) -> None:
     dead = S3Bucket(S3Location("models", "", "http://127.0.0.1:9"))
     with pytest.raises(ObjectStoreError, match=r"cannot look up s3://models/blobs/.* at http://127.0.0.1:9"):
         S3BlobStore(dead).exists("0" * 64)

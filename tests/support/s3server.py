@@ -29,6 +29,8 @@ CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "outpost-test",
     "AWS_SECRET_ACCESS_KEY": "outpost-test-secret",
     "AWS_DEFAULT_REGION": REGION,
+    # Never let boto3's credential chain ask an instance-metadata address: loopback only.
+    "AWS_EC2_METADATA_DISABLED": "true",
 }
 
 
