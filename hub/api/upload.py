@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.package.manifest import MANIFEST_FILE
 from hub.errors import PackageRejected, PackageTooLarge
@@ -19,6 +19,21 @@ from hub.errors import PackageRejected, PackageTooLarge
 class Upload:
     manifest: bytes
     model: bytes
+    # The files of the hardware variants the manifest lists (hub.registry.variants), by name.
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def _variant_file_names(manifest: bytes) -> list[str]:
+    """The file names the manifest's `variants` list; checked properly by the registry."""
+    try:
+        items = json.loads(manifest).get("variants", [])
+    except (ValueError, AttributeError):
+        return []
+    names = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict):
+            names += [n for k in ("manifest", "model") if isinstance(n := item.get(k), str)]
+    return names
 
 
 def read_package_tar(data: bytes, max_bytes: int) -> Upload:
@@ -42,7 +57,13 @@ def read_package_tar(data: bytes, max_bytes: int) -> Upload:
                 raise PackageRejected(f"the package archive has no {model_name!r}, which its manifest names")
             model_file = tar.extractfile(model_member)
             assert model_file is not None
-            return Upload(manifest, model_file.read())
+            files: dict[str, bytes] = {}
+            for name in _variant_file_names(manifest):
+                member = members.get(name)
+                extracted = tar.extractfile(member) if member is not None else None
+                if extracted is not None:
+                    files[name] = extracted.read()
+            return Upload(manifest, model_file.read(), files)
     except tarfile.TarError as exc:
         raise PackageRejected(
             f"the upload is not a package archive (tar of manifest.json and the model): {exc}"

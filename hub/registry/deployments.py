@@ -262,13 +262,31 @@ def plan_rollback(history: Sequence[Deployment]) -> Plan:
 
 
 def _version_doc(info: VersionInfo) -> dict[str, Any]:
-    return {
+    doc: dict[str, Any] = {
         "version": info.version,
         "manifest": info.manifest_target,
         "manifest_sha256": info.manifest_sha256,
         "model": info.model_target,
         "sha256": info.model_sha256,
     }
+    # Hardware variants (hub.registry.variants): manifest/model above stay the generic files,
+    # which agents that know no variants install; the others are listed in order of preference.
+    m = info.manifest
+    if m is not None and (m.variant is not None or m.variants):  # tests build infos without one
+        prefix = f"models/{info.model}/{info.version}/"
+        doc["variant"] = m.variant.name if m.variant is not None else ""
+        doc["variants"] = [
+            {
+                "name": v.name,
+                "requires": list(v.requires),
+                "manifest": prefix + v.manifest,
+                "manifest_sha256": v.manifest_sha256,
+                "model": prefix + v.model,
+                "sha256": v.sha256,
+            }
+            for v in m.variants
+        ]
+    return doc
 
 
 def canonical_json(doc: Any) -> bytes:

@@ -70,7 +70,12 @@ def current_rows(s: Session, model_id: int | None = None) -> list[tuple[Deployme
 
 def blob_referenced(s: Session, digest: str) -> bool:
     query = select(VersionRow.id).where(
-        or_(VersionRow.model_sha256 == digest, VersionRow.manifest_sha256 == digest)
+        or_(
+            VersionRow.model_sha256 == digest,
+            VersionRow.manifest_sha256 == digest,
+            # a hardware variant's file, listed (by hash) in a version's manifest
+            VersionRow.manifest.contains(digest, autoescape=True),
+        )
     )
     return s.scalar(query.limit(1)) is not None
 

@@ -31,7 +31,7 @@ with its own lifecycle rules.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -49,6 +49,7 @@ from hub.registry.blobs import Blobs, sha256_hex
 from hub.registry.db import Database, DeploymentRow, GroupRow, ModelRow, TokenRow, VersionRow
 from hub.registry.records import Deployment, Experiment, GroupInfo, ModelInfo, TokenInfo, VersionInfo
 from hub.registry.validate import Limits, check_model_runs, check_package
+from hub.registry.variants import check_variants, variant_digests
 
 T = TypeVar("T")
 
@@ -85,14 +86,20 @@ class Registry:
 
     # -- models and versions -----------------------------------------------------------------
 
-    def push_version(self, manifest_bytes: bytes, model_bytes: bytes) -> VersionInfo:
-        """Validate and store a package; PackageRejected or ConflictError change nothing."""
+    def push_version(
+        self, manifest_bytes: bytes, model_bytes: bytes, variant_files: Mapping[str, bytes] | None = None
+    ) -> VersionInfo:
+        """Validate and store a package; PackageRejected or ConflictError change nothing.
+
+        `variant_files`: the package's other files by name, where the hardware variants its
+        manifest lists are (hub.registry.variants); each is checked like a package and stored."""
         manifest = check_package(manifest_bytes, model_bytes, self.limits)
         with self.db.session() as s:  # early answer, before the costly onnxruntime checks
             model = s.scalar(select(ModelRow).where(ModelRow.name == manifest.name))
             if model is not None:
                 self._check_new_version(s, model, manifest.version)
         check_model_runs(manifest, model_bytes)
+        variants = check_variants(manifest, variant_files or {}, self.limits)
         fresh: list[str] = []  # blobs this push added, to remove if it fails
 
         def store(s: Session) -> VersionInfo:
@@ -117,8 +124,11 @@ class Registry:
             s.flush()
             # Inside the transaction: on SQLite no other process can delete these blobs
             # between this write and the commit that references them.
-            for data, digest in ((model_bytes, row.model_sha256), (manifest_bytes, row.manifest_sha256)):
-                if not self.blobs.exists(digest):
+            blobs = [(model_bytes, row.model_sha256), (manifest_bytes, row.manifest_sha256)]
+            for v in variants:
+                blobs += [(v.model_bytes, v.entry.sha256), (v.manifest_bytes, v.entry.manifest_sha256)]
+            for data, digest in blobs:
+                if digest not in fresh and not self.blobs.exists(digest):
                     fresh.append(digest)
                     self.blobs.put(data)
             return q.to_version_info(model.name, row, manifest)
@@ -189,7 +199,9 @@ class Registry:
                             select(func.max(VersionRow.version)).where(VersionRow.model_id == model.id)
                         )
                         model.last_version = remaining or 0
-                    for digest in sorted({row.model_sha256, row.manifest_sha256}):
+                    for digest in sorted(
+                        {row.model_sha256, row.manifest_sha256} | variant_digests(row.manifest)
+                    ):
                         if not q.blob_referenced(s, digest) and (path := self.blobs.take(digest)):
                             held.append((digest, path))
             except BaseException:
@@ -207,6 +219,8 @@ class Registry:
                 with self._writing("collecting unused blobs") as s:
                     used = set(s.scalars(select(VersionRow.model_sha256)))
                     used |= set(s.scalars(select(VersionRow.manifest_sha256)))
+                    for text in s.scalars(select(VersionRow.manifest)):
+                        used |= variant_digests(text)  # hardware variants the manifests list
                     for digest in self.blobs.hashes():
                         if digest not in used and (path := self.blobs.take(digest)):
                             held.append((digest, path))
