@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.errors import AgentError, ModelLoadError, PackageError, UpdateError
 from agent.runtime.registry import LoadedVersion
-from agent.update.canary import Assignment, Choice, Experiment, choose
+from agent.update.canary import AssignedVersion, Assignment, Choice, Experiment, choose
 from agent.update.lifecycle import Action, ActionKind, Event, EventKind, State, UpdateRecord, VersionRef, step
 from agent.update.probation import LatencyWindow, Outcome, ProbationTracker
 from agent.update.state_file import StateFile
@@ -140,7 +140,7 @@ class UpdateRunner:
             log.warning("update check failed: %s", exc)
             return False
         self.last_check.update(ok=True, error=None, note=None, serial=assignment.serial)
-        choice = choose(assignment, self.agent.config.device_id)
+        choice = choose(assignment, self.agent.config.device_id, self.agent.hardware.tags)
         self._choice = choice
         target = choice.ref
         r = self.record
@@ -177,7 +177,7 @@ class UpdateRunner:
             self._end_experiment("the experiment changed")
         assert choice.arm is not None
         try:
-            lv = await self._load_arm(arm, choice.arm.manifest_sha256)
+            lv = await self._load_arm(arm, choice.arm.manifest_sha256, _targets(choice.arm))
             stable = self.agent.registry.get(arm.model)
             if lv.manifest.inputs != stable.manifest.inputs:
                 raise ModelLoadError(
@@ -199,7 +199,9 @@ class UpdateRunner:
         self.experiment = (arm, terms, salt)
         self._experiment_event("started", arm, terms, None)
 
-    async def _load_arm(self, arm: VersionRef, manifest_sha256: str) -> LoadedVersion:
+    async def _load_arm(
+        self, arm: VersionRef, manifest_sha256: str, targets: tuple[str, str] | None = None
+    ) -> LoadedVersion:
         registry = self.agent.registry
         if not registry.is_loaded(arm.model, arm.version):
             try:
@@ -217,6 +219,7 @@ class UpdateRunner:
                             self.experiment_downloads,
                             manifest_sha256=manifest_sha256,
                             model_sha256=arm.sha256,
+                            targets=targets,
                         )
                     )
                     installed = await self._blocking(self.agent.store.install, path)
@@ -345,12 +348,20 @@ class UpdateRunner:
         if delay_s > 0:
             await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))
         choice = self._choice
-        manifest_sha = choice.version.manifest_sha256 if choice is not None and choice.ref == v else None
+        picked = choice.version if choice is not None and choice.ref == v else None
+        manifest_sha = picked.manifest_sha256 if picked is not None else None
+        # The hardware variant chosen for this device: only its two files are downloaded.
+        targets = _targets(picked) if picked is not None else None
         shutil.rmtree(self.downloads, ignore_errors=True)
         try:
             path = await self._blocking(
                 lambda: self.client.fetch_version(
-                    v.model, v.version, self.downloads, manifest_sha256=manifest_sha, model_sha256=v.sha256
+                    v.model,
+                    v.version,
+                    self.downloads,
+                    manifest_sha256=manifest_sha,
+                    model_sha256=v.sha256,
+                    targets=targets,
                 )
             )
         except UpdateError as exc:
@@ -515,3 +526,9 @@ class UpdateRunner:
                 "reference_p50_s": t.reference_p50_s,
             }
         return doc
+
+
+def _targets(version: AssignedVersion) -> tuple[str, str]:
+    """The target paths the assignment names for the files of a version: the hardware variant
+    picked for this device (agent.update.canary.pick_variant), or the generic ones."""
+    return version.manifest, version.model
