@@ -96,7 +96,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings = replace(settings, public_url=f"http://{shown}:{port}")
     app = create_app(settings)
     log.info("serving on http://%s:%s (API /api/v1, TUF /tuf)", host, port)
-    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning", access_log=False)
+    # h11 rather than httptools: it bounds the request line and headers it buffers
+    # (max_header_bytes; beyond, 400 and the connection closed), where uvicorn's httptools
+    # protocol accepts headers of any size into memory.
+    uvicorn.run(
+        app,
+        host=host.strip("[]"),
+        port=int(port),
+        log_level="warning",
+        access_log=False,
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+    )
     return 0
 
 

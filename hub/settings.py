@@ -56,6 +56,18 @@ class HubSettings:
     s3_endpoint_url: str = ""  # empty: AWS S3; e.g. http://127.0.0.1:9000 for MinIO
     s3_region: str = ""  # empty: boto3's default (AWS_DEFAULT_REGION or the profile's)
     max_upload_bytes: int = 256 * 1024 * 1024
+    # Request limits (hub.api.guard): bodies other than package uploads (413 beyond; uploads
+    # may be max_upload_bytes plus 8 MiB of archive), the request line and headers together
+    # (refused by the HTTP server beyond), and token buckets: per operator token for /api,
+    # per client address for /api requests without a valid token and failed dashboard logins
+    # (429 with Retry-After). In memory per hub process: N processes allow N times the rate.
+    # A rate of 0 turns that limit off. The TUF files are not rate limited.
+    max_request_bytes: int = 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    api_rate_per_s: float = 50.0
+    api_burst: int = 200
+    anon_rate_per_s: float = 1.0
+    anon_burst: int = 30
     refresh_interval_s: float = 60.0  # how often expiring TUF metadata is checked and re-signed
     # Expiry of online metadata, in seconds (short in tests, days in production).
     timestamp_expiry_s: float = 86400.0

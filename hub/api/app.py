@@ -46,6 +46,8 @@ from hub import __version__, migrations, objectstore
 from hub.api.alerting import add_alerting_routes
 from hub.api.capture import add_capture_routes
 from hub.api.experiments import add_experiment_routes
+from hub.api.guard import Guard, RequestLimits, Throttle, operator_name, upload_limit
+from hub.api.params import INT_MAX, Version, VersionQuery
 from hub.api.rollouts import add_rollout_routes
 from hub.api.upload import read_package_tar
 from hub.capture.store import CaptureStore
@@ -62,8 +64,8 @@ log = logging.getLogger("outpost-hub")
 
 class DeploymentRequest(BaseModel):
     model: str
-    stable: int = Field(ge=1)
-    candidate: int | None = Field(default=None, ge=1)
+    stable: int = Field(ge=1, le=INT_MAX)
+    candidate: int | None = Field(default=None, ge=1, le=INT_MAX)
     percent: int = Field(default=0, ge=0, le=100)
     salt: str | None = None
     # {"mode": "ab", "weight": 1..99} or {"mode": "shadow", "sample": 1..100}; see hub.experiments
@@ -115,6 +117,11 @@ def version_json(v: VersionInfo) -> dict[str, Any]:
         "quantization": m.quantization,
         "targets": [v.manifest_target, v.model_target],
     }
+
+
+# A push's body, read as a stream (not by FastAPI), named in the spec so that clients and the
+# API fuzzer (tests/hub/test_api_fuzz.py) know what it is.
+_TAR_BODY = {"content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}
 
 
 class _TufFiles(StaticFiles):
@@ -292,6 +299,9 @@ class Hub:
 
 def operator(request: Request) -> str:
     """The name of the operator token the request carries; AuthError (401) otherwise."""
+    checked = operator_name(request.scope)  # hub.api.guard checked it before the body was read
+    if checked is not None:
+        return checked
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -350,7 +360,7 @@ def _fleet_routes(app: FastAPI, hub: Hub) -> None:
     async def fleet_summary(
         _actor: Operator,
         model: str,
-        version: Annotated[int | None, Query(ge=1)] = None,
+        version: VersionQuery = None,
         since: str | None = None,
         until: str | None = None,
         group: str | None = None,
@@ -367,7 +377,7 @@ def _fleet_routes(app: FastAPI, hub: Hub) -> None:
     async def fleet_drift(
         _actor: Operator,
         model: str,
-        version: Annotated[int | None, Query(ge=1)] = None,
+        version: VersionQuery = None,
         since: str | None = None,
         until: str | None = None,
         group: str | None = None,
@@ -384,7 +394,7 @@ def _fleet_routes(app: FastAPI, hub: Hub) -> None:
         since: str | None = None,
         kind: str | None = None,
         model: str | None = None,
-        version: Annotated[int | None, Query(ge=1)] = None,
+        version: VersionQuery = None,
         device: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     ) -> list[dict[str, Any]]:
@@ -406,6 +416,30 @@ def _fleet_routes(app: FastAPI, hub: Hub) -> None:
         result: dict[str, Any] = await threaded(hub.command)(device_id, req)
         log.info("%s sent %s to device %s", actor, req.command, device_id)
         return result
+
+
+def _guard(app: FastAPI, hub: Hub) -> None:
+    """Size limits, the token checked before anything is read, rate limits (hub.api.guard)."""
+    s = hub.settings
+    limits = RequestLimits(
+        max_request_bytes=s.max_request_bytes,
+        max_upload_bytes=s.max_upload_bytes,
+        api_rate_per_s=s.api_rate_per_s,
+        api_burst=s.api_burst,
+        anon_rate_per_s=s.anon_rate_per_s,
+        anon_burst=s.anon_burst,
+    )
+    try:
+        throttle = Throttle(limits)
+    except ValueError as exc:
+        raise SettingsError(f"hub settings: {exc}") from exc
+    app.state.throttle = throttle  # the dashboard's login spends from it too
+
+    async def authenticate(token: str) -> str | None:
+        name: str | None = await run_in_threadpool(hub.registry.verify_token, token)
+        return name
+
+    app.add_middleware(Guard, limits=limits, throttle=throttle, authenticate=authenticate)
 
 
 def create_app(settings: HubSettings) -> FastAPI:
@@ -432,6 +466,7 @@ def create_app(settings: HubSettings) -> FastAPI:
         description="Model registry, signed TUF distribution and per-group deployments.",
     )
     app.state.hub = hub
+    _guard(app, hub)
 
     @app.exception_handler(HubError)
     async def hub_error(_request: Request, exc: HubError) -> JSONResponse:
@@ -443,9 +478,9 @@ def create_app(settings: HubSettings) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"ok": True, "version": __version__}
 
-    @app.post("/api/v1/models/{name}/versions", status_code=201)
+    @app.post("/api/v1/models/{name}/versions", status_code=201, openapi_extra={"requestBody": _TAR_BODY})
     async def push(name: str, request: Request, actor: Operator) -> dict[str, Any]:
-        limit = settings.max_upload_bytes + 8 * 1024 * 1024
+        limit = upload_limit(settings.max_upload_bytes)  # hub.api.guard counts the body too
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
@@ -472,12 +507,12 @@ def create_app(settings: HubSettings) -> FastAPI:
         return {"name": name, "versions": [version_json(v) for v in versions]}
 
     @app.get("/api/v1/models/{name}/versions/{version}")
-    async def version(name: str, version: int, _actor: Operator) -> dict[str, Any]:
+    async def version(name: str, version: Version, _actor: Operator) -> dict[str, Any]:
         info = await threaded(hub.registry.get_version)(name, version)
         return {**version_json(info), "manifest": info.manifest.to_json()}
 
     @app.delete("/api/v1/models/{name}/versions/{version}", status_code=204)
-    async def delete_version(name: str, version: int, _actor: Operator) -> Response:
+    async def delete_version(name: str, version: Version, _actor: Operator) -> Response:
         await threaded(hub.delete_version)(name, version)
         return Response(status_code=204)
 

@@ -31,7 +31,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from hub import __version__
+from hub.api.guard import Throttle, client_address
 from hub.api.params import Version
+from hub.api.ratelimit import retry_after
 from hub.dashboard import data, session
 from hub.errors import HubError
 from hub.registry import tokens
@@ -89,6 +91,50 @@ def _capture_download(app: FastAPI, hub: Hub, operator: Callable[[Request], Awai
         return export_response(await load(CaptureQueries(hub.db, hub.registry).export, req))
 
 
+def _session_routes(app: FastAPI, hub: Hub, render: Callable[..., HTMLResponse]) -> None:
+    """POST /login and /logout."""
+
+    @app.post("/login", include_in_schema=False)
+    async def login(
+        request: Request, token: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/"
+    ) -> Response:
+        # Failed logins spend the address's budget (hub.api.guard); once it is spent, no token
+        # is even looked up until it refills, so guessing tokens here does not pay.
+        throttle: Throttle | None = getattr(request.app.state, "throttle", None)
+        address = client_address(request.scope)
+        wait = throttle.anonymous(address, spend=False) if throttle is not None else 0.0
+        if wait > 0:
+            error = f"Too many failed logins from your address: try again in {retry_after(wait)} s."
+            page = render("login.html", status=429, next=safe_next(next), error=error)
+            page.headers["Retry-After"] = retry_after(wait)
+            return page
+        token = token.strip()
+        name = await run_in_threadpool(hub.registry.verify_token, token)
+        if name is None:
+            if throttle is not None:
+                throttle.anonymous(address, spend=True)
+            error = "That token is unknown or revoked."
+            return render("login.html", status=401, next=safe_next(next), error=error)
+        value = session.issue(name, tokens.token_hash(token), time.time())
+        response = RedirectResponse(safe_next(next), status_code=303)
+        response.set_cookie(
+            session.COOKIE,
+            value,
+            max_age=session.SESSION_S,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout() -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(session.COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+
 def mount(app: FastAPI, hub: Hub) -> None:
     env = Environment(
         loader=PackageLoader("hub.dashboard", "templates"),
@@ -127,33 +173,7 @@ def mount(app: FastAPI, hub: Hub) -> None:
     async def login_form(next: str | None = None) -> HTMLResponse:
         return render("login.html", next=safe_next(next), error=None)
 
-    @app.post("/login", include_in_schema=False)
-    async def login(
-        request: Request, token: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/"
-    ) -> Response:
-        token = token.strip()
-        name = await run_in_threadpool(hub.registry.verify_token, token)
-        if name is None:
-            error = "That token is unknown or revoked."
-            return render("login.html", status=401, next=safe_next(next), error=error)
-        value = session.issue(name, tokens.token_hash(token), time.time())
-        response = RedirectResponse(safe_next(next), status_code=303)
-        response.set_cookie(
-            session.COOKIE,
-            value,
-            max_age=session.SESSION_S,
-            path="/",
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
-        return response
-
-    @app.post("/logout", include_in_schema=False)
-    async def logout() -> Response:
-        response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(session.COOKIE, path="/", httponly=True, samesite="strict")
-        return response
+    _session_routes(app, hub, render)
 
     @app.get("/", include_in_schema=False)
     async def fleet(request: Request) -> HTMLResponse:

@@ -40,6 +40,18 @@ CASES: list[Any] = [
         {"model": "m", "group": "g", "candidate": 2, "min_requests": 2**63},
         id="rollout-min-requests",
     ),
+    pytest.param("GET", f"/api/v1/fleet/alerts?version={HUGE}", None, id="alerts-version"),
+    pytest.param("GET", f"/api/v1/fleet/summary?model=m&version={HUGE}", None, id="summary-version"),
+    pytest.param("GET", f"/api/v1/fleet/drift?model=m&version={INT32}", None, id="drift-version"),
+    pytest.param("GET", f"/api/v1/models/m/versions/{HUGE}", None, id="model-version"),
+    pytest.param("DELETE", f"/api/v1/models/m/versions/{INT32}", None, id="delete-version"),
+    pytest.param("PUT", "/api/v1/groups/g/deployment", {"model": "m", "stable": INT32}, id="deploy-stable"),
+    pytest.param(
+        "PUT",
+        "/api/v1/groups/g/deployment",
+        {"model": "m", "stable": 1, "candidate": HUGE},
+        id="deploy-candidate",
+    ),
     pytest.param("GET", f"/api/v1/capture/m/{-HUGE}/export?limit=1", None, id="capture-version"),
     pytest.param("GET", f"/api/v1/capture/m/1/export?limit={2**63}", None, id="capture-limit"),
 ]

@@ -1,0 +1,171 @@
+"""The hub's operator API fuzzed from its own OpenAPI spec (schemathesis), against the real
+outpost-hub process over loopback HTTP, with a real Mosquitto behind it.
+
+Two passes over every /api/v1 operation the spec lists:
+
+- with the operator token: no generated request (valid or not) gets a 5xx;
+- without a token, or with a wrong one: every answer is 401 (never 2xx, 4xx of another kind
+  or 5xx): nothing under /api is read, parsed or acted on before the token is checked.
+
+The hub is a throwaway, seeded with a model (two versions) deployed to a group, so deploys,
+rollbacks, rollouts, captures and deletes reach past "not found". Bounded and reproducible:
+few examples per operation, derandomized (the same cases on every run), a per-request timeout
+so a streaming answer (the capture export) cannot hang the run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+
+from tests.support.broker import Mosquitto, mosquitto_available
+from tests.support.hubproc import HubProcess
+from tests.support.packages import affine_package
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed"),
+]
+
+# Per operation and pass; OUTPOST_FUZZ_EXAMPLES=500 digs deeper by hand.
+MAX_EXAMPLES = int(os.environ.get("OUTPOST_FUZZ_EXAMPLES", "25"))
+REQUEST_TIMEOUT_S = 15.0
+FUZZ = settings(
+    max_examples=MAX_EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+# A push's body is a tar archive (application/x-tar in the spec): sent as the bytes generated.
+schemathesis.serializer.alias("application/x-tar", "application/octet-stream")
+
+
+def tar_of(directory: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("manifest.json", "model.onnx"):
+            tar.add(directory / name, arcname=name)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fuzz_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    root = tmp_path_factory.mktemp("fuzz")
+    broker = Mosquitto(root / "broker").start()
+    # No rate limits: thousands of requests from one address and token would be 429s.
+    hub = HubProcess(root / "hub", settings={"api_rate_per_s": 0.0, "anon_rate_per_s": 0.0})
+    hub.start(mqtt_url=broker.url)
+    try:
+        for version in (1, 2):
+            package = tar_of(affine_package(root / f"affine-{version}", version=version))
+            answer = hub.api("POST", "/api/v1/models/affine/versions", data=package)
+            assert answer.status_code == 201, answer.text
+        answer = hub.api("PUT", "/api/v1/groups/lab/deployment", json={"model": "affine", "stable": 1})
+        assert answer.status_code == 200, answer.text
+        rollout = {"model": "affine", "candidate": 2, "group": "lab"}
+        answer = hub.api("POST", "/api/v1/rollouts", json=rollout)
+        assert answer.status_code == 201, answer.text
+        yield hub
+    finally:
+        hub.kill()
+        broker.kill()
+
+
+# Path parameters that name what the seeded hub has, so that cases get past "not found".
+SEEDED: dict[str, Any] = {"name": "affine", "model": "affine", "group": "lab", "device_id": "dev-1"}
+SEEDED_IDS: dict[str, Any] = {"version": 1, "rollout_id": 1}
+
+
+@pytest.fixture(scope="module")
+def operations(fuzz_hub: HubProcess) -> list[Any]:
+    schema = schemathesis.openapi.from_url(fuzz_hub.url + "/openapi.json")
+    found = [result.ok() for result in schema.get_all_operations()]
+    api = [op for op in found if op.path.startswith("/api/")]
+    assert len(api) >= 30, [op.label for op in api]  # the spec lists the whole API
+    return api
+
+
+def cases(operation: Any) -> st.SearchStrategy[schemathesis.Case]:
+    """Valid and invalid requests, with path parameters generated, or naming the seeded
+    model, group and device (ids generated), or those and the seeded ids."""
+    names = {p.name for p in operation.path_parameters}
+    strategies = [operation.as_strategy(mode) for mode in GenerationMode]
+    for seeded in ({**SEEDED}, {**SEEDED, **SEEDED_IDS}):
+        given = {k: v for k, v in seeded.items() if k in names}
+        if given:
+            strategies += [operation.as_strategy(mode, path_parameters=given) for mode in GenerationMode]
+    return st.one_of(strategies)
+
+
+Check = Callable[[schemathesis.Case, Counter[int]], str | None]
+
+
+def fuzz_one(operation: Any, check: Check) -> tuple[list[str], Counter[int]]:
+    found: list[str] = []
+    statuses: Counter[int] = Counter()
+
+    @FUZZ
+    @given(case=cases(operation))
+    def run(case: schemathesis.Case) -> None:
+        problem = check(case, statuses)
+        if problem is not None and len(found) < 3:
+            found.append(problem)
+
+    run()
+    return found, statuses
+
+
+def fuzz(operations: list[Any], check: Check) -> None:
+    """Runs `check` on generated cases of every operation; fails listing the problems found
+    (three per operation at most). The answers' status codes per operation are printed
+    (`pytest -s` shows them) to see how deep the cases reach."""
+    problems: list[str] = []
+    for operation in operations:
+        found, statuses = fuzz_one(operation, check)
+        print(f"{operation.method.upper():6} {operation.path}: {dict(sorted(statuses.items()))}")
+        problems += found
+    assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.timeout(600)
+def test_no_server_error(operations: list[Any], fuzz_hub: HubProcess) -> None:
+    auth = {"Authorization": f"Bearer {fuzz_hub.token}"}
+
+    def check(case: schemathesis.Case, statuses: Counter[int]) -> str | None:
+        response = case.call(headers=auth, timeout=REQUEST_TIMEOUT_S)
+        statuses[response.status_code] += 1
+        if response.status_code < 500:
+            return None
+        return f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}\n" + (
+            case.as_curl_command(headers=auth)
+        )
+
+    fuzz(operations, check)
+
+
+@pytest.mark.timeout(600)
+def test_no_access_without_a_token(operations: list[Any], fuzz_hub: HubProcess) -> None:
+    def check(case: schemathesis.Case, statuses: Counter[int]) -> str | None:
+        for auth in ({}, {"Authorization": "Bearer not-a-token"}):
+            response = case.call(headers=auth, timeout=REQUEST_TIMEOUT_S)
+            statuses[response.status_code] += 1
+            if response.status_code != 401:
+                answer = f"{response.status_code}: {response.text[:300]}"
+                return f"{case.method} {case.formatted_path} {auth} -> {answer}"
+        return None
+
+    fuzz(operations, check)
