@@ -75,3 +75,21 @@ def test_memory_is_bounded_full_buckets_forgotten_first() -> None:
 @pytest.mark.parametrize(("wait", "header"), [(0.01, "1"), (1.0, "1"), (1.2, "2"), (30.0, "30")])
 def test_retry_after_is_whole_seconds(wait: float, header: str) -> None:
     assert retry_after(wait) == header
+
+
+def test_the_readme_shows_the_limits_defaults() -> None:
+    """README.md's "Request limits" block says what hub.settings defaults to."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from hub.settings import HubSettings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Request limits", 1)[1]
+    block = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert block is not None
+    shown = tomllib.loads(block.group(1))
+    defaults = HubSettings(Path("."))
+    assert shown == {key: getattr(defaults, key) for key in shown}
+    assert set(shown) >= {"max_request_bytes", "max_header_bytes", "api_rate_per_s", "anon_rate_per_s"}
