@@ -87,13 +87,15 @@ def _mismatch(generic: Manifest, entry: VariantFile, manifest: Manifest) -> str 
     return None
 
 
-def variant_files(uploads: list[VariantUpload]) -> dict[str, bytes]:
-    """Target file name -> bytes, to sign beside manifest.json and model.onnx."""
-    files: dict[str, bytes] = {}
-    for u in uploads:
-        files[u.entry.manifest] = u.manifest_bytes
-        files[u.entry.model] = u.model_bytes
-    return files
+def files_to_sign(manifest: Manifest, files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The listed variants' files (target file name -> bytes) to sign beside manifest.json and
+    model.onnx; `files` are the upload's (the registry checked them)."""
+    return {name: files[name] for v in manifest.variants for name in (v.manifest, v.model)}
+
+
+def variant_targets(model: str, version: int, manifest: Manifest) -> list[str]:
+    """The TUF target paths of a version's variant files."""
+    return [f"models/{model}/{version}/{n}" for v in manifest.variants for n in (v.manifest, v.model)]
 
 
 def variant_digests(manifest_text: str) -> set[str]:

@@ -164,3 +164,18 @@ def test_an_uploaded_archive_gives_the_listed_variant_files(package: dict[str, b
     upload = read_package_tar(buf.getvalue(), 1 << 24)
     assert upload.manifest == package["manifest.json"] and upload.model == package["model.onnx"]
     assert upload.files == {k: package[k] for k in ("manifest.int8.json", "model.int8.onnx")}
+
+
+def test_files_to_sign_and_their_targets(package: dict[str, bytes]) -> None:
+    from agent.package.manifest import parse_manifest
+    from hub.registry.variants import files_to_sign, variant_targets
+
+    manifest = parse_manifest(json.loads(package["manifest.json"]))
+    assert files_to_sign(manifest, package) == {
+        "manifest.int8.json": package["manifest.int8.json"],
+        "model.int8.onnx": package["model.int8.onnx"],
+    }
+    assert variant_targets(NAME, 1, manifest) == [
+        f"models/{NAME}/1/manifest.int8.json",
+        f"models/{NAME}/1/model.int8.onnx",
+    ]
