@@ -56,6 +56,7 @@ from hub.experiments.service import refuse_beside_rollout
 from hub.fleet import AlertRules, DriftSettings, FleetConsumer, FleetQueries, FleetStore, FleetUnavailable
 from hub.registry import Database, Deployment, Limits, Registry, VersionInfo
 from hub.registry.deployments import KEEP_CAPTURE, parse_capture, parse_experiment
+from hub.registry.variants import files_to_sign, variant_targets
 from hub.settings import HubSettings, SettingsError
 from hub.signing import KeyStore, SignedRepository
 
@@ -115,7 +116,7 @@ def version_json(v: VersionInfo) -> dict[str, Any]:
         "inputs": [asdict(s) for s in m.inputs],
         "outputs": [asdict(s) for s in m.outputs],
         "quantization": m.quantization,
-        "targets": [v.manifest_target, v.model_target],
+        "targets": [v.manifest_target, v.model_target, *variant_targets(v.model, v.version, m)],
     }
 
 
@@ -219,12 +220,17 @@ class Hub:
 
     def push(self, data: bytes, actor: str) -> dict[str, Any]:
         upload = read_package_tar(data, self.settings.max_upload_bytes)
-        info = self.registry.push_version(upload.manifest, upload.model)
+        info = self.registry.push_version(upload.manifest, upload.model, upload.files)
         try:
             models_version = self.repo.add_model_version(
                 info.model,
                 info.version,
-                {"manifest.json": upload.manifest, "model.onnx": upload.model},
+                # The hardware variants' files are signed too, each its own target.
+                {
+                    "manifest.json": upload.manifest,
+                    "model.onnx": upload.model,
+                    **files_to_sign(info.manifest, upload.files),
+                },
             )
         except BaseException:
             log.exception("signing %s version %d failed; removing it again", info.model, info.version)
