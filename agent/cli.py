@@ -42,6 +42,9 @@ def _print_status(doc: dict[str, Any]) -> None:
         f"  socket: {server.get('socket')}  tcp: {server.get('tcp') or 'off'}  "
         f"connections: {server.get('connections')}"
     )
+    hardware = doc.get("hardware")
+    if isinstance(hardware, dict):
+        print(f"  hardware: {' '.join(hardware.get('tags', []))} ({hardware.get('source')})")
     models = doc.get("models", [])
     if not models:
         print("  no models installed (outpost-agent install PACKAGE)")
@@ -52,6 +55,11 @@ def _print_status(doc: dict[str, Any]) -> None:
             if v.get("state") == "ready":
                 mark = "*" if v.get("default") else " "
                 print(f"   {mark} v{v['version']} ready, batching {v.get('batching')}")
+                variant = f"variant {v['variant']}, " if v.get("variant") else ""
+                providers = ", ".join(v.get("providers") or []) or "?"
+                note = v.get("providers_note")
+                why = f" ({note})" if note and note != "as configured" else ""
+                print(f"       {variant}on {providers}{why}")
             else:
                 print(f"     v{v['version']} {v.get('state')}: {v.get('reason')}")
 

@@ -28,6 +28,9 @@ def test_unavailable_provider_falls_back_to_cpu_and_status_says_why(tmp_path: Pa
         assert "falling back to CPUExecutionProvider" in agent.log()
         status, _, _ = agent.request("POST", "/v2/models/affine/infer", _one_row())
         assert status == 200
+        printed = agent.cli("status").stdout
+        assert "  hardware: arch:" in printed and "(detected)" in printed
+        assert f"on {CPU} ({CUDA} is not available in this onnxruntime build" in printed
 
 
 def test_configured_hardware_tags_replace_detection(tmp_path: Path) -> None:
