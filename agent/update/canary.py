@@ -226,18 +226,43 @@ class Assignment:
         )
 
 
-def choose(assignment: Assignment, device_id: str, hardware: frozenset[str] | None = None) -> Choice:
+def variant_by_hash(version: AssignedVersion, sha256: str) -> AssignedVersion | None:
+    """The variant of `version` (the generic files included) whose model has this SHA-256."""
+    if version.sha256 == sha256:
+        return dataclasses.replace(version, variants=())
+    for v in version.variants:
+        if v.sha256 == sha256:
+            return AssignedVersion(version.version, v.manifest, v.model, v.sha256, v.manifest_sha256, v.name)
+    return None
+
+
+def choose(
+    assignment: Assignment,
+    device_id: str,
+    hardware: frozenset[str] | None = None,
+    keep: VersionRef | None = None,
+) -> Choice:
     """Stable or candidate for this device: the candidate when its bucket is under `percent`.
 
     With an experiment, a device in the bucket keeps the stable version (the update life cycle's
     target) and takes the candidate as the experiment's arm instead. Each version is the variant
-    that fits `hardware` (the device's tags; None: the generic files)."""
+    that fits `hardware` (the device's tags; None: the generic files), except `keep` (the version
+    this device runs): a version is installed once, so a device whose tags changed keeps the
+    variant of it that it has, and picks afresh from the next version on."""
     if not isinstance(device_id, str) or not device_id:
         raise ValueError("choose: device_id must be a non-empty string")
+
+    def pick(version: AssignedVersion) -> AssignedVersion:
+        if keep is not None and (keep.model, keep.version) == (assignment.model, version.version):
+            kept = variant_by_hash(version, keep.sha256)
+            if kept is not None:
+                return kept
+        return pick_variant(version, hardware)
+
     b = bucket(assignment.salt, device_id)
-    stable = pick_variant(assignment.stable, hardware)
+    stable = pick(assignment.stable)
     if assignment.candidate is not None and b < assignment.percent:
-        candidate = pick_variant(assignment.candidate, hardware)
+        candidate = pick(assignment.candidate)
         if assignment.experiment is not None:
             return Choice(stable, "stable", b, assignment.model, assignment.experiment, candidate)
         return Choice(candidate, "candidate", b, assignment.model)

@@ -12,6 +12,7 @@ from agent.errors import AssignmentError, PackageError
 from agent.package.manifest import Manifest, ModelFile, TensorSpec, Variant, VariantFile, parse_manifest
 from agent.runtime.hardware import meets
 from agent.update.canary import AssignedVersion, Assignment, choose, pick_variant
+from agent.update.lifecycle import VersionRef
 
 
 def sha(text: str) -> str:
@@ -257,3 +258,21 @@ def test_a_requirement_must_be_tags() -> None:
         doc["variant"] = {"name": "int8", "requires": bad}
         with pytest.raises(PackageError, match="requires"):
             parse_manifest(doc)
+
+
+def test_a_device_keeps_the_variant_it_runs_of_a_version() -> None:
+    """Tags that change (a new provider, a corrected hardware_tags) do not swap the variant of a
+    version installed already (versions are immutable on disk); the next version is picked afresh."""
+    a = Assignment.parse(assignment(candidate=True, percent=100))
+    runs_int8 = VersionRef("wine", 3, sha("int8-3"))
+    choice = choose(a, "dev-1", frozenset({"arch:x86_64"}), keep=runs_int8)
+    assert (choice.version.version, choice.version.variant) == (3, "int8")
+    assert choice.ref == runs_int8
+    runs_generic = VersionRef("wine", 3, sha("fp32-3"))
+    assert choose(a, "dev-1", frozenset({"cpu:vnni"}), keep=runs_generic).version.variant == "fp32"
+    # An older version kept says nothing about the candidate: it is picked by the tags.
+    older = VersionRef("wine", 2, sha("int8-2"))
+    assert choose(a, "dev-1", frozenset({"arch:x86_64"}), keep=older).version.variant == "fp32"
+    # A hash that is none of the version's variants: picked by the tags.
+    other = VersionRef("wine", 3, sha("something else"))
+    assert choose(a, "dev-1", frozenset({"cpu:vnni"}), keep=other).version.variant == "int8"
