@@ -9,7 +9,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
@@ -23,11 +22,26 @@ MAX_UPLOAD = 65536
 UPLOAD_LIMIT = MAX_UPLOAD + 8 * 1024 * 1024  # hub.api.guard.upload_limit
 
 
-def raw_request(hub: HubProcess, head: bytes, body: bytes = b"", timeout: float = 10.0) -> bytes:
-    """Sends `head` (and `body`) on a fresh connection; the answer's first bytes."""
+def raw_request(hub: HubProcess, head: bytes, timeout: float = 10.0) -> bytes:
+    """Sends `head` on a fresh connection; the answer, its head and the body its
+    Content-Length announces (or up to the connection's end)."""
     with socket.create_connection(("127.0.0.1", hub.port), timeout=timeout) as s:
-        s.sendall(head + body)
-        return s.recv(4096)
+        s.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := s.recv(65536)):
+            answer += chunk
+        top, _, body = answer.partition(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in top.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        while len(body) < length and (chunk := s.recv(65536)):
+            body += chunk
+        return top + b"\r\n\r\n" + body
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +140,13 @@ def test_oversized_headers_are_refused(sized_hub: HubProcess) -> None:
     assert answer.startswith(b"HTTP/1.1 400"), answer
 
 
-@pytest.fixture
-def limited_hub(tmp_path: Path) -> Iterator[HubProcess]:
-    settings = {"api_rate_per_s": 2.0, "api_burst": 5, "anon_rate_per_s": 1.0, "anon_burst": 3}
-    hub = HubProcess(tmp_path / "data", settings=settings).start()
+RATE = 0.5  # a token every 2 s: slow enough that a loaded test machine cannot refill a bucket mid-test
+
+
+@pytest.fixture(scope="module")
+def limited_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    settings = {"api_rate_per_s": RATE, "api_burst": 5, "anon_rate_per_s": RATE, "anon_burst": 3}
+    hub = HubProcess(tmp_path_factory.mktemp("limited") / "data", settings=settings).start()
     yield hub
     hub.kill()
 
@@ -142,39 +159,62 @@ def new_token(hub: HubProcess, name: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def client(address: str) -> dict[str, str]:
+    """Headers (a new dict: HubProcess.api adds to it) of requests as if from `address`:
+    uvicorn takes X-Forwarded-For from a proxy on 127.0.0.1, so each test is a client of its
+    own (and the reverse-proxy case is tested on the way)."""
+    return {"X-Forwarded-For": address}
+
+
 def test_each_operator_token_has_its_bucket(limited_hub: HubProcess) -> None:
-    other = new_token(limited_hub, "ci")
-    answers = [limited_hub.api("GET", "/api/v1/models").status_code for _ in range(5)]
-    assert answers == [200] * 5
-    refused = limited_hub.api("GET", "/api/v1/models")
+    one, other = new_token(limited_hub, "one"), new_token(limited_hub, "other")
+
+    def models(token: str) -> requests.Response:
+        return limited_hub.api("GET", "/api/v1/models", token=token, headers=client("10.0.0.1"))
+
+    assert [models(one).status_code for _ in range(5)] == [200] * 5
+    refused = models(one)
     assert refused.status_code == 429
-    assert refused.headers["Retry-After"] == "1"
-    assert "'operator'" in refused.json()["detail"]
-    assert limited_hub.api("GET", "/api/v1/models", token=other).status_code == 200  # its own bucket
-    time.sleep(0.6)  # 2 tokens a second: one is back
-    assert limited_hub.api("GET", "/api/v1/models").status_code == 200
+    assert 1 <= int(refused.headers["Retry-After"]) <= 2
+    assert "'one'" in refused.json()["detail"]
+    assert models(other).status_code == 200  # its own bucket
+    time.sleep(1 / RATE + 0.1)  # one token is back
+    assert models(one).status_code == 200
 
 
 def test_requests_without_a_valid_token_are_limited_per_address(limited_hub: HubProcess) -> None:
-    answers = [limited_hub.api("GET", "/api/v1/models", auth=False).status_code for _ in range(2)]
-    answers.append(limited_hub.api("GET", "/api/v1/models", token="wrong").status_code)
+    token = new_token(limited_hub, "anon-test")
+    here, elsewhere = "10.0.0.2", "10.0.0.3"
+    answers = [
+        limited_hub.api("GET", "/api/v1/models", auth=False, headers=client(here)).status_code
+        for _ in range(2)
+    ]
+    answers.append(limited_hub.api("GET", "/api/v1/models", token="wrong", headers=client(here)).status_code)
     assert answers == [401, 401, 401]
-    refused = limited_hub.api("GET", "/api/v1/models", token="wrong")
+    refused = limited_hub.api("GET", "/api/v1/models", token="wrong", headers=client(here))
     assert refused.status_code == 429
     assert int(refused.headers["Retry-After"]) >= 1
-    # While the address is over its budget, its tokens are not even looked up.
-    assert limited_hub.api("GET", "/api/v1/models").status_code == 429
+    # While the address is over its budget, its tokens are not even looked up; other addresses go on.
+    assert limited_hub.api("GET", "/api/v1/models", token=token, headers=client(here)).status_code == 429
+    assert limited_hub.api("GET", "/api/v1/models", token=token, headers=client(elsewhere)).status_code == 200
+    assert limited_hub.api("GET", "/api/v1/models", auth=False, headers=client(elsewhere)).status_code == 401
     # The TUF files are not limited: devices have no token, and many share one address.
     for _ in range(20):
-        assert requests.get(limited_hub.url + "/tuf/metadata/timestamp.json", timeout=10).status_code == 200
-    time.sleep(1.1)
-    assert limited_hub.api("GET", "/api/v1/models").status_code == 200
+        tuf = requests.get(limited_hub.url + "/tuf/metadata/timestamp.json", headers=client(here), timeout=10)
+        assert tuf.status_code == 200
+    time.sleep(1 / RATE + 0.1)
+    assert limited_hub.api("GET", "/api/v1/models", token=token, headers=client(here)).status_code == 200
 
 
 def test_failed_dashboard_logins_are_limited_per_address(limited_hub: HubProcess) -> None:
     def login(token: str) -> requests.Response:
+        form = {"token": token, "next": "/"}
         return requests.post(
-            limited_hub.url + "/login", data={"token": token, "next": "/"}, allow_redirects=False, timeout=10
+            limited_hub.url + "/login",
+            data=form,
+            headers=client("10.0.0.4"),
+            allow_redirects=False,
+            timeout=10,
         )
 
     assert [login("guess").status_code for _ in range(3)] == [401, 401, 401]
@@ -182,5 +222,5 @@ def test_failed_dashboard_logins_are_limited_per_address(limited_hub: HubProcess
     assert refused.status_code == 429
     assert int(refused.headers["Retry-After"]) >= 1
     assert "Too many" in refused.text
-    time.sleep(1.1)
+    time.sleep(1 / RATE + 0.1)
     assert login(limited_hub.token).status_code == 303
