@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.errors import AgentError, ModelLoadError, PackageError, UpdateError
+from agent.runtime.memory import MIB
 from agent.runtime.registry import LoadedVersion
 from agent.update.canary import AssignedVersion, Assignment, Choice, Experiment, choose
 from agent.update.lifecycle import Action, ActionKind, Event, EventKind, State, UpdateRecord, VersionRef, step
@@ -78,6 +79,10 @@ class UpdateRunner:
         self._bad_arms: set[str] = set()  # arms (by model hash) that failed here: not tried again
         self.experiment_last: dict[str, Any] | None = None  # its last start, end or failure
         self.experiment_downloads = data / "staging" / "experiment"
+        # The memory budget (agent.runtime.budget) never evicts what the machine holds; whether the
+        # committed version stays warm beside the last candidate, and why not.
+        agent.budget.holds = self._holds
+        self.probation_memory: dict[str, Any] | None = None
 
     # -- what start-up loads ------------------------------------------------------------
 
@@ -316,6 +321,8 @@ class UpdateRunner:
             self._start_probation(v)
         elif kind in (ActionKind.COMMIT, ActionKind.FALL_BACK):
             self._end_probation()
+            if kind is ActionKind.FALL_BACK:
+                await self._room_for_fall_back(v, action.leaving)
             await self._serve(v)
             self._unload(action.leaving)
         elif kind is ActionKind.MARK_BAD:
@@ -401,6 +408,7 @@ class UpdateRunner:
         registry = self.agent.registry
         if not registry.is_loaded(v.model, v.version):
             try:
+                await self._room_for_probation(v)
                 await self._load_from_store(v)
             except (ModelLoadError, PackageError) as exc:
                 registry.record_failure(v.model, v.version, str(exc))
@@ -411,8 +419,87 @@ class UpdateRunner:
     async def _load_from_store(self, v: VersionRef) -> None:
         """Load an installed version beside the others; the default version stays as it is."""
         installed = await self._blocking(self.agent.store.get, v.model, v.version)
-        lv = await self._blocking(self.agent.registry.load, installed)
+        self.agent.budget.admit(installed.manifest)  # ModelLoadError when it does not fit
+        lv = await self._blocking(self.agent.budget.load, installed)
         self.agent.registry.add(lv, make_default=False)
+
+    # -- the memory budget -------------------------------------------------------------------
+
+    def _holds(self) -> dict[tuple[str, int], str]:
+        """Versions the memory budget must not evict: the committed one and the pending one."""
+        r = self.record
+        held: dict[tuple[str, int], str] = {}
+        if r.current is not None:
+            held[(r.current.model, r.current.version)] = "committed version"
+        if r.pending is not None:
+            held[(r.pending.model, r.pending.version)] = f"update ({r.state.value})"
+        return held
+
+    async def _room_for_probation(self, v: VersionRef) -> None:
+        """Keep the committed version warm beside the candidate only when the budget has room for
+        both; otherwise unload it before the candidate loads (a fall back reloads it from disk).
+        When the candidate does not fit even alone, nothing is unloaded: its load is refused."""
+        current = self.record.current
+        registry = self.agent.registry
+        if (
+            current is None
+            or current.model != v.model
+            or not registry.is_loaded(current.model, current.version)
+        ):
+            return
+        installed = await self._blocking(self.agent.store.get, v.model, v.version)
+        both = self.agent.budget.plan(installed.manifest)
+        doc: dict[str, Any] = {
+            "candidate": str(v),
+            "previous": str(current),
+            "previous_warm": True,
+            "reason": None,
+        }
+        if not both.fits:
+            alone = self.agent.budget.plan(installed.manifest, without=[(current.model, current.version)])
+            if not alone.fits:
+                return
+            free = max(0, both.budget - both.used)
+            doc["previous_warm"] = False
+            doc["reason"] = (
+                f"memory budget: {v} needs ~{both.needed / MIB:.1f} MiB, {free / MIB:.1f} MiB free with "
+                f"{current} loaded; {current} is unloaded during the probation and a fall back reloads "
+                "it from disk (slower, and the model answers 503 while the candidate loads)"
+            )
+            log.warning("update: %s", doc["reason"])
+            state = self.record.state.value
+            self._report(
+                {
+                    "event": "previous_unloaded",
+                    "from": state,
+                    "to": state,
+                    "version": current.to_json(),
+                    "reason": doc["reason"],
+                }
+            )
+            lv = registry.remove(current.model, current.version)
+            if lv is not None:
+                lv.observer = None  # the reference latency it gave stays: the candidate is judged on it
+        self.probation_memory = doc
+
+    async def _room_for_fall_back(self, v: VersionRef | None, leaving: VersionRef | None) -> None:
+        """Falling back to a version that is not loaded (the budget had no room to keep it warm):
+        unload the version left first when both do not fit, so the reload is not refused."""
+        registry = self.agent.registry
+        if v is None or leaving is None or registry.is_loaded(v.model, v.version):
+            return
+        if not registry.is_loaded(leaving.model, leaving.version):
+            return
+        try:
+            installed = await self._blocking(self.agent.store.get, v.model, v.version)
+        except PackageError:
+            return  # _serve says why it cannot serve it
+        if self.agent.budget.plan(installed.manifest).fits:
+            return  # reloaded beside it, then the one left goes: no gap
+        log.warning("update: falling back to %s: unloading %s first to make room (memory budget)", v, leaving)
+        self._unload(leaving)
+        if self.probation_memory is not None:
+            self.probation_memory = {**self.probation_memory, "fell_back": f"{v} reloaded from disk"}
 
     async def _serve(self, v: VersionRef | None) -> None:
         """Make `v` its model's default version (None: leave the model to its normal policy).
@@ -514,6 +601,7 @@ class UpdateRunner:
                 else None
             ),
             "experiment_last": self.experiment_last,
+            "probation_memory": self.probation_memory,
             "events": list(self.events)[-20:],
         }
         if self._choice is not None:

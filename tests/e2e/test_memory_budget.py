@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,10 +27,12 @@ import pytest
 from onnx import numpy_helper
 
 from agent.package.manifest import SelfTest, Tensor, TensorSpec, parse_manifest
+from agent.package.store import write_package_tar
 from agent.runtime.memory import estimate
+from tests.e2e.test_update import Traffic, device, served_version, update_status, wait_for
 from tests.support.agentproc import AgentProcess
 from tests.support.hubproc import HubProcess
-from tests.support.packages import affine_model, write_package
+from tests.support.packages import FAST_PROBATION, affine_model, wine_versions, write_package
 
 pytestmark = pytest.mark.e2e
 
@@ -217,5 +220,74 @@ def test_the_least_recently_used_unpinned_version_is_evicted_to_make_room(tmp_pa
         assert "evicted gamma v1 to make room for beta v1" in agent.log()
         # a reload does not bring the evicted version back (it would only evict another)
         assert agent.json("POST", "/v1/reload")[1] == {"loaded": [], "failed": []}
+    finally:
+        agent.kill()
+
+
+def padded_wine(tmp_path: Path) -> tuple[Path, Path]:
+    """Wine v1 with the padding and a short probation (archive and directory), and version 3: the
+    same, failing on real traffic (examples.broken_versions)."""
+    from examples.broken_versions import make_failing_variant
+
+    archive = wine_versions(tmp_path / "wine", (1,))[1]
+    unpacked = tmp_path / "wine-padded"
+    unpacked.mkdir()
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            (unpacked / member.name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    model = padded(onnx.load(str(unpacked / "model.onnx")))
+    raw = model.SerializeToString()
+    (unpacked / "model.onnx").write_bytes(raw)
+    manifest = json.loads((unpacked / "manifest.json").read_text())
+    import hashlib
+
+    manifest["model"] = {**manifest["model"], "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+    manifest["probation"] = FAST_PROBATION
+    (unpacked / "manifest.json").write_text(json.dumps(manifest))
+    v1 = tmp_path / "wine-padded-1.tar"
+    write_package_tar(unpacked, v1)
+    return v1, make_failing_variant(unpacked, tmp_path, 3)
+
+
+def test_probation_without_room_for_two_keeps_no_previous_warm_and_still_falls_back(
+    tmp_path: Path, hub: HubProcess
+) -> None:
+    v1, v3 = padded_wine(tmp_path)
+    each = estimate_mb(tmp_path / "wine-padded")
+    (tmp_path / "calibrate").mkdir()
+    calibrate = device(tmp_path / "calibrate", hub)
+    calibrate.start(wait_ready=False)
+    try:
+        base = float(memory(calibrate)["baseline_mb"])
+    finally:
+        calibrate.kill()
+    limit = math.ceil(base + 1.5 * each)  # one version, not two
+    agent = device(tmp_path, hub)
+    config = agent.config.read_text()
+    agent.config.write_text(config.replace("[server]", f"[runtime]\nmemory_budget_mb = {limit}\n[server]"))
+    hub.outpost("push", str(v1), "--quiet")
+    hub.outpost("deploy", "wine", "1", "--group", "lab")
+    agent.start(wait_ready=False)
+    try:
+        wait_for("v1 to serve", lambda: served_version(agent) == "1")
+        with Traffic(agent) as traffic:
+            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed", agent=agent)
+            hub.outpost("push", str(v3), "--quiet")
+            hub.outpost("deploy", "wine", "3", "--group", "lab")
+            wait_for("the fall back", lambda: update_status(agent)["state"] == "rolled_back", agent=agent)
+        st = update_status(agent)
+        events = [e["event"] for e in st["events"]]
+        assert "previous_unloaded" in events and "probation_failed" in events, events
+        pm = st["probation_memory"]
+        assert pm["previous_warm"] is False
+        assert pm["reason"].startswith("memory budget: wine v3")
+        assert pm["fell_back"].startswith("wine v1 (") and pm["fell_back"].endswith("reloaded from disk")
+        assert "v1" in st["current"]
+        assert served_version(agent) == "1"
+        # the candidate's own errors on probation, and 503s while it loaded with v1 unloaded
+        assert all(f.startswith(("500", "503")) for f in traffic.failures), traffic.failures[:3]
+        mem = memory(agent)
+        assert mem["used_mb"] <= limit and mem["refused"] == 0
+        assert [(v["model"], v["version"]) for v in mem["versions"]] == [("wine", 1)]
     finally:
         agent.kill()
