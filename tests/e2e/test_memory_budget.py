@@ -47,9 +47,9 @@ def hub(tmp_path: Path) -> Iterator[HubProcess]:
     process.kill()
 
 
-def padded(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+def padded(model: onnx.ModelProto, seed: int = 0, floats: int = PAD_FLOATS) -> onnx.ModelProto:
     """The model with an initializer no node reads: a bigger file, the same graph."""
-    pad = np.random.default_rng(seed).standard_normal(PAD_FLOATS).astype(np.float32)
+    pad = np.random.default_rng(seed).standard_normal(floats).astype(np.float32)
     model.graph.initializer.append(numpy_helper.from_array(pad, "unused_padding"))
     return model
 
@@ -224,36 +224,47 @@ def test_the_least_recently_used_unpinned_version_is_evicted_to_make_room(tmp_pa
         agent.kill()
 
 
-def padded_wine(tmp_path: Path) -> tuple[Path, Path]:
-    """Wine v1 with the padding and a short probation (archive and directory), and version 3: the
-    same, failing on real traffic (examples.broken_versions)."""
+def _repackage(unpacked: Path, archive: Path, version: int, floats: int) -> Path:
+    """The wine package in `unpacked` as `version`, padded with `floats` unused weights, with a
+    short probation; written as `archive` (and its directory beside it)."""
+    import hashlib
+
+    out = archive.with_suffix("")
+    out.mkdir()
+    raw = padded(onnx.load(str(unpacked / "model.onnx")), seed=version, floats=floats).SerializeToString()
+    (out / "model.onnx").write_bytes(raw)
+    manifest = json.loads((unpacked / "manifest.json").read_text())
+    manifest["version"] = version
+    manifest["model"] = {**manifest["model"], "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+    manifest["probation"] = FAST_PROBATION
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_package_tar(out, archive)
+    return archive
+
+
+def wine_packages(tmp_path: Path) -> dict[str, Path]:
+    """Wine v1 padded (archive "v1", directory "v1-dir"); v2 padded four times as much ("big":
+    it fits no budget made for v1); v3, v1 failing on real traffic (examples.broken_versions)."""
     from examples.broken_versions import make_failing_variant
 
     archive = wine_versions(tmp_path / "wine", (1,))[1]
-    unpacked = tmp_path / "wine-padded"
-    unpacked.mkdir()
+    plain = tmp_path / "wine-plain"
+    plain.mkdir()
     with tarfile.open(archive) as tar:
         for member in tar.getmembers():
-            (unpacked / member.name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
-    model = padded(onnx.load(str(unpacked / "model.onnx")))
-    raw = model.SerializeToString()
-    (unpacked / "model.onnx").write_bytes(raw)
-    manifest = json.loads((unpacked / "manifest.json").read_text())
-    import hashlib
-
-    manifest["model"] = {**manifest["model"], "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
-    manifest["probation"] = FAST_PROBATION
-    (unpacked / "manifest.json").write_text(json.dumps(manifest))
-    v1 = tmp_path / "wine-padded-1.tar"
-    write_package_tar(unpacked, v1)
-    return v1, make_failing_variant(unpacked, tmp_path, 3)
+            (plain / member.name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    v1 = _repackage(plain, tmp_path / "wine-padded-1.tar", 1, PAD_FLOATS)
+    return {
+        "v1": v1,
+        "v1-dir": v1.with_suffix(""),
+        "big": _repackage(plain, tmp_path / "wine-padded-2.tar", 2, 4 * PAD_FLOATS),
+        "failing": make_failing_variant(v1.with_suffix(""), tmp_path, 3),
+    }
 
 
-def test_probation_without_room_for_two_keeps_no_previous_warm_and_still_falls_back(
-    tmp_path: Path, hub: HubProcess
-) -> None:
-    v1, v3 = padded_wine(tmp_path)
-    each = estimate_mb(tmp_path / "wine-padded")
+def budget_device(tmp_path: Path, hub: HubProcess, room_mb: float) -> tuple[AgentProcess, int]:
+    """A device of group lab whose budget leaves `room_mb` beside its baseline (taken from a first
+    run of the same configuration without a budget)."""
     (tmp_path / "calibrate").mkdir()
     calibrate = device(tmp_path / "calibrate", hub)
     calibrate.start(wait_ready=False)
@@ -261,18 +272,65 @@ def test_probation_without_room_for_two_keeps_no_previous_warm_and_still_falls_b
         base = float(memory(calibrate)["baseline_mb"])
     finally:
         calibrate.kill()
-    limit = math.ceil(base + 1.5 * each)  # one version, not two
+    limit = math.ceil(base + room_mb)
     agent = device(tmp_path, hub)
     config = agent.config.read_text()
     agent.config.write_text(config.replace("[server]", f"[runtime]\nmemory_budget_mb = {limit}\n[server]"))
+    return agent, limit
+
+
+def committed_v1(agent: AgentProcess, hub: HubProcess, v1: Path) -> None:
     hub.outpost("push", str(v1), "--quiet")
     hub.outpost("deploy", "wine", "1", "--group", "lab")
     agent.start(wait_ready=False)
+    wait_for("v1 to serve", lambda: served_version(agent) == "1")
+    with Traffic(agent):
+        wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed", agent=agent)
+
+
+def test_an_assigned_version_that_does_not_fit_is_a_failed_install_while_v1_serves(
+    tmp_path: Path, hub: HubProcess
+) -> None:
+    packages = wine_packages(tmp_path)
+    each = estimate_mb(packages["v1-dir"])
+    agent, limit = budget_device(tmp_path, hub, 1.5 * each)
     try:
-        wait_for("v1 to serve", lambda: served_version(agent) == "1")
+        committed_v1(agent, hub, packages["v1"])
         with Traffic(agent) as traffic:
-            wait_for("v1 committed", lambda: update_status(agent)["state"] == "committed", agent=agent)
-            hub.outpost("push", str(v3), "--quiet")
+            hub.outpost("push", str(packages["big"]), "--quiet")
+            hub.outpost("deploy", "wine", "2", "--group", "lab")
+            wait_for("the refusal", lambda: update_status(agent)["state"] == "rolled_back", agent=agent)
+            for _ in range(20):
+                assert served_version(agent) == "1"
+        assert traffic.failures == []  # v1 was never unloaded: the candidate did not fit even alone
+        assert traffic.answers > 20
+        st = update_status(agent)
+        failed = [e for e in st["events"] if e["event"] == "load_failed"]
+        assert len(failed) == 1, st["events"]
+        assert (
+            failed[0]["reason"].startswith("wine v2 (")
+            and "memory budget: wine v2 needs ~" in failed[0]["reason"]
+        )
+        assert f"of {float(limit)} MiB are in use" in failed[0]["reason"]
+        assert "previous_unloaded" not in [e["event"] for e in st["events"]]
+        assert "v1" in st["current"]
+        mem = memory(agent)
+        assert mem["refused"] == 1 and mem["used_mb"] <= limit
+        assert [(v["model"], v["version"]) for v in mem["versions"]] == [("wine", 1)]
+    finally:
+        agent.kill()
+
+
+def test_probation_without_room_for_two_keeps_no_previous_warm_and_still_falls_back(
+    tmp_path: Path, hub: HubProcess
+) -> None:
+    packages = wine_packages(tmp_path)
+    each = estimate_mb(packages["v1-dir"])
+    agent, limit = budget_device(tmp_path, hub, 1.5 * each)  # one version, not two
+    try:
+        committed_v1(agent, hub, packages["v1"])
+        with Traffic(agent) as traffic:
+            hub.outpost("push", str(packages["failing"]), "--quiet")
             hub.outpost("deploy", "wine", "3", "--group", "lab")
             wait_for("the fall back", lambda: update_status(agent)["state"] == "rolled_back", agent=agent)
         st = update_status(agent)
