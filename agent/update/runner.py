@@ -145,7 +145,11 @@ class UpdateRunner:
             log.warning("update check failed: %s", exc)
             return False
         self.last_check.update(ok=True, error=None, note=None, serial=assignment.serial)
-        choice = choose(assignment, self.agent.config.device_id, self.agent.hardware.tags)
+        # The variant of the version running here is kept even if the tags changed since
+        # (agent.update.canary.choose): an installed version is never replaced in place.
+        choice = choose(
+            assignment, self.agent.config.device_id, self.agent.hardware.tags, keep=self.record.current
+        )
         self._choice = choice
         target = choice.ref
         r = self.record

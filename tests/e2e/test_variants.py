@@ -3,6 +3,9 @@ hardware differs; each installs and serves only the variant that fits it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +16,7 @@ from examples.train_example import NAME, TARGET, build_example
 from hub.operator_cli import main
 from tests.support.agentproc import AgentProcess
 from tests.support.hubproc import HubProcess
+from tests.support.packages import FAST_PROBATION
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +33,19 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--target", TARGET, "--name", NAME, "--version", "1", "--out", str(out), "--variants", "int8,fp32",
     ]  # fmt: skip
     assert main(argv) == 0
-    return out / f"{NAME}-1"
+    directory = out / f"{NAME}-1"
+    # A probation a test can wait for, in both variants (the generic manifest lists the int8
+    # manifest by hash, so it is written last).
+    int8 = json.loads((directory / "manifest.int8.json").read_text())
+    int8["probation"] = FAST_PROBATION
+    (directory / "manifest.int8.json").write_text(json.dumps(int8))
+    generic = json.loads((directory / "manifest.json").read_text())
+    generic["probation"] = FAST_PROBATION
+    generic["variants"][0]["manifest_sha256"] = hashlib.sha256(
+        (directory / "manifest.int8.json").read_bytes()
+    ).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(generic))
+    return directory
 
 
 @pytest.fixture
@@ -111,3 +127,58 @@ def test_each_device_installs_only_the_variant_its_hardware_fits(
     finally:
         vnni.kill()
         plain.kill()
+
+
+def update_state(agent: AgentProcess) -> dict[str, object]:
+    status: dict[str, object] = agent.json("GET", "/v1/status")[1]["update"]
+    return status
+
+
+def test_a_device_whose_tags_change_keeps_the_variant_it_runs(
+    tmp_path: Path, hub: HubProcess, package: Path
+) -> None:
+    """Installed versions are immutable: new tags (here: cpu:vnni appears) apply from the next
+    version on, and the variant running now is neither swapped nor marked bad."""
+    hub.outpost("push", str(package), "--quiet")
+    hub.outpost("deploy", NAME, "1", "--group", "lab")
+    agent = device(tmp_path, hub, "dev-1", PLAIN)
+    agent.start(wait_ready=False)
+    stop = threading.Event()
+
+    def traffic() -> None:  # probation needs answers
+        while not stop.is_set():
+            try:
+                infer(agent)
+            except (OSError, AssertionError):
+                time.sleep(0.05)
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and serving_variant(agent) is None:
+            time.sleep(0.2)
+        worker.start()
+        while time.monotonic() < deadline and update_state(agent)["state"] != "committed":
+            time.sleep(0.2)
+        assert update_state(agent)["state"] == "committed", agent.log()[-3000:]
+        stop.set()
+        worker.join(10)
+        agent.kill()
+
+        again = device(tmp_path, hub, "dev-1", VNNI)  # the same data_dir, new tags
+        again.start()
+        agent = again
+        checks = update_state(again)["last_check"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and update_state(again)["last_check"] == checks:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few more polls at 0.3 s
+        state = update_state(again)
+        assert state["state"] == "committed", state
+        assert state["bad"] == [] and state["pending"] is None, state
+        assert serving_variant(again) == "fp32"
+        assert files_under(again.data_dir) == {"model.onnx"}
+        assert "is already installed with a different model" not in again.log()
+    finally:
+        stop.set()
+        agent.kill()
