@@ -206,7 +206,7 @@ class MemoryBudget:
         residents = {r.key: r for r in self.residents()}
         now = time.monotonic()
         versions = []
-        for key, charge in sorted(self.ledger.charges.items()):
+        for key, charge in sorted(self.ledger.snapshot()):
             r = residents.get(key)
             entry: dict[str, Any] = {"model": key[0], "version": key[1], "loaded": r is not None}
             entry.update(version_memory(charge, self._estimates.get(key)) or {})
@@ -247,7 +247,7 @@ class MemoryBudget:
             "A version's measured cost: resident set after its load minus before",
             labels=labels,
         )
-        for (name, version), charge in sorted(ledger.charges.items()):
+        for (name, version), charge in sorted(ledger.snapshot()):
             est.add_metric([name, str(version)], charge.estimate)
             if charge.measured is not None:
                 measured.add_metric([name, str(version)], charge.measured)

@@ -187,8 +187,8 @@ def choose(what: str, budget: int, used: int, needed: int, residents: Iterable[R
 class MemoryLedger:
     """The budget's books: baseline, charges of loaded versions, reservations of loads under way.
 
-    Written on the event loop thread, except `cancel` (the loading thread, after a failed load);
-    each change is one dictionary operation.
+    Written on the event loop thread, except `settle` and `cancel` at the end of a load (the
+    loading thread); each change is one dictionary operation, and readers iterate a `snapshot`.
     """
 
     budget: int  # bytes; 0 = no budget (the books are still kept, for status)
@@ -199,7 +199,12 @@ class MemoryLedger:
 
     def used(self, without: Iterable[Key] = ()) -> int:
         skip = set(without)
-        return self.baseline + sum(c.bytes for k, c in self.charges.items() if k not in skip)
+        return self.baseline + sum(c.bytes for k, c in self.snapshot() if k not in skip)
+
+    def snapshot(self) -> list[tuple[Key, Charge]]:
+        """The charges, copied in one step: the loading thread may add or drop one meanwhile, and
+        iterating the live dict in Python code could then fail (list() copies it without a switch)."""
+        return list(self.charges.items())
 
     def decide(
         self,
@@ -236,7 +241,7 @@ class MemoryLedger:
             "used_mb": mb(used),
             "free_mb": mb(self.budget - used) if self.budget else None,
             "baseline_mb": mb(self.baseline),
-            "loading_mb": mb(sum(c.estimate for c in self.charges.values() if c.measured is None)),
+            "loading_mb": mb(sum(c.estimate for _, c in self.snapshot() if c.measured is None)),
             "refused": self.refused,
             "evicted": self.evicted,
         }
