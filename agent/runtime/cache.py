@@ -179,9 +179,10 @@ class ResponseCache:
         expires = (self.clock() if now is None else now) + self.ttl_s
         self._entries[key] = _Entry({k: _frozen(v) for k, v in outputs.items()}, nbytes, expires)
         self.bytes += nbytes
-        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-            oldest, entry = next(iter(self._entries.items()))
-            self._drop(oldest, entry)
+        entries = self._entries
+        while len(entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, entry = entries.popitem(last=False)  # the least recently used
+            self.bytes -= entry.nbytes
             self.evictions += 1
         return True
 

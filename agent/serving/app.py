@@ -38,12 +38,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 
 from agent import __version__
 from agent.errors import AgentError, NotFound, RequestError
 from agent.metrics import Metrics
-from agent.runtime.batcher import Tensors
+from agent.runtime.batcher import BatchArrays, Tensors
 from agent.runtime.cache import ResponseCache, input_key, metric_families
 from agent.runtime.registry import LoadedVersion, ModelRegistry
 from agent.serving.http import Deferred, Request, Response, error_response, json_response
@@ -174,6 +175,24 @@ def _ok(body: bytes, header_len: int | None) -> Response:
     return Response(200, body, _BINARY_CT, [(b"inference-header-content-length", b"%d" % header_len)])
 
 
+def _joined(items: list[_CacheHit], outs: list[Tensors]) -> BatchArrays | None:
+    """The hits' inputs and outputs joined along the rows, as one batch; None when they do not fit
+    together (then the monitor takes them one by one). One version's requests have the same input
+    names and datatypes (checked against its signature) and its cached answers the same outputs,
+    so only the dimensions can differ: numpy refuses to join those, and the row count is checked."""
+    if len(items) == 1:
+        return items[0].inputs, outs[0]
+    rows = sum(i.size for i in items)
+    try:
+        inputs = {k: np.concatenate([i.inputs[k] for i in items]) for k in items[0].inputs}
+        outputs = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    except (ValueError, KeyError):
+        return None
+    if any(a.shape[0] != rows for a in (*inputs.values(), *outputs.values())):
+        return None
+    return inputs, outputs
+
+
 class _CacheHit:
     """A request answered from the cache, as the monitor's batch observer sees a request (a
     `BatchItem` that is its own ticket): its inputs, rows and prediction id."""
@@ -254,6 +273,8 @@ class App:
         self._ids = itertools.count(1)
         self._infer_paths: dict[str, tuple[str, str | None]] = {}
         metrics.collectors.append(self._cache_metrics)
+        # Cache hits answered in this loop iteration, for the monitor at its end (_observe_hits).
+        self._hits: list[tuple[LoadedVersion, _CacheHit, Tensors]] = []
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -389,7 +410,9 @@ class App:
     def _answer_cached(
         self, lv: LoadedVersion, parsed: InferRequest, outputs: Tensors, started: float
     ) -> Response:
-        """A cache hit answered like the model's answer: a new prediction id, counted and observed."""
+        """A cache hit answered at once like the model's answer: a new prediction id, counted; the
+        monitor sees it at the end of the loop iteration, with the other hits of the same read
+        burst as one batch (observing hits one by one cost more than the model run they saved)."""
         if parsed.id is not None:
             prediction_id, seq = parsed.id, -1
         else:
@@ -405,13 +428,29 @@ class App:
             log.error("%s version %d: could not encode the response: %r", lv.name, lv.version, err)
             return error_response(500, f"could not encode the response: {err}")
         vm.answered(time.perf_counter() - started)
-        observer = lv.batcher.observer
-        if observer is not None:  # the monitor (and capture): as if it were a batch of its own
+        if lv.batcher.observer is not None:
+            if not self._hits:
+                asyncio.get_running_loop().call_soon(self._observe_hits)
+            self._hits.append((lv, _CacheHit(parsed.inputs, parsed.rows, prediction_id, seq), outputs))
+        return _ok(body, header_len)
+
+    def _observe_hits(self) -> None:
+        hits, self._hits = self._hits, []
+        observed: dict[int, tuple[LoadedVersion, list[_CacheHit], list[Tensors]]] = {}  # by id(lv)
+        for lv, item, outputs in hits:
+            _, items, outs = observed.setdefault(id(lv), (lv, [], []))
+            items.append(item)
+            outs.append(outputs)
+        for lv, items, outs in observed.values():
+            observer = lv.batcher.observer
+            if observer is None:  # unloaded meanwhile
+                continue
+            # As the batcher hands over a batch: the monitor (and capture) see the hits as one
+            # batch, with its arrays joined when every hit's tensors fit together.
             try:
-                observer((_CacheHit(parsed.inputs, parsed.rows, prediction_id, seq),), (outputs,), None)
+                observer(items, outs, _joined(items, outs))
             except Exception:  # the monitor's failure is its own, as in the batcher
                 log.exception("batch observer failed")
-        return _ok(body, header_len)
 
     def _cache_metrics(self) -> Iterator[Any]:
         caches: list[ResponseCache] = [lv.cache for lv in self.registry.all_loaded() if lv.cache is not None]

@@ -155,3 +155,18 @@ def test_probation_fills_the_cache_but_does_not_read_it_and_parameters_bypass() 
     assert judged == [True, True, True]  # probation saw the model's answers only
     assert runs == [1, 1, 1, 1]
     assert (lv.cache.hits, lv.cache.misses, lv.cache.bypassed) == (2, 0, 4)
+
+
+def test_hits_of_one_burst_are_observed_as_one_batch_joined_when_they_fit() -> None:
+    from agent.serving.app import _CacheHit, _joined
+
+    one = _CacheHit({"x": np.ones((1, 2), np.float32)}, 1, "a", 1)
+    two = _CacheHit({"x": np.zeros((2, 2), np.float32)}, 2, "b", 2)
+    outs = [{"y": np.ones((1, 2))}, {"y": np.zeros((2, 2))}]
+    joined = _joined([one, two], outs)
+    assert joined is not None
+    assert joined[0]["x"].shape == (3, 2) and joined[1]["y"].tolist() == [[1, 1], [0, 0], [0, 0]]
+    wide = _CacheHit({"x": np.ones((1, 3), np.float32)}, 1, "c", 3)  # another width: not joined
+    assert _joined([one, wide], [outs[0], {"y": np.ones((1, 3))}]) is None
+    odd = _CacheHit({"x": np.ones((2, 2), np.float32)}, 1, "d", 4)  # rows that do not add up
+    assert _joined([one, odd], [outs[0], {"y": np.ones((2, 2))}]) is None

@@ -4,11 +4,13 @@
 
 The workload (issue 9): 80% of the requests are drawn from 50 distinct inputs, the other 20% are
 each new (a counter written into one value of a template request: `client.RequestMix`), in one
-fixed shuffled order. Three figures per setting, the same as the main table's: the tabular model
-(JSON, one row) at 1 and 16 clients, and the conv model (binary tensors, one image) at 1 client.
-Two agents, each with both models: one with the default config (cache off) and one with
-`[runtime] cache_ttl_s = 600` (1024 entries, 16 MiB per version, the defaults); the two alternate
-(off, on, off, on: `ROUNDS`, one with --quick) so that a machine whose load drifts does not favour
+fixed shuffled order. Four figures per setting: the tabular model (JSON, one row) at 1 and 16
+clients and the conv model (binary tensors, one image) at 1 client, as in the main table, and a
+model that costs more per row than hashing its input (8 MatMuls of 1024x1024,
+tests/support/packages.slow_package; binary tensors, 16 clients). Two agents, each with the three
+models: one with the default config (cache off) and one with `[runtime] cache_ttl_s = 600` (1024
+entries, 16 MiB per version, the defaults); the two alternate (off, on, off, on: `ROUNDS`, one
+with --quick) so that a machine whose load drifts does not favour
 one, and each figure is the median of its rounds. Before each load, answers (a repeated input,
 twice, so that the second comes from the cache when it is on, and a unique one) are checked
 against onnxruntime in-process. The hit rate is the agent's own count (/v1/status) over the load.
@@ -32,7 +34,10 @@ ROUNDS = 2
 TTL_S = 600
 SENTINEL = np.float32(1.234567)  # orjson writes it as b"1.234567": the unique requests' slot
 FIGURES = (("tabular_c1", "tabular, JSON, 1 client"), ("tabular_c16", "tabular, JSON, 16 clients"),
-           ("conv_binary_c1", "conv, binary, 1 client"))  # fmt: skip
+           ("conv_binary_c1", "conv, binary, 1 client"),
+           ("mlp_binary_c16", "mlp 8x1024, binary, 16 clients"))  # fmt: skip
+# A model that costs more per row than hashing its input: 8 MatMuls of 1024x1024 (tests/support).
+MLP_WIDTH, MLP_DEPTH = 1024, 8
 
 
 def _order(seed: int = 9) -> tuple[int, ...]:
@@ -78,6 +83,19 @@ def conv_mix(image: np.ndarray) -> tuple[Any, list[np.ndarray], np.ndarray]:
     return RequestMix(pool, _order(), template, slot, "f32"), images, base
 
 
+def mlp_mix(width: int) -> tuple[Any, list[np.ndarray], np.ndarray]:
+    """The same for the MLP (model "slow") in binary tensors, its output binary too."""
+    from tests.benchmarks.client import RequestMix, binary_infer_request
+
+    rng = np.random.default_rng(5)
+    rows = [rng.standard_normal((1, width)).astype(np.float32) for _ in range(DISTINCT)]
+    pool = tuple(binary_infer_request("slow", [("x", "FP32", r)], ["y"]) for r in rows)
+    base = rng.standard_normal((1, width)).astype(np.float32)
+    template = binary_infer_request("slow", [("x", "FP32", base)], ["y"])
+    base[0, 0] = 1.0
+    return RequestMix(pool, _order(), template, len(template) - base.nbytes, "f32"), rows, base
+
+
 def _cache_counts(socket: str) -> dict[str, tuple[int, int]]:
     from tests.benchmarks.client import http_request, request_once
 
@@ -97,10 +115,12 @@ def run(packages: Any, wl: Any, st: Any, quick: bool = False) -> dict[str, Any]:
     from tests.benchmarks.client import ClientError
     from tests.benchmarks.models import CONV, TABULAR, tabular_data
     from tests.benchmarks.servers import start_agent
+    from tests.support.packages import slow_package
 
     x, _ = tabular_data(seed=1)
     tab_mix, tab_rows, tab_unique = tabular_mix(x)
     conv_m, conv_images, conv_unique = conv_mix(wl.image)
+    mlp_m, mlp_rows, mlp_unique = mlp_mix(MLP_WIDTH)
     tab = ort.InferenceSession(str(packages.tabular / "model.onnx"), providers=["CPUExecutionProvider"])
     conv = ort.InferenceSession(str(packages.conv / "model.onnx"), providers=["CPUExecutionProvider"])
 
@@ -111,23 +131,31 @@ def run(packages: Any, wl: Any, st: Any, quick: bool = False) -> dict[str, Any]:
     def conv_expected(img: np.ndarray) -> dict[str, np.ndarray]:
         return {"logits": conv.run(["logits"], {"input": img})[0]}
 
+    work = Path(tempfile.mkdtemp(prefix="ob-cache-"))
+    mlp_package = slow_package(work / "slow-1", MLP_WIDTH, MLP_DEPTH)
+    mlp = ort.InferenceSession(str(mlp_package / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def mlp_expected(x: np.ndarray) -> dict[str, np.ndarray]:
+        return {"y": mlp.run(["y"], {"x": x})[0]}
+
     plans = {
         "tabular_c1": (TABULAR, tab_mix, 1, [(tab_mix.pool[0], tab_expected(tab_rows[0])),
                                              (tab_mix.unique(0), tab_expected(tab_unique))]),
         "tabular_c16": (TABULAR, tab_mix, 16, [(tab_mix.pool[7], tab_expected(tab_rows[7]))]),
         "conv_binary_c1": (CONV, conv_m, 1, [(conv_m.pool[0], conv_expected(conv_images[0])),
                                              (conv_m.unique(0), conv_expected(conv_unique))]),
+        "mlp_binary_c16": ("slow", mlp_m, 16, [(mlp_m.pool[0], mlp_expected(mlp_rows[0])),
+                                               (mlp_m.unique(0), mlp_expected(mlp_unique))]),
     }  # fmt: skip
     rounds = 1 if quick else ROUNDS
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {k: {"off": [], "on": []} for k in plans}
-    work = Path(tempfile.mkdtemp(prefix="ob-cache-"))
     try:
         for r in range(rounds):
             for mode in ("off", "on"):
                 runtime = {"cache_ttl_s": TTL_S} if mode == "on" else {}
                 name = f"cache-{mode}-{r}"
-                with start_agent(work, name, f"agent, cache {mode}", [packages.tabular, packages.conv],
-                                 runtime) as srv:  # fmt: skip
+                with start_agent(work, name, f"agent, cache {mode}",
+                                 [packages.tabular, packages.conv, mlp_package], runtime) as srv:  # fmt: skip
                     for key, (model, mix, clients, checks) in plans.items():
                         for raw, expected in checks:
                             for _ in range(2):  # the second from the cache when it is on
@@ -200,8 +228,8 @@ def render(result: dict[str, Any], markdown: bool = False) -> str:
         "off and on alternating.",
         "",
         "| figure | req/s off | req/s on | on/off | p50 µs off | p50 µs on | p99 µs off | p99 µs on "
-        "| hit rate | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU µs/req off | on | hit rate | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, label in FIGURES:
         f = result["figures"][key]
@@ -210,7 +238,13 @@ def render(result: dict[str, Any], markdown: bool = False) -> str:
             f"| {label} | {_fmt(off['throughput_rps'], ',.0f')} | {_fmt(on['throughput_rps'], ',.0f')} | "
             f"{_fmt(f['speedup'], '.2f')} | {_fmt(off['p50_us'], ',.0f')} | {_fmt(on['p50_us'], ',.0f')} | "
             f"{_fmt(off['p99_us'], ',.0f')} | {_fmt(on['p99_us'], ',.0f')} | "
+            f"{_fmt(off['server_us_per_req'], '.1f')} | {_fmt(on['server_us_per_req'], '.1f')} | "
             f"{_fmt(on['hit_rate'] and on['hit_rate'] * 100, '.1f')}% | {off['errors'] + on['errors']} |"
         )
-    lines += ["", "- every figure's answers (a repeat twice, a unique one) checked against onnxruntime first"]
+    lines += [
+        "",
+        "- server CPU µs/req: the agent's CPU time over the window / requests answered (the figure a",
+        "  loaded machine disturbs least)",
+        "- every figure's answers (a repeat twice, a unique one) checked against onnxruntime first",
+    ]
     return "\n".join(lines)
