@@ -45,6 +45,14 @@ def _print_status(doc: dict[str, Any]) -> None:
     hardware = doc.get("hardware")
     if isinstance(hardware, dict):
         print(f"  hardware: {' '.join(hardware.get('tags', []))} ({hardware.get('source')})")
+    memory = doc.get("memory")
+    if isinstance(memory, dict):
+        limit = f"{memory.get('budget_mb')} MiB" if memory.get("budget_mb") else "no budget"
+        m = memory
+        print(
+            f"  memory: {m.get('used_mb')} MiB counted of {limit} (the agent {m.get('baseline_mb')} MiB, "
+            f"RSS now {m.get('rss_mb')} MiB; refused {m.get('refused')}, evicted {m.get('evicted')})"
+        )
     models = doc.get("models", [])
     if not models:
         print("  no models installed (outpost-agent install PACKAGE)")

@@ -175,6 +175,8 @@ def test_a_model_that_does_not_fit_is_refused_while_serving_continues(tmp_path: 
         assert 'outpost_model_memory_estimate_bytes{model="alpha",version="1"}' in metrics
         assert 'outpost_model_memory_measured_bytes{model="alpha",version="1"}' in metrics
         assert "memory budget" in agent.log()
+        out = agent.cli("status").stdout
+        assert f"MiB counted of {float(limit)} MiB" in out and "refused 1, evicted 0" in out, out
     finally:
         agent.kill()
 
