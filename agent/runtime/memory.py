@@ -36,25 +36,28 @@ from agent.package.manifest import Manifest, TensorSpec
 MIB = 1024 * 1024
 
 # The constants below come from measurements on the development machine (x86-64, onnxruntime
-# 1.32, CPU memory arena off), each package loaded in a fresh process after one warm-up session,
-# as ModelRegistry.load does it (session, self-test, batching check to 64 rows):
+# 1.32, CPU memory arena off): `python -m tests.benchmarks.memory_estimate` loads each package in
+# a fresh process with ModelRegistry.load (session, self-test, batching check to 64 rows) after
+# the runtime's warm-up, and prints the RSS it added (two runs) beside the estimate:
 #
-#   package (model file)            measured    estimate
-#   wine (6 KB, sklearn pipeline)    1.0 MiB     1.3 MiB
-#   bench-tabular (12 KB, int8 MLP)  1.1 MiB     1.3 MiB
-#   bench-conv (98 KB, 3x224x224)   37.4 MiB    38.2 MiB   (activations: 64 rows x 588 KiB input)
-#   MatMul chain 512x4 (4 MiB)       9.3 MiB     9.5 MiB
-#   MatMul chain 1024x4 (16 MiB)    30.3 MiB    33.8 MiB
-#   MatMul chain 2048x2 (32 MiB)    50.3 MiB    66.3 MiB
-#   one 1024x1024 weight shared by 8 MatMuls (4 MiB)   34.3 MiB   9.8 MiB  <- see below
+#   package (model file)                  estimate   measured
+#   wine example (6 KiB, sklearn)          2.0 MiB    1.8 / 1.8 MiB
+#   bench-tabular (12 KiB, int8 MLP)       2.0 MiB    1.9 / 1.9 MiB
+#   bench-conv (96 KiB, 3x224x224 input)  38.9 MiB   37.5 / 36.2 MiB  (64 rows x 588 KiB input)
+#   MatMul chain 512x4 (4 MiB)            10.3 MiB   10.7 / 10.8 MiB
+#   MatMul chain 1024x4 (16 MiB)          34.5 MiB   26.8 / 34.7 MiB
+#   MatMul chain 2048x2 (32 MiB)          67.0 MiB   50.7 / 50.8 MiB
+#   one 1024x1024 weight shared by 8 MatMuls (4 MiB)   10.5 MiB   34.8 / 34.8 MiB  <- see below
 #
-# onnxruntime keeps the initializers and pre-packs MatMul/Gemm/Conv weights into a second,
-# kernel-friendly copy: about 2x the file. An initializer shared by n nodes is packed n times,
-# which the file size cannot show: then the measured cost wins after the load (charge = max).
-# The first session in a process costs about 10 MiB more (thread pools, kernel registry); that
-# goes to the baseline (`registry.start_runtime`), not to any model.
+# About 1 MiB of each figure is paid once per process, by whichever model loads first (a second
+# small model in the same process adds 0.1-0.5 MiB). onnxruntime keeps the initializers and
+# pre-packs MatMul/Gemm/Conv weights into a second, kernel-friendly copy: about 2x the file. An
+# initializer shared by n nodes is packed n times, which the file size cannot show: then the
+# measured cost wins after the load (charge = max). The first session of a process costs about
+# 10 MiB more (thread pools, kernel registry): that goes to the baseline
+# (agent.runtime.process.start_runtime), not to any model.
 WEIGHT_FACTOR = 2.0  # resident bytes per byte of the ONNX file
-SESSION_OVERHEAD_BYTES = int(1.25 * MIB)  # per session: graph, kernels, allocator bookkeeping
+SESSION_OVERHEAD_BYTES = 2 * MIB  # per session: graph, kernels, allocator bookkeeping (see above)
 # Bytes of a batch's activations per byte of its inputs and outputs. Intermediates of the
 # graph are not in the manifest; 1.0 matched the conv net, whose input dominates.
 ACTIVATION_FACTOR = 1.0

@@ -93,13 +93,13 @@ def bring_in(budget: MemoryBudget, registry: FakeRegistry, m: Manifest, used: fl
     registry.add(lv, used)  # type: ignore[arg-type]
 
 
-EACH = estimate(manifest("a", 1), 64).total / MIB  # ~21.3 MiB
+EACH = estimate(manifest("a", 1), 64).total / MIB  # ~22 MiB
 
 
 def test_a_version_that_does_not_fit_is_refused_before_loading() -> None:
     budget, registry = make(budget_mb=int(50 + EACH + EACH / 2))
     bring_in(budget, registry, manifest("a", 1))
-    with pytest.raises(ModelLoadError, match=r"memory budget: b v1 needs ~21\.\d MiB"):
+    with pytest.raises(ModelLoadError, match=rf"memory budget: b v1 needs ~{EACH:.1f} MiB"):
         budget.admit(manifest("b", 1))
     assert set(registry.loaded) == {("a", 1)}
     assert budget.ledger.refused == 1
