@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -183,6 +184,34 @@ def test_data_survives_every_upgrade_and_downgrade_from_the_baseline(db: Databas
     migrations.downgrade(db, "base")
     assert hub_tables(db) == set() and migrations.current(db) is None
     migrations.upgrade(db)
+
+
+def test_two_upgrades_at_once_apply_each_revision_once(database_url: str) -> None:
+    """Two `outpost-hub migrate` (or init) at the same moment: one upgrades, the other waits for
+    it (SQLite: BEGIN IMMEDIATE; PostgreSQL: the advisory lock) and finds nothing to do."""
+    dbs = [Database(database_url), Database(database_url)]
+    barrier = threading.Barrier(2)
+    results: list[Any] = [None, None]
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = migrations.upgrade(dbs[i])
+        except Exception as exc:  # collected for the assertion
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert all(isinstance(r, migrations.Upgrade) for r in results), results
+        assert sorted(r.changed for r in results) == [False, True], results
+        assert migrations.current(dbs[0]) == migrations.head()
+    finally:
+        for d in dbs:
+            d.dispose()
 
 
 def test_a_batch_copy_that_loses_autoincrement_is_a_difference(tmp_path: Path) -> None:
