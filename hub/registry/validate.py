@@ -34,6 +34,9 @@ from agent.runtime.session import OrtSession, SessionOptions
 from hub.errors import PackageRejected, PackageTooLarge
 
 MiB = 1024 * 1024
+# The largest version number the registry can store: versions are INTEGER columns, 32-bit on
+# PostgreSQL (a larger one was a 500 from the database driver, found by fuzzing the API).
+MAX_VERSION = 2**31 - 1
 NO_SELF_TEST = (
     "manifest: self_test is missing or empty; the hub requires self-test vectors (inputs and "
     "expected outputs), because devices run them before trusting a version. `outpost package` "
@@ -85,6 +88,10 @@ def check_package(manifest_bytes: bytes, model_bytes: bytes, limits: Limits) -> 
     """Steps 1-4: sizes, manifest, self-test presence, model identity. Pure."""
     check_sizes(len(manifest_bytes), len(model_bytes), limits)
     manifest = parse_manifest_bytes(manifest_bytes)
+    if manifest.version > MAX_VERSION:
+        raise PackageRejected(
+            f"manifest: version {manifest.version} is over the largest the hub keeps, {MAX_VERSION}"
+        )
     if manifest.self_test is None or not manifest.self_test.inputs or not manifest.self_test.outputs:
         raise PackageRejected(NO_SELF_TEST)
     if len(model_bytes) != manifest.model.size:

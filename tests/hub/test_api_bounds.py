@@ -1,16 +1,21 @@
 """Regression tests for the 5xx answers the OpenAPI fuzzer (tests/hub/test_api_fuzz.py) found,
 on the real hub process: integers too large for the database's columns in paths, queries and
-bodies were an OverflowError (SQLite) or NumericValueOutOfRange (PostgreSQL) and a 500; they
-are now refused with 422 before any SQL (hub.api.params)."""
+bodies, and a pushed manifest's version, were an OverflowError (SQLite) or NumericValueOutOfRange
+(PostgreSQL) and a 500; they are now refused with 422 before any SQL (hub.api.params,
+hub.registry.validate)."""
 
 from __future__ import annotations
 
+import io
+import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.hubproc import HubProcess
+from tests.support.packages import affine_package
 
 pytestmark = pytest.mark.e2e
 
@@ -67,3 +72,15 @@ def test_out_of_range_integers_are_422(hub: HubProcess, method: str, path: str, 
 def test_dashboard_version_out_of_range_is_422(hub: HubProcess) -> None:
     answer = hub.api("GET", f"/drift/m/{HUGE}", auth=False, allow_redirects=False)
     assert answer.status_code == 422
+
+
+def test_a_package_version_over_the_database_range_is_422(hub: HubProcess, tmp_path: Path) -> None:
+    """A manifest's version past PostgreSQL's INTEGER was a 500 at the INSERT (SQLite: past 2**63)."""
+    package = affine_package(tmp_path / "affine", version=2**70)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("manifest.json", "model.onnx"):
+            tar.add(package / name, arcname=name)
+    answer = hub.api("POST", "/api/v1/models/affine/versions", data=buffer.getvalue())
+    assert answer.status_code == 422, answer.text
+    assert "over the largest the hub keeps" in answer.json()["detail"]
