@@ -12,6 +12,7 @@ import os
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ DEFAULT_HUB = "http://127.0.0.1:8700"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 300.0  # a push waits while the hub validates and signs
 CHUNK = 256 * 1024
+# A 429 (the hub's rate limits, hub.api.guard) is waited out as its Retry-After says, this many
+# times, when the wait is at most this long; past that the caller gets the refusal.
+RATE_LIMIT_RETRIES = 3
+RATE_LIMIT_MAX_WAIT_S = 30.0
 
 
 class HubRequestError(HubError):
@@ -112,9 +117,14 @@ class HubClient:
         headers["Authorization"] = f"Bearer {self.target.token}"
         url = self.target.url + path
         try:
-            resp = self.session.request(
-                method, url, headers=headers, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), **kwargs
-            )
+            for attempt in range(RATE_LIMIT_RETRIES + 1):
+                resp = self.session.request(
+                    method, url, headers=headers, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), **kwargs
+                )
+                wait = _retry_after(resp)
+                if wait is None or wait > RATE_LIMIT_MAX_WAIT_S or attempt == RATE_LIMIT_RETRIES:
+                    break
+                time.sleep(wait)
         except requests.ConnectionError:
             raise HubRequestError(
                 f"cannot reach the hub at {self.target.url}; is outpost-hub serving?"
@@ -305,6 +315,16 @@ class HubClient:
             ) from None
         except requests.RequestException as exc:
             raise HubRequestError(f"download from {self.target.url}{path} failed: {exc}") from exc
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    """The seconds a 429 asks to wait (Retry-After in seconds); None for other answers."""
+    if resp.status_code != 429:
+        return None
+    try:
+        return max(0.0, float(resp.headers.get("Retry-After", "1")))
+    except ValueError:
+        return None  # an HTTP date: not what the hub sends; give up
 
 
 def _params(**values: Any) -> dict[str, Any]:

@@ -224,3 +224,14 @@ def test_failed_dashboard_logins_are_limited_per_address(limited_hub: HubProcess
     assert "Too many" in refused.text
     time.sleep(1 / RATE + 0.1)
     assert login(limited_hub.token).status_code == 303
+
+
+def test_the_operator_cli_waits_out_a_429(limited_hub: HubProcess) -> None:
+    """hub.client (the `outpost` CLI) sleeps as Retry-After says and asks again."""
+    from hub.client import HubClient, HubTarget
+
+    client = HubClient(HubTarget(limited_hub.url, new_token(limited_hub, "cli")))
+    started = time.monotonic()
+    for _ in range(6):  # the burst is 5: the sixth waits for a token
+        assert client.models() == []
+    assert 1.0 <= time.monotonic() - started < 10.0
