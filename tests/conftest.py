@@ -15,16 +15,20 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support.postgres import PostgresServer, PostgresUnavailable
+if TYPE_CHECKING:  # imported when a test asks for PostgreSQL: agent-only runs need no SQLAlchemy
+    from tests.support.postgres import PostgresServer
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
+    from tests.support.postgres import PostgresServer, PostgresUnavailable
+
     external = os.environ.get("OUTPOST_TEST_DATABASE_URL", "")
     try:
         server = PostgresServer.external(external) if external else PostgresServer.start_private()
