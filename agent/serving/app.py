@@ -18,8 +18,9 @@ batcher's future gets a callback that encodes the answer, and the protocol
 writes it when that future completes.
 
 With a version's response cache on (agent.runtime.cache), a request whose inputs it answered
-within the time window is answered at once from the cache: a new prediction id, the same
-outputs, the version that stored them; the batcher and onnxruntime are skipped. Such a hit is
+within the time window is answered from the cache at the end of the loop iteration, with the other
+hits of the same read burst: a new prediction id, the same outputs, the version that stored them;
+the batcher and onnxruntime are skipped. Such a hit is
 still a request of that version: it is in the metrics and the monitor's window (requests,
 latency, feature and prediction counts, so drift sees its inputs), its id can be scored by
 feedback, and capture may sample it. It sends no shadow copy (the copy would cost the model run
@@ -273,8 +274,8 @@ class App:
         self._ids = itertools.count(1)
         self._infer_paths: dict[str, tuple[str, str | None]] = {}
         metrics.collectors.append(self._cache_metrics)
-        # Cache hits answered in this loop iteration, for the monitor at its end (_observe_hits).
-        self._hits: list[tuple[LoadedVersion, _CacheHit, Tensors]] = []
+        # Cache hits of this loop iteration, answered together at its end (_answer_hits).
+        self._hits: list[tuple[Deferred, LoadedVersion, InferRequest, Tensors, float]] = []
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -409,44 +410,49 @@ class App:
 
     def _answer_cached(
         self, lv: LoadedVersion, parsed: InferRequest, outputs: Tensors, started: float
-    ) -> Response:
-        """A cache hit answered at once like the model's answer: a new prediction id, counted; the
-        monitor sees it at the end of the loop iteration, with the other hits of the same read
-        burst as one batch (observing hits one by one cost more than the model run they saved)."""
-        if parsed.id is not None:
-            prediction_id, seq = parsed.id, -1
-        else:
-            seq = next(self._ids)
-            prediction_id = f"{self.id_prefix}{seq:x}"
-        vm = lv.metrics
-        try:
-            body, header_len = encode_infer_response(
-                lv.name, lv.version_str, prediction_id, outputs, parsed.outputs, parsed.binary_output
-            )
-        except Exception as err:
-            vm.failed()
-            log.error("%s version %d: could not encode the response: %r", lv.name, lv.version, err)
-            return error_response(500, f"could not encode the response: {err}")
-        vm.answered(time.perf_counter() - started)
-        if lv.batcher.observer is not None:
-            if not self._hits:
-                asyncio.get_running_loop().call_soon(self._observe_hits)
-            self._hits.append((lv, _CacheHit(parsed.inputs, parsed.rows, prediction_id, seq), outputs))
-        return _ok(body, header_len)
+    ) -> Deferred:
+        """A cache hit, answered like the model's answer (a new prediction id, counted) at the end
+        of this loop iteration, together with the other hits of the same read burst, as the inline
+        batcher answers a batch: answering each hit at once made the agent and its clients trade
+        one request per wake-up (over the socket, 16 clients got half the throughput), and observing
+        hits one by one cost more than the model run they saved."""
+        deferred = Deferred()
+        if not self._hits:
+            asyncio.get_running_loop().call_soon(self._answer_hits)
+        self._hits.append((deferred, lv, parsed, outputs, started))
+        return deferred
 
-    def _observe_hits(self) -> None:
+    def _answer_hits(self) -> None:
         hits, self._hits = self._hits, []
         observed: dict[int, tuple[LoadedVersion, list[_CacheHit], list[Tensors]]] = {}  # by id(lv)
-        for lv, item, outputs in hits:
-            _, items, outs = observed.setdefault(id(lv), (lv, [], []))
-            items.append(item)
-            outs.append(outputs)
+        for deferred, lv, parsed, outputs, started in hits:
+            if parsed.id is not None:
+                prediction_id, seq = parsed.id, -1
+            else:
+                seq = next(self._ids)
+                prediction_id = f"{self.id_prefix}{seq:x}"
+            vm = lv.metrics
+            try:
+                body, header_len = encode_infer_response(
+                    lv.name, lv.version_str, prediction_id, outputs, parsed.outputs, parsed.binary_output
+                )
+            except Exception as err:
+                vm.failed()
+                log.error("%s version %d: could not encode the response: %r", lv.name, lv.version, err)
+                deferred.resolve(error_response(500, f"could not encode the response: {err}"))
+                continue
+            vm.answered(time.perf_counter() - started)
+            deferred.resolve(_ok(body, header_len))
+            if lv.batcher.observer is not None:
+                _, items, outs = observed.setdefault(id(lv), (lv, [], []))
+                items.append(_CacheHit(parsed.inputs, parsed.rows, prediction_id, seq))
+                outs.append(outputs)
         for lv, items, outs in observed.values():
             observer = lv.batcher.observer
-            if observer is None:  # unloaded meanwhile
+            if observer is None:
                 continue
-            # As the batcher hands over a batch: the monitor (and capture) see the hits as one
-            # batch, with its arrays joined when every hit's tensors fit together.
+            # After the answers, as the batcher hands over a batch: the monitor (and capture) see
+            # the hits as one batch, with its arrays joined when every hit's tensors fit together.
             try:
                 observer(items, outs, _joined(items, outs))
             except Exception:  # the monitor's failure is its own, as in the batcher

@@ -22,6 +22,7 @@ import shutil
 import statistics
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,52 @@ def mlp_mix(width: int) -> tuple[Any, list[np.ndarray], np.ndarray]:
     template = binary_infer_request("slow", [("x", "FP32", base)], ["y"])
     base[0, 0] = 1.0
     return RequestMix(pool, _order(), template, len(template) - base.nbytes, "f32"), rows, base
+
+
+def in_process_us(package: Path, burst: int, cache: bool, n: int = 20_000) -> float:
+    """The agent's own CPU per request, without sockets: the tabular model's registry, monitor and
+    app in this process, `n` requests of the same mix (JSON bodies), `burst` per loop iteration
+    (16 clients give bursts, one client none); process CPU time / requests. A loaded machine
+    disturbs this far less than the figures over the socket."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.config import MonitorConfig, RuntimeConfig
+    from agent.metrics import Metrics
+    from agent.monitor.service import Monitor
+    from agent.package.store import Store
+    from agent.runtime.registry import ModelRegistry
+    from agent.serving.app import App
+    from agent.serving.http import Deferred
+    from tests.benchmarks.models import TABULAR, tabular_data
+
+    x, _ = tabular_data(seed=1)
+    mix, _, _ = tabular_mix(x)
+    bodies = []
+    for i in range(n):
+        pick = mix.order[i % len(mix.order)]
+        raw = mix.pool[pick] if pick >= 0 else mix.unique(i + 1)
+        bodies.append(raw[raw.index(b"\r\n\r\n") + 4 :])
+    with tempfile.TemporaryDirectory(prefix="ob-cache-") as tmp, ThreadPoolExecutor(1) as executor:
+        store = Store(Path(tmp))
+        store.prepare()
+        installed = store.install(package)
+        metrics, monitor = Metrics(), Monitor(MonitorConfig())
+        runtime = RuntimeConfig(cache_ttl_s=float(TTL_S) if cache else 0.0)
+        registry = ModelRegistry(runtime, executor, metrics, on_add=monitor.attach)
+        registry.add(registry.load(installed))
+        app = App(registry, metrics, status_info=dict)
+
+        async def main() -> float:
+            cpu = time.process_time()
+            for i in range(0, n, burst):
+                answers = [app.infer(TABULAR, None, body, None) for body in bodies[i : i + burst]]
+                while any(isinstance(a, Deferred) and a.response is None for a in answers):
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the last hits are observed
+            return (time.process_time() - cpu) / n * 1e6
+
+        return asyncio.run(main())
 
 
 def _cache_counts(socket: str) -> dict[str, tuple[int, int]]:
@@ -178,6 +225,13 @@ def run(packages: Any, wl: Any, st: Any, quick: bool = False) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    in_process: dict[str, dict[str, float]] = {}
+    for burst in (16, 1):
+        in_process[str(burst)] = {
+            mode: min(in_process_us(packages.tabular, burst, mode == "on") for _ in range(rounds + 1))
+            for mode in ("off", "on")
+        }
+
     def med(figs: list[dict[str, Any]], field: str) -> float | None:
         values = [f[field] for f in figs if f.get(field) is not None]
         return statistics.median(values) if values else None
@@ -200,6 +254,7 @@ def run(packages: Any, wl: Any, st: Any, quick: bool = False) -> dict[str, Any]:
         "workload": f"{REPEAT_SHARE:.0%} of requests drawn from {DISTINCT} distinct inputs, the rest unique",
         "config": f"[runtime] cache_ttl_s = {TTL_S} (entries and bytes at their defaults)",
         "figures": figures,
+        "in_process_us": in_process,
     }
 
 
@@ -241,6 +296,17 @@ def render(result: dict[str, Any], markdown: bool = False) -> str:
             f"{_fmt(off['server_us_per_req'], '.1f')} | {_fmt(on['server_us_per_req'], '.1f')} | "
             f"{_fmt(on['hit_rate'] and on['hit_rate'] * 100, '.1f')}% | {off['errors'] + on['errors']} |"
         )
+    ip = result.get("in_process_us") or {}
+    if ip:
+        lines += [
+            "",
+            "In process (the agent's own work on the tabular model without sockets, CPU µs per request, "
+            "best of runs):",
+            "",
+            "| requests per loop iteration | cache off | cache on |",
+            "|---|---:|---:|",
+            *(f"| {burst} | {v['off']:.1f} | {v['on']:.1f} |" for burst, v in ip.items()),
+        ]
     lines += [
         "",
         "- server CPU µs/req: the agent's CPU time over the window / requests answered (the figure a",
