@@ -11,6 +11,8 @@ What the hub publishes (see hub.signing.layout), under `<hub.url>/tuf/metadata/`
 
     groups/<group>/assignment.json       signed by the group's role (what should run here)
     models/<name>/<version>/manifest.json, model.onnx   signed by `models` (what may run)
+    models/<name>/<version>/manifest.int8.json, ...     a version's hardware variants, the same
+                                                        way (fetch_version's `targets`)
 
 Trust: the first check bootstraps from the provisioned root (`hub.trusted_root`); every check
 after that from the newest root a check verified, which this module keeps in
