@@ -329,6 +329,10 @@ class UpdateRunner:
                 await self._room_for_fall_back(v, action.leaving)
             await self._serve(v)
             self._unload(action.leaving)
+            if kind is ActionKind.COMMIT:
+                # The window held the version left behind (also when the memory budget had it
+                # unloaded already): the new committed version's answers start a new one.
+                self.reference = LatencyWindow()
         elif kind is ActionKind.MARK_BAD:
             log.warning("%s marked bad: not tried again until the assignment changes", v)
         elif kind is ActionKind.GC:
@@ -445,6 +449,7 @@ class UpdateRunner:
         When the candidate does not fit even alone, nothing is unloaded: its load is refused."""
         current = self.record.current
         registry = self.agent.registry
+        self.probation_memory = None
         if (
             current is None
             or current.model != v.model
