@@ -13,6 +13,8 @@
     │   ├── PackageRejected         an uploaded package failed validation; says why (422)
     │   │   └── PackageTooLarge     ... because it is over a size limit (413)
     │   ├── BlobCorruptError        a stored blob no longer hashes to its name (500)
+    │   ├── DatabaseUnavailable     the database cannot be reached or used right now: down,
+    │   │                           restarting, out of connections (503; retry later)
     │   └── SchemaError             the database's schema is not the one this hub runs on
     │                               (older: `outpost-hub migrate`; newer; not a hub's) (500)
     ├── AuthError                   no operator token, or an unknown or revoked one (401)
@@ -48,6 +50,13 @@ class RegistryError(HubError):
     """The model registry refuses a request, or its database cannot be used."""
 
     status = 500
+
+
+class DatabaseUnavailable(RegistryError):
+    """The database cannot be used right now (SQLAlchemy's OperationalError: a server down or
+    restarting, a connection lost, a locked SQLite file): nothing was changed; try again."""
+
+    status = 503
 
 
 class NotFoundError(RegistryError):

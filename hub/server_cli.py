@@ -84,6 +84,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         settings = replace(settings, mqtt_url=args.mqtt)
+    if args.mqtt_client_id:
+        from dataclasses import replace
+
+        settings = replace(settings, mqtt_client_id=args.mqtt_client_id)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise HubError(f"--listen: expected HOST:PORT, got {args.listen!r}")
@@ -188,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="consume fleet telemetry from this broker, mqtt://HOST:PORT (default: mqtt_url in hub.toml; "
         "empty: no MQTT)",
+    )
+    p.add_argument(
+        "--mqtt-client-id",
+        metavar="ID",
+        help="this process's MQTT client id (default: mqtt_client_id in hub.toml, else one derived from "
+        "the host and the data directory); several hub processes sharing a data directory need one each",
     )
     p.set_defaults(func=_cmd_serve)
 

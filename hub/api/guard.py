@@ -31,6 +31,7 @@ import orjson
 from starlette.exceptions import HTTPException
 
 from hub.api.ratelimit import RateLimiter, retry_after
+from hub.errors import HubError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -160,7 +161,11 @@ class Guard:
                           {"Retry-After": retry_after(wait)})  # fmt: skip
             return False
         token = bearer_token(scope)
-        name = await self.authenticate(token) if token else None
+        try:
+            name = await self.authenticate(token) if token else None
+        except HubError as exc:  # outside FastAPI's handlers: answered here (a database down: 503)
+            await _answer(send, int(getattr(exc, "status", 500)), str(exc))
+            return False
         if name is None:
             wait = self.throttle.anonymous(address, spend=True)
             if wait > 0:

@@ -59,7 +59,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
-from hub.errors import RegistryError
+from hub.errors import DatabaseUnavailable, RegistryError
 
 # How long a SQLite writer waits for another one before giving up (seconds).
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -198,7 +198,7 @@ class Database:
 
     Both commit when the block ends without an exception and roll back otherwise. A
     database that cannot be used (locked past the timeout, unreachable, disk full) raises
-    RegistryError; integrity errors are left to the caller, which knows what they mean.
+    DatabaseUnavailable (503); integrity errors are left to the caller, which knows what they mean.
     """
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
@@ -240,7 +240,7 @@ class Database:
             with engine.begin() as conn:
                 yield conn
         except sa_exc.OperationalError as exc:
-            raise RegistryError(f"the registry database cannot be used: {exc.orig}") from exc
+            raise DatabaseUnavailable(f"the registry database cannot be used: {exc.orig}") from exc
 
     @contextmanager
     def session(self, *, write: bool = False) -> Iterator[Session]:
@@ -249,7 +249,7 @@ class Database:
             with factory.begin() as session:
                 yield session
         except sa_exc.OperationalError as exc:
-            raise RegistryError(f"the registry database cannot be used: {exc.orig}") from exc
+            raise DatabaseUnavailable(f"the registry database cannot be used: {exc.orig}") from exc
 
     def dispose(self) -> None:
         """Close pooled connections (at shutdown, and in tests before deleting the file)."""

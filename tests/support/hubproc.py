@@ -31,21 +31,26 @@ class HubProcess:
         short_expiry: float = 0.0,
         settings: dict[str, Any] | None = None,
         database_url: str = "",
+        init: bool = True,
     ) -> None:
+        """`init=False`: another process of a hub already made in `data` (several hub workers
+        sharing one data directory and database)."""
         self.data = data
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data.parent / f"{data.name}.log"
+        self.log_path = data.parent / (f"{data.name}.log" if init else f"{data.name}-{self.port}.log")
         self.proc: subprocess.Popen[bytes] | None = None
-        args = [HUB_BIN, "init", "--data", str(data)]
-        if short_expiry:
-            args += ["--short-expiry", str(short_expiry)]
-        if database_url:
-            args += ["--database-url", database_url]
-        result = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
-        if result.returncode != 0:
-            raise AssertionError(f"outpost-hub init failed: {result.stderr}")
-        self.init_output = result.stdout
+        self.init_output = ""
+        if init:
+            args = [HUB_BIN, "init", "--data", str(data)]
+            if short_expiry:
+                args += ["--short-expiry", str(short_expiry)]
+            if database_url:
+                args += ["--database-url", database_url]
+            result = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+            if result.returncode != 0:
+                raise AssertionError(f"outpost-hub init failed: {result.stderr}")
+            self.init_output = result.stdout
         if settings:
             self.set_settings(**settings)
         self.token = (data / "operator.token").read_text().strip()
@@ -64,12 +69,15 @@ class HubProcess:
                 lines.append(rendered)
         path.write_text("\n".join(lines) + "\n")
 
-    def start(self, mqtt_url: str | None = None) -> HubProcess:
-        """Serve; with `mqtt_url`, also consume fleet telemetry from that broker (--mqtt)."""
+    def start(self, mqtt_url: str | None = None, client_id: str | None = None) -> HubProcess:
+        """Serve; with `mqtt_url`, also consume fleet telemetry from that broker (--mqtt), as
+        `client_id` when given (--mqtt-client-id)."""
         log = self.log_path.open("ab")
         args = [HUB_BIN, "serve", "--data", str(self.data), "--listen", f"127.0.0.1:{self.port}"]
         if mqtt_url is not None:
             args += ["--mqtt", mqtt_url]
+        if client_id is not None:
+            args += ["--mqtt-client-id", client_id]
         self.proc = subprocess.Popen(args, stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + 60

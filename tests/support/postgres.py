@@ -129,6 +129,17 @@ class PostgresServer:
         if self._cluster is not None:
             self._cluster.stop()
 
+    def halt(self) -> None:
+        """Stop a private cluster's server, keeping its data: a database outage in a test."""
+        assert self._cluster is not None, "only a private cluster can be halted"
+        self._engine.dispose()
+        self._cluster.halt()
+
+    def resume(self) -> None:
+        """Start a halted private cluster again, on the same port."""
+        assert self._cluster is not None, "only a private cluster can be resumed"
+        self._cluster.resume()
+
 
 def _ident(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -220,27 +231,36 @@ class _Cluster:
         log = self.base / "server.log"
         for attempt in range(3):  # a free port can be taken between choosing it and binding it
             self.port = _free_port()
-            options = " ".join(
-                [
-                    f"-p {self.port}",
-                    "-c listen_addresses=127.0.0.1",
-                    f"-c unix_socket_directories={self.base}",
-                    "-c fsync=off",
-                    "-c full_page_writes=off",
-                    "-c synchronous_commit=off",
-                    "-c max_connections=200",
-                    "-c shared_buffers=32MB",
-                ]
-            )
             try:
-                self._run(str(self.bindir / "pg_ctl"), "start", "-w", "-D", str(self.data), "-l", str(log),
-                          "-o", options)  # fmt: skip
+                self._start(log)
                 return
             except PostgresUnavailable:
                 if attempt == 2:
                     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                     raise PostgresUnavailable(f"the test PostgreSQL did not start: {tail}") from None
                 time.sleep(0.2)
+
+    def _start(self, log: Path) -> None:
+        options = " ".join(
+            [
+                f"-p {self.port}",
+                "-c listen_addresses=127.0.0.1",
+                f"-c unix_socket_directories={self.base}",
+                "-c fsync=off",
+                "-c full_page_writes=off",
+                "-c synchronous_commit=off",
+                "-c max_connections=200",
+                "-c shared_buffers=32MB",
+            ]
+        )
+        self._run(str(self.bindir / "pg_ctl"), "start", "-w", "-D", str(self.data), "-l", str(log),
+                  "-o", options)  # fmt: skip
+
+    def halt(self) -> None:
+        self._run(str(self.bindir / "pg_ctl"), "stop", "-m", "fast", "-w", "-D", str(self.data))
+
+    def resume(self) -> None:
+        self._start(self.base / "server.log")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
