@@ -190,6 +190,13 @@ def summary_text(doc: dict[str, Any], out: TextIO) -> None:
         f"  p95 {_ms(lat.get('p95'))}  p99 {_ms(lat.get('p99'))}{over}",
         file=out,
     )
+    if d.get("cache"):
+        c = d["cache"]
+        print(
+            f"  response cache  {c['hits']} requests answered from it, {c['misses']} by the model"
+            f" ({_pct(c['hit_rate'])} hits)",
+            file=out,
+        )
     if d.get("labelled"):
         if d.get("accuracy") is not None:
             print(f"  accuracy {_pct(d['accuracy'])} of {d['labelled']} labelled predictions", file=out)

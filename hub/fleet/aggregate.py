@@ -191,6 +191,10 @@ def derived(window: Mapping[str, Any] | None) -> dict[str, Any]:
         "accuracy": None,
         "labelled": 0,
     }
+    cache = window.get("cache")  # the devices' response caches (agent.runtime.cache), when on
+    if isinstance(cache, dict) and (cache.get("hits") or cache.get("misses")):
+        hits, misses = int(cache.get("hits", 0)), int(cache.get("misses", 0))
+        out["cache"] = {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses)}
     fb = window.get("feedback")
     if isinstance(fb, dict) and fb.get("labelled"):
         n = fb["labelled"]
