@@ -59,7 +59,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
-from hub.errors import DatabaseUnavailable, RegistryError
+from hub.errors import DatabaseUnavailable, InvalidRequestError, RegistryError
 
 # How long a SQLite writer waits for another one before giving up (seconds).
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -193,6 +193,17 @@ def _sqlite_setup(engine: Engine, in_memory: bool) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def _postgresql_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> BaseException | None:
+        # PostgreSQL's text cannot hold NUL (0x00), which SQLite's can: psycopg refuses such a
+        # parameter (DataError) and the caller got a 500 for a name, query or field with one.
+        # It is the caller's mistake, whatever the query (found by fuzzing the API).
+        if "cannot contain NUL" in str(context.original_exception):
+            return InvalidRequestError("text with a NUL character (0x00) cannot be stored or looked up")
+        return None
+
+
 class Database:
     """An engine and its sessions. `session()` reads; `session(write=True)` changes things.
 
@@ -218,6 +229,7 @@ class Database:
             _sqlite_setup(self.engine, in_memory)
         else:
             self.engine = create_engine(url, echo=echo, pool_pre_ping=True)
+            _postgresql_setup(self.engine)
         self._read = sessionmaker(bind=self.engine, expire_on_commit=False)
         self._write = sessionmaker(
             bind=self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False
