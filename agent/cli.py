@@ -68,6 +68,14 @@ def _print_status(doc: dict[str, Any]) -> None:
                 note = v.get("providers_note")
                 why = f" ({note})" if note and note != "as configured" else ""
                 print(f"       {variant}on {providers}{why}")
+                cache = v.get("cache")
+                if isinstance(cache, dict):
+                    rate = cache.get("hit_rate")
+                    print(
+                        f"       response cache: {cache.get('entries')} entries, {cache.get('bytes')} bytes, "
+                        f"{cache.get('hits')} hits, {cache.get('misses')} misses"
+                        f"{'' if rate is None else f' ({rate:.1%} hits)'}, ttl {cache.get('ttl_s')} s"
+                    )
             else:
                 print(f"     v{v['version']} {v.get('state')}: {v.get('reason')}")
 

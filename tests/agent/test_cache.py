@@ -279,3 +279,17 @@ def test_summary_window_without_a_cache_says_null() -> None:
     clock.t += 61
     mon.tick()
     assert out.of("summary")[0]["cache"] is None
+
+
+def test_status_cli_shows_a_versions_cache(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import _print_status
+
+    cache, _ = _cache()
+    cache.put(b"k", _out(1.0))
+    cache.get(b"k")
+    version = {"version": 1, "state": "ready", "default": True, "batching": "on", "cache": cache.status()}
+    _print_status({"models": [{"name": "m", "default_version": 1, "pinned": None, "versions": [version]}]})
+    assert (
+        "response cache: 1 entries, 260 bytes, 1 hits, 0 misses (100.0% hits), ttl 10.0 s"
+        in capsys.readouterr().out
+    )
