@@ -425,7 +425,11 @@ class App:
     def _answer_hits(self) -> None:
         hits, self._hits = self._hits, []
         observed: dict[int, tuple[LoadedVersion, list[_CacheHit], list[Tensors]]] = {}  # by id(lv)
+        now = time.monotonic()
         for deferred, lv, parsed, outputs, started in hits:
+            # A version that answers from its cache is in use: the memory budget's LRU clock, which
+            # the batcher keeps for the requests it runs (agent.runtime.budget).
+            lv.batcher.last_used = now
             if parsed.id is not None:
                 prediction_id, seq = parsed.id, -1
             else:

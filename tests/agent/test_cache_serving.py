@@ -134,6 +134,10 @@ def test_hits_send_no_shadow_copies_and_go_to_the_observer_with_their_own_ids() 
     assert [s[0] for s in seen] == [d["id"] for d in docs] and seen[-1][0] == "mine"
     assert all(s[1:] == (1, [1.0, 2.0], [1.0, 2.0]) for s in seen)
     assert stable.metrics.requests == 4 and stable.cache.hits == 3
+    stable.batcher.last_used = 0.0
+    asyncio.run(answer(app, body([1.0, 2.0])))
+    assert runs == [1, 2]  # a hit: no model run, and no shadow copy
+    assert stable.batcher.last_used > 0  # a hit keeps its version "recently used" for the memory budget
 
 
 def test_probation_fills_the_cache_but_does_not_read_it_and_parameters_bypass() -> None:
