@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all venv sysdeps test lint typecheck pytest demo demo-fleet bench clean
+.PHONY: all venv sysdeps test lint typecheck pytest demo demo-fleet bench bench-fleet clean
 
 all: test
 
@@ -43,6 +43,10 @@ demo-fleet: venv sysdeps
 
 bench: venv
 	$(BIN)/python -m tests.benchmarks.run
+
+# A simulated fleet against one hub and a Mosquitto (docs/benchmarks.md, "Fleet scale"); ~6 min.
+bench-fleet: venv sysdeps
+	$(BIN)/python -m tests.benchmarks.fleet_sim
 
 clean:
 	rm -rf $(VENV) out bench-results .mypy_cache .ruff_cache .pytest_cache
