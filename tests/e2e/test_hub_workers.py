@@ -189,7 +189,10 @@ def test_two_hub_processes_share_the_work_and_survive_outages(tmp_path: Path, pg
         pg.halt()
         try:
             resp = a.api("PUT", "/api/v1/groups/g5/deployment", json={"model": "wine", "stable": 1})
-            assert resp.status_code == 503 and "database" in resp.json()["detail"], (resp.status_code, resp.text)
+            assert resp.status_code == 503 and "database" in resp.json()["detail"], (
+                resp.status_code,
+                resp.text,
+            )
             assert a.api("GET", "/tuf/metadata/timestamp.json", auth=False).content == timestamp
             send(dev_a, 40, seed=4)  # two windows for v2, held by the broker and the hubs
             time.sleep(1.0)
