@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hub import __version__
 from hub.errors import HubError
-from hub.settings import DEFAULT_LISTEN, SETTINGS_FILE, HubSettings, load_settings
+from hub.settings import DEFAULT_LISTEN, SETTINGS_FILE, HubSettings, SettingsError, load_settings
 
 log = logging.getLogger("outpost-hub")
 
@@ -98,6 +98,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # On every interface: the machine's name, which a browser elsewhere can open.
         shown = socket.getfqdn() if host in ("0.0.0.0", "[::]", "::") else host
         settings = replace(settings, public_url=f"http://{shown}:{port}")
+    if settings.max_header_bytes < 1024:
+        raise SettingsError("hub settings: max_header_bytes must be at least 1024")
     app = create_app(settings)
     log.info("serving on http://%s:%s (API /api/v1, TUF /tuf)", host, port)
     # h11 rather than httptools: it bounds the request line and headers it buffers

@@ -427,15 +427,15 @@ def _fleet_routes(app: FastAPI, hub: Hub) -> None:
 def _guard(app: FastAPI, hub: Hub) -> None:
     """Size limits, the token checked before anything is read, rate limits (hub.api.guard)."""
     s = hub.settings
-    limits = RequestLimits(
-        max_request_bytes=s.max_request_bytes,
-        max_upload_bytes=s.max_upload_bytes,
-        api_rate_per_s=s.api_rate_per_s,
-        api_burst=s.api_burst,
-        anon_rate_per_s=s.anon_rate_per_s,
-        anon_burst=s.anon_burst,
-    )
     try:
+        limits = RequestLimits(
+            max_request_bytes=s.max_request_bytes,
+            max_upload_bytes=s.max_upload_bytes,
+            api_rate_per_s=s.api_rate_per_s,
+            api_burst=s.api_burst,
+            anon_rate_per_s=s.anon_rate_per_s,
+            anon_burst=s.anon_burst,
+        )
         throttle = Throttle(limits)
     except ValueError as exc:
         raise SettingsError(f"hub settings: {exc}") from exc

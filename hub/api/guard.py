@@ -62,6 +62,10 @@ class RequestLimits:
     anon_rate_per_s: float = 1.0  # per client address, requests without a valid token; 0: no limit
     anon_burst: int = 30
 
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1 or self.max_upload_bytes < 1:
+            raise ValueError("max_request_bytes and max_upload_bytes must be at least 1")
+
     def body_limit(self, method: str, path: str) -> int:
         if method == "POST" and _UPLOAD.fullmatch(path):
             return upload_limit(self.max_upload_bytes)

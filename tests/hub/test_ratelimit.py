@@ -93,3 +93,15 @@ def test_the_readme_shows_the_limits_defaults() -> None:
     defaults = HubSettings(Path("."))
     assert shown == {key: getattr(defaults, key) for key in shown}
     assert set(shown) >= {"max_request_bytes", "max_header_bytes", "api_rate_per_s", "anon_rate_per_s"}
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"max_request_bytes": 0}, {"max_upload_bytes": -1}, {"api_rate_per_s": -1.0}, {"anon_burst": 0}],
+    ids=["no-body", "negative-upload", "negative-rate", "no-burst"],
+)
+def test_bad_limits_are_refused(values: dict[str, float]) -> None:
+    from hub.api.guard import RequestLimits, Throttle
+
+    with pytest.raises(ValueError, match=r"must be|rate_per_s"):
+        Throttle(RequestLimits(**values))
