@@ -1,6 +1,6 @@
 """Reading an uploaded package: a tar archive holding manifest.json and the model it names.
 
-Pure apart from reading the bytes given: no files are written. Only regular members are
+Pure apart from reading the bytes or the file given: no files are written. Only regular members are
 looked at, by base name, and every size is bounded before anything is read.
 """
 
@@ -10,6 +10,7 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass, field
+from typing import IO, cast
 
 from agent.package.manifest import MANIFEST_FILE
 from hub.errors import PackageRejected, PackageTooLarge
@@ -36,11 +37,19 @@ def _variant_file_names(manifest: bytes) -> list[str]:
     return names
 
 
-def read_package_tar(data: bytes, max_bytes: int) -> Upload:
-    if len(data) > max_bytes:
-        raise PackageTooLarge(f"the upload is {len(data)} bytes; the hub accepts at most {max_bytes}")
+def read_package_tar(data: bytes | IO[bytes], max_bytes: int) -> Upload:
+    """The package in `data`: the archive's bytes, or a seekable file holding them (the API
+    spools an upload to a temporary file rather than keep the whole archive in memory)."""
+    if isinstance(data, bytes):
+        size, archive = len(data), cast(IO[bytes], io.BytesIO(data))
+    else:
+        archive = data
+        size = archive.seek(0, io.SEEK_END)
+        archive.seek(0)
+    if size > max_bytes:
+        raise PackageTooLarge(f"the upload is {size} bytes; the hub accepts at most {max_bytes}")
     try:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        with tarfile.open(fileobj=archive) as tar:
             members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
             manifest_member = members.get(MANIFEST_FILE)
             if manifest_member is None:
