@@ -450,6 +450,7 @@ def phase_propagation(args: argparse.Namespace, hub: HubProcess, mqtt: Mosquitto
     spec = {**common, "interval": args.interval, "window_s": args.window_s, "end_at": end,
             "telemetry": not args.no_telemetry, "target_version": 2}  # fmt: skip
     deployed: dict[str, float] = {}
+    spy = Profiler(args.out if args.profile else None, pid_of(hub), "propagation")
     import threading
 
     def deploy() -> None:
@@ -464,6 +465,7 @@ def phase_propagation(args: argparse.Namespace, hub: HubProcess, mqtt: Mosquitto
         time.sleep(args.lead)
         deployed["cpu"] = Cpu(pid_of(hub), pid_of(mqtt))  # type: ignore[assignment]
         deployed["t0"] = time.monotonic()
+        spy.start(args.interval)
         for g in groups:
             r = hub.api("PUT", f"/api/v1/groups/{g}/deployment", json={"model": MODEL, "stable": 2})
             r.raise_for_status()
@@ -513,6 +515,7 @@ def phase_propagation(args: argparse.Namespace, hub: HubProcess, mqtt: Mosquitto
         "broker_cores": cores[1],
         "load_cpu_s": [round(r["cpu_s"], 1) for r in results],
         "telemetry": spec["telemetry"],
+        "profile": spy.summary(),
     }
 
 
