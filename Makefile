@@ -44,7 +44,7 @@ demo-fleet: venv sysdeps
 bench: venv
 	$(BIN)/python -m tests.benchmarks.run
 
-# A simulated fleet against one hub and a Mosquitto (docs/benchmarks.md, "Fleet scale"); ~6 min.
+# A simulated fleet against one hub and a Mosquitto (docs/benchmarks.md, "Fleet scale"); ~8 min.
 bench-fleet: venv sysdeps
 	$(BIN)/python -m tests.benchmarks.fleet_sim
 
