@@ -10,7 +10,10 @@ as the stable version, no canary; halt or abort = the stable version alone.
 Order: a decision is first recorded with its state change under the rollout's revision
 (`RolloutStore.change`), then published. If publishing fails, the next tick publishes it again:
 while a rollout is running or paused it owns its group's assignment, and every tick puts back
-what its state asks for (a deployment made by hand meanwhile is replaced: abort first).
+what its state asks for (a deployment made by hand meanwhile is replaced: abort first). A final
+decision (complete, halt, abort) whose publishing failed, or was cut short by the process dying,
+is published by a later tick too, within SETTLE_WINDOW_S of it, as long as the group's current
+deployment is still one this rollout published (a deployment made by hand after it is left alone).
 
 A `hold` is recorded only when its reason differs from the rollout's last decision's.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from hub.errors import ConflictError, HubError, InvalidRequestError
@@ -45,6 +48,7 @@ from hub.rollouts.store import Rollout, RolloutStore
 log = logging.getLogger("outpost-hub.rollouts")
 
 DEFAULT_INTERVAL_S = 10.0
+SETTLE_WINDOW_S = 86400.0  # how long after a final decision a tick still checks it was published
 CHANGE_ATTEMPTS = 3
 
 
@@ -214,14 +218,28 @@ class RolloutService:
         return changed
 
     def tick(self) -> list[Rollout]:
-        """Evaluate every live rollout once; a failure of one is logged and does not stop the rest."""
+        """Evaluate every live rollout once; a failure of one is logged and does not stop the rest.
+        Then publish the final decisions whose publishing did not happen (see the module's Order)."""
         done = []
         for rollout in self.store.live():
             try:
                 done.append(self.evaluate(rollout))
             except HubError as exc:
                 log.error("rollout %d: evaluation failed (retrying next tick): %s", rollout.id, exc)
+        since = self.clock() - timedelta(seconds=SETTLE_WINDOW_S)
+        for rollout in self.store.ended_since(since):
+            try:
+                self.settle(rollout)
+            except HubError as exc:
+                log.error("rollout %d: publishing its %s state failed (retrying next tick): %s",
+                          rollout.id, rollout.state.value, exc)  # fmt: skip
         return done
+
+    def settle(self, rollout: Rollout) -> None:
+        """Publish a final rollout's deployment if the group still has one this rollout made."""
+        current = self.registry.current_deployment(rollout.group)
+        if current.model == rollout.model and current.created_by.startswith(f"rollout {rollout.id} ("):
+            self.apply(rollout, CONTROLLER)
 
     async def run(self) -> None:
         """The background task: `tick` every `interval_s`, off the event loop."""

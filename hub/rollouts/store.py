@@ -252,6 +252,16 @@ class RolloutStore:
         with self.db.session() as s:
             return select_rollouts(s, states=(State.RUNNING, State.PAUSED))
 
+    def ended_since(self, since: datetime) -> list[Rollout]:
+        """Rollouts that reached a final state (completed, halted, aborted) at or after `since`."""
+        with self.db.session() as s:
+            query = (
+                select(RolloutRow)
+                .where(RolloutRow.state.in_([st.value for st in FINAL]), RolloutRow.updated >= since)
+                .order_by(RolloutRow.id)
+            )
+            return [to_rollout(r) for r in s.scalars(query)]
+
     def decisions(self, rollout_id: int) -> list[DecisionRecord]:
         with self.db.session() as s:
             return select_decisions(s, rollout_id)

@@ -270,6 +270,44 @@ def test_one_live_rollout_per_group(store: RolloutStore) -> None:
         list_rollouts(store.db, state="sleeping")
 
 
+def test_a_final_decision_left_unpublished_is_published_by_a_later_tick(store: RolloutStore) -> None:
+    """A halt recorded but not published (the deploy failed, or the process died in between) is
+    published by a later tick; a deployment someone made by hand afterwards is left alone."""
+    from types import SimpleNamespace
+
+    from hub.rollouts.runner import RolloutService
+
+    r = store.create(draft(), {})
+    halted = store.change(r, T0, "halt", "controller", "gate x", {}, state=State.HALTED)
+    assert halted is not None
+    # The group still runs the rollout's first step: the halt's deploy never happened.
+    def deployment(stable: int, candidate: int | None, percent: int, by: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            model="wine", stable=stable, candidate=candidate, percent=percent, created_by=by
+        )
+
+    group = {"lab": deployment(3, 4, 5, f"rollout {r.id} (ops)")}
+    published: list[tuple[Any, ...]] = []
+
+    def publish(g: str, model: str, stable: int, candidate: int | None, pct: int, by: str) -> dict[str, int]:
+        published.append((g, model, stable, candidate, pct, by))
+        group[g] = deployment(stable, candidate, pct, by)
+        return {}
+
+    clock = Clock()
+    registry = SimpleNamespace(current_deployment=group.__getitem__)
+    service = RolloutService(store.db, registry, publish, clock=clock)  # type: ignore[arg-type]
+    clock.now = T0 + timedelta(seconds=30)
+    service.tick()
+    assert published == [("lab", "wine", 3, None, 0, f"rollout {r.id} (controller)")]
+    service.tick()  # published: nothing more to do
+    assert len(published) == 1
+    # An operator deploys by hand after the halt: later ticks leave it alone.
+    group["lab"] = deployment(4, None, 0, "ops")
+    service.tick()
+    assert len(published) == 1
+
+
 # -- evidence from the fleet's tables ----------------------------------------------------------------
 
 

@@ -131,7 +131,9 @@ def test_a_good_candidate_ramps_through_every_step_and_becomes_stable(
     # a hold is recorded only when what it waits for changes, not at every tick
     log = [(d["action"], d["reason"]) for d in done["decisions"]]
     assert all(a != b for a, b in itertools.pairwise(log))
-    # the signed assignments: 5% and 50% with one salt, then v2 alone as stable
+    # the signed assignments: 5% and 50% with one salt, then v2 alone as stable (the decision
+    # is recorded first, then published: wait for the publishing)
+    wait_for(lambda: current(hub, "good")["current"]["candidate"] is None, "the completion published")
     history = current(hub, "good")["history"]
     assert (history[0]["stable"], history[0]["candidate"], history[0]["percent"]) == (2, None, 0)
     ramp = [h for h in history if h["candidate"] == 2]
@@ -159,7 +161,7 @@ def test_a_candidate_with_a_high_error_rate_halts_by_itself(hub: HubProcess, dev
     )
     check = halt["evidence"]["checks"]["error_rate"]
     assert check["candidate"] == pytest.approx(0.2) and check["limit"] == pytest.approx(0.02)
-    now = current(hub, "bad")["current"]
+    now = wait_for(lambda: (c := current(hub, "bad")["current"])["percent"] == 0 and c, "the halt published")
     assert (now["stable"], now["candidate"], now["percent"]) == (1, None, 0)
     assert now["created_by"] == f"rollout {r['id']} (controller)"
 
@@ -173,7 +175,7 @@ def test_a_fall_back_on_a_candidate_device_halts(hub: HubProcess, device: Device
     assert "gate fallbacks: 1 candidate device(s) fell back (max 0): fall-7 (crash_loop)" in done["reason"]
     (fell,) = done["decisions"][-1]["evidence"]["evidence"]["fallbacks"]
     assert fell["device_id"] == "fall-7" and "restarted 3 times" in fell["reason"]
-    assert current(hub, "fall")["current"]["percent"] == 0
+    wait_for(lambda: current(hub, "fall")["current"]["percent"] == 0, "the halt published")
 
 
 def test_a_drift_alert_on_the_candidate_halts(hub: HubProcess, device: Device) -> None:
