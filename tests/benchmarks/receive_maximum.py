@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -115,8 +116,9 @@ def main() -> None:
     )
     ap.add_argument("--filter", default="$share/outpost-hub/outpost/v1/#")
     args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="outpost-rm-"))
     broker = Mosquitto(
-        Path(tempfile.mkdtemp(prefix="outpost-rm-")),
+        work,
         config=lambda m: (
             f"listener {m.port} 127.0.0.1\nallow_anonymous true\n"
             f"log_dest file {m.log_path}\nmax_queued_messages 1000000\n"
@@ -128,6 +130,7 @@ def main() -> None:
         )
     finally:
         broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
     verdict = "kept" if peak <= args.receive_maximum else "OVERRUN"
     print(
         f"Receive Maximum {args.receive_maximum} on {args.filter}, "
