@@ -154,6 +154,43 @@ def run_phase(phase: str, shares: list[list[tuple[str, str]]], common: dict[str,
     return out
 
 
+# The hub's app under uvicorn with another HTTP protocol (`--hub-http httptools`), to see what
+# `serve`'s choice of h11 costs; everything else as `outpost-hub serve --mqtt URL` sets it up.
+_LAUNCH = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+import uvicorn
+from hub.api import create_app
+from hub.settings import load_settings
+data, port, mqtt, http = sys.argv[1:5]
+settings = replace(load_settings(Path(data)), mqtt_url=mqtt)
+uvicorn.run(create_app(settings), host="127.0.0.1", port=int(port), log_level="warning",
+            access_log=False, http=http)
+"""
+
+
+def start_hub_with(hub: HubProcess, mqtt_url: str, http: str) -> None:
+    import requests
+
+    log = hub.log_path.open("ab")
+    hub.proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCH, str(hub.data), str(hub.port), mqtt_url, http], stdout=log, stderr=log
+    )
+    log.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if hub.proc.poll() is not None:
+            raise RuntimeError(f"the hub exited: {hub.log()}")
+        try:
+            if requests.get(hub.url + "/healthz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the hub did not start: {hub.log()}")
+
+
 def pid_of(process: HubProcess | Mosquitto) -> int:
     assert process.proc is not None, "not started"
     return process.proc.pid
@@ -620,6 +657,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--poll-concurrency", type=int, default=64, help="connections per load process")
     ap.add_argument("--duration", type=float, default=15.0, help="measured seconds of the polls phase")
     ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument(
+        "--hub-http",
+        choices=["h11", "httptools"],
+        default="h11",
+        help="h11: outpost-hub serve as it is; httptools: the same app on uvicorn's httptools protocol",
+    )
     ap.add_argument("--no-etag", action="store_true", help="poll as the agent does today: no If-None-Match")
     ap.add_argument("--ingest-devices", type=int, default=1000)
     ap.add_argument("--ingest-windows", type=int, default=10, help="windows per device (2 messages each)")
@@ -674,6 +717,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join([sys.executable, "-m", "tests.benchmarks.fleet_sim", *argv]),
         "procs": args.procs,
         "db": "PostgreSQL" if db_url else "SQLite",
+        "hub_http": args.hub_http,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "mosquitto": mosquitto_version(),
     }
@@ -686,7 +730,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["message_bytes"] = {k: len(v) + 100 for k, v in bodies.items()}
         broker = Mosquitto(work / "mqtt", config=broker_config).start()
         settings = {"mqtt_queue_size": args.hub_queue} if args.hub_queue else None
-        hub = HubProcess(work / "hub", database_url=db_url, settings=settings).start(mqtt_url=broker.url)
+        hub = HubProcess(work / "hub", database_url=db_url, settings=settings)
+        if args.hub_http == "h11":
+            hub.start(mqtt_url=broker.url)  # outpost-hub serve, as users run it
+        else:
+            start_hub_with(hub, broker.url, args.hub_http)
         from hub.client import package_tar
 
         for v in (1, 2):  # as `outpost push` and `outpost deploy` do, without a process each
