@@ -17,10 +17,16 @@ Delivery: QoS 1 with manual acknowledgement. A message is acknowledged only afte
 transaction that stored it committed, so a hub that dies with messages in its queue gets
 them again from the broker (its session persists for `session_expiry_s` under a stable
 client id) and the (device, seq) dedupe stores them once. The broker sends at most
-`receive_maximum` unacknowledged messages, which bounds the queue for QoS 1 traffic.
-The queue is bounded (`queue_size`): should it still fill (QoS 0 traffic, a database stalled
-for long), new messages are dropped, acknowledged so the broker does not stall, and counted
-(`stats["dropped"]`, a warning in the log). While the database cannot be written, the worker
+`receive_maximum` unacknowledged messages, which should bound the queue for QoS 1 traffic;
+Mosquitto 2.0 does not keep to it once acknowledgements flow (tests/benchmarks/receive_maximum.py
+shows thousands in flight at a maximum of 50), so the queue (`queue_size`) can still fill. Then
+the network thread waits for room (backpressure: the broker holds the rest in the hub's session)
+instead of dropping anything it would have to acknowledge; `stats["backpressure"]` counts the
+messages that waited. A wait long enough to miss keep-alives makes the broker drop the
+connection: the messages not yet acknowledged come again on the next one, and the (device, seq)
+dedupe stores them once. At stop, a message still waiting is left unacknowledged for the
+session (`stats["deferred"]`). QoS 0 messages (none of the devices' telemetry) are dropped when
+the queue is full and counted (`stats["dropped"]`). While the database cannot be written, the worker
 keeps its batch and retries with backoff; a batch that fails for any other reason (a message
 the database refuses) is retried one message at a time, and the messages that still fail are
 dropped, acknowledged and counted (`stats["failed"]`), so one bad message cannot wedge the
@@ -127,6 +133,7 @@ class FleetConsumer:
         self.session_expiry_s = session_expiry_s
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
+        self._closing = threading.Event()  # stop() has begun: a message waiting for room gives up
         self._worker: threading.Thread | None = None
         self._publish_lock = threading.Lock()
         self._generation = 0
@@ -174,6 +181,7 @@ class FleetConsumer:
     def stop(self, timeout: float = 10.0) -> None:
         """Store and acknowledge what is queued, then disconnect (bounded by `timeout`)."""
         deadline = time.monotonic() + timeout
+        self._closing.set()
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.02)
         self._client.disconnect()
@@ -232,11 +240,27 @@ class FleetConsumer:
             return
         try:
             self._queue.put_nowait(item)
+            return
         except queue.Full:
+            pass
+        if item.qos == 0:  # nothing to acknowledge, nothing the broker would send again
             self.stats["dropped"] += 1
             if self.stats["dropped"] == 1 or self.stats["dropped"] % 1000 == 0:
-                log.warning("fleet: queue full, dropped %d messages so far", self.stats["dropped"])
-            self._ack(client, item)
+                log.warning("fleet: queue full, dropped %d QoS 0 messages so far", self.stats["dropped"])
+            return
+        self.stats["backpressure"] += 1
+        if self.stats["backpressure"] == 1 or self.stats["backpressure"] % 1000 == 0:
+            log.warning(
+                "fleet: the database writer is behind (queue of %d full): waiting for room "
+                "(%d messages so far)", self._queue.maxsize, self.stats["backpressure"],
+            )  # fmt: skip
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        self.stats["deferred"] += 1  # unacknowledged: the broker sends it again to the session
 
     def _ack(self, client: mqtt.Client, item: _Item) -> None:
         if item.qos > 0 and item.generation == self._generation:

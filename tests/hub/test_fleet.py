@@ -337,6 +337,41 @@ def test_two_hub_workers_split_the_stream(tmp_path: Path, database_url: str) -> 
         db.dispose()
 
 
+def test_a_full_queue_holds_messages_back_instead_of_dropping_them(tmp_path: Path) -> None:
+    """A writer slower than the stream with a queue of 4: Mosquitto does not keep to the hub's
+    Receive Maximum, so the queue fills; every message must still be stored, none dropped (the
+    network thread waits for room and the broker holds the rest)."""
+    from hub.fleet import FleetConsumer
+    from hub.fleet.store import ApplyReport
+
+    class Slow(FleetStore):
+        def apply(self, batch: Any) -> ApplyReport:
+            time.sleep(0.01)
+            return super().apply(batch)
+
+    broker = Mosquitto(tmp_path).start()
+    device = Device(broker)
+    db = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    db.create_all()
+    store = Slow(db)
+    store.create_tables()
+    consumer = FleetConsumer(store, broker.url, "test-slow", queue_size=4, batch_size=1, session_expiry_s=0)
+    try:
+        consumer.start()
+        assert consumer.subscribed.wait(WAIT_S)
+        for seq in range(300):
+            body = json.dumps({"seq": seq, "event": "x"})
+            device.client.publish("outpost/v1/slow/dev-s/event", body, qos=1)
+        wait_for(lambda: sum(d.messages for d in store.devices("slow")) == 300, "300 events", timeout=60)
+        assert consumer.stats["dropped"] == 0 and consumer.stats["backpressure"] > 0, consumer.stats
+        assert consumer.stats["stored"] == 300
+    finally:
+        consumer.stop()
+        device.close()
+        broker.stop()
+        db.dispose()
+
+
 def test_a_message_the_database_refuses_does_not_wedge_the_stream(tmp_path: Path) -> None:
     from hub.fleet.consumer import FleetConsumer, _Item
     from hub.fleet.store import ApplyReport
