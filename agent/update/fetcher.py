@@ -17,6 +17,11 @@
 - Proxy and TLS from config: `hub.proxy`, `hub.ca_bundle`, `hub.tls_verify`, `hub.client_cert`,
   `hub.client_key`.
 
+Conditional polls: `timestamp.json`, the one file every poll fetches, is asked for with the ETag
+of the copy fetched last (If-None-Match); a 304 hands python-tuf that copy again, which it verifies
+as always (signature, version, expiry). A poll that finds nothing new then costs the hub a header
+check instead of a file read and the device no body.
+
 Downloads spool to an anonymous temporary file in `temp_dir` (python-tuf verifies it before
 the caller copies it anywhere): a model never passes through memory, nor through a RAM-backed
 /tmp on a small device.
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 USER_AGENT = f"outpost-agent/{__version__}"
+CONDITIONAL_SUFFIX = "/timestamp.json"  # polled every cycle: fetched with If-None-Match
 
 
 class HubFetcher(FetcherInterface):
@@ -68,6 +74,8 @@ class HubFetcher(FetcherInterface):
         # Passed with every request too: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the
         # environment override a session's `verify`, but never a request's.
         self._verify: bool | str = config.ca_bundle if config.ca_bundle else config.tls_verify
+        self._validators: dict[str, tuple[str, bytes]] = {}  # url -> (ETag, body) of polled files
+        self.not_modified = 0  # 304 answers to conditional polls
 
     def close(self) -> None:
         self._session.close()
@@ -77,7 +85,28 @@ class HubFetcher(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:
         """The body of `url`, capped at `hub.max_target_bytes` (callers with a length use
         `download_file`, which passes its own limit down)."""
+        if url.endswith(CONDITIONAL_SUFFIX):
+            return iter((self._conditional(url, self._config.max_target_bytes),))
         return self._chunks(self._get(url), url, self._config.max_target_bytes)
+
+    def _conditional(self, url: str, max_length: int) -> bytes:
+        cached = self._validators.get(url)
+        response = self._get(url, {"If-None-Match": cached[0]} if cached is not None else None)
+        if response.status_code == 304:
+            response.close()
+            if cached is None:
+                raise exceptions.DownloadHTTPError(f"{url}: HTTP 304 to a request without a validator", 304)
+            if len(cached[1]) > max_length:
+                raise exceptions.DownloadLengthMismatchError(f"{url}: more than {max_length} bytes")
+            self.not_modified += 1
+            return cached[1]
+        body = b"".join(self._chunks(response, url, max_length))
+        etag = response.headers.get("ETag")
+        if etag:
+            self._validators[url] = (etag, body)
+        else:
+            self._validators.pop(url, None)
+        return body
 
     @contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
@@ -85,9 +114,12 @@ class HubFetcher(FetcherInterface):
         log.debug("downloading %s (at most %d bytes)", url, max_length)
         with tempfile.TemporaryFile(dir=self._temp_dir) as temp:
             try:
-                response = self._get(url)
-                for chunk in self._chunks(response, url, max_length):
-                    temp.write(chunk)
+                if url.endswith(CONDITIONAL_SUFFIX):
+                    temp.write(self._conditional(url, max_length))
+                else:
+                    response = self._get(url)
+                    for chunk in self._chunks(response, url, max_length):
+                        temp.write(chunk)
             except exceptions.DownloadError:
                 raise
             except Exception as exc:  # anything else, as python-tuf's own fetch() does
@@ -97,13 +129,15 @@ class HubFetcher(FetcherInterface):
 
     # -- the work -------------------------------------------------------------------------
 
-    def _get(self, url: str) -> requests.Response:
+    def _get(self, url: str, headers: dict[str, str] | None = None) -> requests.Response:
         """A response with a good status and the body not yet read; retried as described above."""
         attempts = self._config.max_attempts
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             try:
-                response = self._session.get(url, stream=True, timeout=self._timeout, verify=self._verify)
+                response = self._session.get(
+                    url, headers=headers, stream=True, timeout=self._timeout, verify=self._verify
+                )
             except requests.exceptions.Timeout as exc:
                 if last:
                     raise exceptions.SlowRetrievalError(f"{url}: timed out ({exc})") from exc

@@ -184,6 +184,22 @@ def test_a_new_deployment_is_seen_by_the_next_check(hub: HubProcess, tmp_path: P
     assert second.document["serial"] > first.document["serial"] and second.sha256 != first.sha256
 
 
+def test_an_unchanged_timestamp_is_a_304_and_a_change_is_still_seen(hub: HubProcess, tmp_path: Path) -> None:
+    """Polls ask for timestamp.json with its last ETag: nothing new costs a 304 (the copy held is
+    verified again by python-tuf), and a new deployment still comes through."""
+    hub.outpost("deploy", "wine", "1", "--group", "polled")
+    client = make_client(hub, tmp_path / "dev", group="polled")
+    fetcher = client._fetcher
+    first = client.check()
+    assert first is not None and fetcher.not_modified == 0
+    again = client.check()
+    assert again is not None and again.sha256 == first.sha256 and fetcher.not_modified == 1
+    hub.outpost("deploy", "wine", "2", "--group", "polled")
+    changed = client.check()
+    assert changed is not None and changed.document["stable"]["version"] == 2
+    assert fetcher.not_modified == 1  # a new timestamp: fetched whole
+
+
 def test_a_group_without_an_assignment_gets_none(hub: HubProcess, tmp_path: Path) -> None:
     assert make_client(hub, tmp_path / "dev", group="nobody-deployed-here").check() is None
 
