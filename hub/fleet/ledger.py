@@ -193,16 +193,38 @@ def window_values(msg: TelemetryMsg, now: datetime) -> dict[str, Any] | None:
     }
 
 
-def record_window(session: Session, msg: TelemetryMsg, now: datetime, rules: AlertRules) -> tuple[bool, int]:
+def record_window(
+    session: Session,
+    msg: TelemetryMsg,
+    now: datetime,
+    rules: AlertRules,
+    rates: dict[tuple[str, int, float], dict[str, Any]] | None = None,
+) -> tuple[bool, int]:
     """Index a summary or drift window and raise the alerts it calls for.
-    Returns (indexed now, alerts raised or renewed)."""
+    Returns (indexed now, alerts raised or renewed).
+
+    With `rates`, a summary's fleet error-rate check is left for `check_error_rates` after the
+    batch: that check sums every device's windows in the bucket, so once per (model, version,
+    bucket) and batch instead of once per message (with 10,000 devices, per message it kept the
+    writer at about 80 messages/s)."""
     values = window_values(msg, now)
     if values is None or not insert_ignore(session, FleetWindowRow, values):
         return False, 0
     if msg.kind == "drift":
         draft = drift_alert(msg.device_id, msg.seq, msg.body)
         return True, int(draft is not None and _drift_run(session, values, draft, now))
+    if rates is not None:
+        bucket = error_bucket(values["window_end"], rules.error_window_s)
+        rates[(values["model"], values["version"], bucket)] = values
+        return True, 0
     return True, int(_error_rate(session, values, rules, now))
+
+
+def check_error_rates(
+    session: Session, rates: dict[tuple[str, int, float], dict[str, Any]], rules: AlertRules, now: datetime
+) -> int:
+    """The fleet error-rate checks `record_window` left for the end of a batch: alerts raised or renewed."""
+    return sum(int(_error_rate(session, rates[key], rules, now)) for key in sorted(rates))
 
 
 def record_event(session: Session, msg: TelemetryMsg, now: datetime) -> int:

@@ -207,6 +207,7 @@ class FleetStore:
             ).all()
             rows = {row.device_id: row for row in found}
             touched: set[str] = set()
+            rates: dict[tuple[str, int, float], dict[str, Any]] = {}  # error-rate checks for after the batch
             for item in batch:
                 msg = item.message
                 row = rows.get(msg.device_id)
@@ -223,8 +224,9 @@ class FleetStore:
                     self._capture(session, row, msg, now, report)
                 else:
                     touched.add(msg.device_id)
-                    self._telemetry(session, row, msg, now, report)
+                    self._telemetry(session, row, msg, now, report, rates)
             session.flush()
+            report.alerts += ledger.check_error_rates(session, rates, self.rules, now)
             for device_id in sorted(touched):
                 report.pruned += self._prune(session, rows[device_id])
             if self._expired_at is None or (now - self._expired_at).total_seconds() >= EXPIRE_EVERY_S:
@@ -263,12 +265,18 @@ class FleetStore:
             row.last_seq = msg.seq
 
     def _telemetry(
-        self, session: Session, row: DeviceRow, msg: TelemetryMsg, now: datetime, report: ApplyReport
+        self,
+        session: Session,
+        row: DeviceRow,
+        msg: TelemetryMsg,
+        now: datetime,
+        report: ApplyReport,
+        rates: dict[tuple[str, int, float], dict[str, Any]] | None = None,
     ) -> None:
         if msg.kind in ledger.WINDOW_KINDS:
             # Indexed even when the message is too old for fleet_messages: the window table
             # dedupes by (device_id, seq) itself and keeps windows by age.
-            indexed, alerts = ledger.record_window(session, msg, now, self.rules)
+            indexed, alerts = ledger.record_window(session, msg, now, self.rules, rates)
             report.windows += int(indexed)
             report.alerts += alerts
         if row.pruned_seq is not None and msg.seq <= row.pruned_seq:

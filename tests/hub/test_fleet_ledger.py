@@ -163,6 +163,23 @@ def test_error_rate_alert_is_fleet_wide_and_one_per_episode(store: FleetStore) -
     assert len(store.alerts(kind="error_rate")) == 2
 
 
+def test_error_rate_is_checked_once_per_bucket_of_a_batch(store: FleetStore) -> None:
+    """A batch's summaries are indexed first and each (model, version, bucket) is summed once
+    after them: the sum is over the whole batch, and one alert comes of it."""
+    report = store.apply(
+        [
+            summary("d1", 1, end=400.0, requests=60, errors=8),
+            summary("d2", 1, end=500.0, requests=50, errors=4),
+            summary("d3", 1, end=550.0, requests=40, errors=6),
+            summary("d4", 1, end=1000.0, requests=20, errors=0),  # another bucket, too few requests
+        ]
+    )
+    assert report.windows == 4 and report.alerts == 1
+    (alert,) = store.alerts(kind="error_rate")
+    assert alert.count == 1 and alert.evidence["requests"] == 150 and alert.evidence["errors"] == 18
+    assert alert.evidence["devices"] == 3
+
+
 def test_rollback_and_refusal_events(store: FleetStore) -> None:
     fell = update("d1", 5, "probation_failed", reason="error rate 30% over 2%")
     store.apply([fell, fell])
