@@ -23,6 +23,7 @@ from tests.support.agentproc import AgentProcess
 from tests.support.broker import Mosquitto, mosquitto_available
 from tests.support.hubproc import HubProcess
 from tests.support.packages import fast_wine_versions
+from tests.support.waiting import wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -30,14 +31,6 @@ pytestmark = [
 ]
 
 GROUP = "field"
-
-
-def wait_for(what: str, check: Any, timeout: float = 90.0, detail: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {detail() if detail else ''}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

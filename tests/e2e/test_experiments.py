@@ -8,7 +8,6 @@ agreement) and fed-back labels score both. Ending the experiment unloads the can
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tests.support.agentproc import AgentProcess
 from tests.support.broker import Mosquitto, mosquitto_available
 from tests.support.hubproc import HubProcess
 from tests.support.packages import affine_package, fast_wine_versions
+from tests.support.waiting import wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -28,14 +28,6 @@ pytestmark = [
 ]
 
 GROUP = "trial"
-
-
-def wait_for(what: str, check: Any, timeout: float = 90.0, detail: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {detail() if detail else ''}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -31,6 +30,7 @@ from tests.support.broker import Mosquitto, mosquitto_available
 from tests.support.hubproc import HubProcess
 from tests.support.packages import fast_wine_versions
 from tests.support.postgres import PostgresServer, PostgresUnavailable
+from tests.support.waiting import wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -39,15 +39,6 @@ pytestmark = [
 ]
 
 GROUPS = [f"g{i}" for i in range(6)]
-
-
-def wait_for(what: str, check: Any, timeout: float = 90.0, detail: Any = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {detail() if detail else ''}")
-        time.sleep(0.2)
-    return value
 
 
 @pytest.fixture
