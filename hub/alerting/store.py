@@ -28,7 +28,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -36,7 +36,6 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
-    Table,
     Text,
     UniqueConstraint,
     and_,
@@ -45,12 +44,11 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from hub.alerting.payloads import FIRING, TEST, Notice
 from hub.alerting.retry import Step
-from hub.registry.db import UTCDateTime
+from hub.registry.db import UTCDateTime, insert_ignore
 
 PENDING, SENDING, DELIVERED, FAILED = "pending", "sending", "delivered", "failed"
 STATES = (PENDING, SENDING, DELIVERED, FAILED)
@@ -105,29 +103,6 @@ class DeliveryRow(AlertingBase):
     last_error: Mapped[str] = mapped_column(Text, default="")
     last_status: Mapped[int | None] = mapped_column(Integer)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-
-def insert_ignore(session: Session, table: type[AlertingBase], values: dict[str, Any]) -> bool:
-    """Insert unless a unique key is taken; True if inserted (read from RETURNING, as
-    hub.fleet.ledger.insert_ignore does, for psycopg's rowcount)."""
-    dialect = session.get_bind().dialect.name
-    target = cast(Table, table.__table__)
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        stmt: Any = sqlite_insert(target).values(**values).on_conflict_do_nothing()
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        stmt = pg_insert(target).values(**values).on_conflict_do_nothing()
-    else:  # pragma: no cover - other backends: a savepoint per row
-        try:
-            with session.begin_nested():
-                session.add(table(**values))
-            return True
-        except sa_exc.IntegrityError:
-            return False
-    return session.execute(stmt.returning(target.c.id)).first() is not None
 
 
 # -- notices ------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from hub.capture.rules import CaptureMsg
@@ -39,6 +39,7 @@ from hub.capture.tables import (
     CaptureRow,
 )
 from hub.registry import Database
+from hub.registry.db import insert_ignore
 
 DEFAULT_MAX_ROWS_PER_VERSION = 1_000_000
 DEFAULT_RETENTION_S = 30 * 86400.0
@@ -56,21 +57,6 @@ class CaptureReport:
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
-def _insert_ignore(session: Session, values: dict[str, Any]) -> bool:
-    """Insert a capture_batches row unless (device_id, seq) is there; True if inserted."""
-    table = cast(Table, CaptureBatchRow.__table__)
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        stmt: Any = pg_insert(table).values(**values).on_conflict_do_nothing()
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        stmt = sqlite_insert(table).values(**values).on_conflict_do_nothing()
-    return session.execute(stmt.returning(table.c.id)).first() is not None
 
 
 class CaptureStore:
@@ -103,7 +89,7 @@ class CaptureStore:
             "rows": 0,
             "labels": len(msg.labels),
         }
-        if not _insert_ignore(session, batch):
+        if not insert_ignore(session, CaptureBatchRow, batch):
             report.duplicates += 1
             return report
         report.batches += 1

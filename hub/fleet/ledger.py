@@ -31,7 +31,7 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeGuard, cast
+from typing import Any, TypeGuard
 
 from sqlalchemy import (
     BigInteger,
@@ -40,14 +40,12 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
-    Table,
     Text,
     UniqueConstraint,
     delete,
     func,
     select,
 )
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from hub.fleet.alerts import (
@@ -64,7 +62,7 @@ from hub.fleet.alerts import (
     update_event_alert,
 )
 from hub.fleet.rules import MAX_ID_LEN, TelemetryMsg
-from hub.registry.db import UTCDateTime
+from hub.registry.db import UTCDateTime, insert_ignore
 
 WINDOW_KINDS = frozenset({"summary", "drift"})
 MAX_COUNT = 2**63 - 1
@@ -118,32 +116,6 @@ class FleetAlertRow(FleetBase):
     count: Mapped[int] = mapped_column(Integer, default=1)
     message: Mapped[str] = mapped_column(Text)
     evidence: Mapped[str] = mapped_column(Text, default="{}")
-
-
-def insert_ignore(session: Session, table: type[FleetBase], values: dict[str, Any]) -> bool:
-    """Insert a row unless a unique key of it is there already; True if inserted.
-
-    Whether it was inserted is read from RETURNING, not from rowcount: on PostgreSQL (psycopg 3)
-    the INSERT SQLAlchemy sends reports rowcount -1, which would read as "inserted" every time.
-    """
-    dialect = session.get_bind().dialect.name
-    target = cast(Table, table.__table__)
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        stmt: Any = sqlite_insert(target).values(**values).on_conflict_do_nothing()
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        stmt = pg_insert(target).values(**values).on_conflict_do_nothing()
-    else:  # pragma: no cover - other backends: a savepoint per row
-        try:
-            with session.begin_nested():
-                session.add(table(**values))
-            return True
-        except sa_exc.IntegrityError:
-            return False
-    return session.execute(stmt.returning(target.c.id)).first() is not None
 
 
 # -- writes -------------------------------------------------------------------------------------

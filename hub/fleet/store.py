@@ -48,7 +48,7 @@ from hub.fleet.alerts import AlertRules
 from hub.fleet.ledger import FleetBase
 from hub.fleet.rules import Message, StateMsg, TelemetryMsg, state_applies
 from hub.registry import Database
-from hub.registry.db import UTCDateTime
+from hub.registry.db import UTCDateTime, insert_ignore
 
 DEFAULT_KEEP_PER_DEVICE = 1000
 DEFAULT_WINDOW_RETENTION_S = 30 * 86400.0
@@ -290,7 +290,7 @@ class FleetStore:
             "received": now,
             "body": json.dumps(msg.body, sort_keys=True),
         }
-        if ledger.insert_ignore(session, FleetMessageRow, values):
+        if insert_ignore(session, FleetMessageRow, values):
             report.stored += 1
             if msg.kind == "event":
                 report.alerts += ledger.record_event(session, msg, now)

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     CheckConstraint,
@@ -47,6 +47,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     create_engine,
@@ -266,3 +267,30 @@ class Database:
     def dispose(self) -> None:
         """Close pooled connections (at shutdown, and in tests before deleting the file)."""
         self.engine.dispose()
+
+
+def insert_ignore(session: Session, table: type[DeclarativeBase], values: dict[str, Any]) -> bool:
+    """Insert a row of `table` (a mapped class with an `id` column) unless a unique key of it is
+    there already; True if inserted. The fleet, capture and alerting tables dedupe with it.
+
+    Whether it was inserted is read from RETURNING, not from rowcount: on PostgreSQL (psycopg 3)
+    the INSERT SQLAlchemy sends reports rowcount -1, which would read as "inserted" every time.
+    """
+    dialect = session.get_bind().dialect.name
+    target = cast(Table, table.__table__)
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        stmt: Any = sqlite_insert(target).values(**values).on_conflict_do_nothing()
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt = pg_insert(target).values(**values).on_conflict_do_nothing()
+    else:  # pragma: no cover - other backends: a savepoint per row
+        try:
+            with session.begin_nested():
+                session.add(table(**values))
+            return True
+        except sa_exc.IntegrityError:
+            return False
+    return session.execute(stmt.returning(target.c.id)).first() is not None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,36 +104,9 @@ def x_doc() -> dict[str, Any]:
     return {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
 
 
-class Hammer:
+def hammer(agent: AgentProcess, path: str) -> Traffic:
     """Clients asking one model (or version) without pause; every failure is recorded."""
-
-    def __init__(self, agent: AgentProcess, path: str, clients: int = 3) -> None:
-        self.agent, self.path = agent, path
-        self.failures: list[str] = []
-        self.answers = 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                status, doc = self.agent.json("POST", self.path, x_doc())
-            except OSError as exc:
-                self.failures.append(repr(exc))
-                continue
-            if status != 200:
-                self.failures.append(f"{status} {doc}")
-            self.answers += 1
-
-    def __enter__(self) -> Hammer:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(10)
+    return Traffic(agent, clients=3, path=path, doc=x_doc)
 
 
 def test_a_model_that_does_not_fit_is_refused_while_serving_continues(tmp_path: Path) -> None:
@@ -147,7 +119,7 @@ def test_a_model_that_does_not_fit_is_refused_while_serving_continues(tmp_path: 
     agent.install(a)
     agent.start()
     try:
-        with Hammer(agent, "/v2/models/alpha/infer") as traffic:
+        with hammer(agent, "/v2/models/alpha/infer") as traffic:
             result = agent.cli("install", str(b), check=False)
             for _ in range(50):  # keep asking alpha a little after the refusal too
                 assert agent.json("POST", "/v2/models/alpha/infer", x_doc())[0] == 200
@@ -197,7 +169,7 @@ def test_the_least_recently_used_unpinned_version_is_evicted_to_make_room(tmp_pa
         # asked now, gamma v1 was not asked since it loaded: gamma v1 goes.
         for _ in range(5):
             assert agent.json("POST", "/v2/models/alpha/versions/1/infer", x_doc())[0] == 200
-        with Hammer(agent, "/v2/models/gamma/infer") as traffic:
+        with hammer(agent, "/v2/models/gamma/infer") as traffic:
             result = agent.cli("install", str(beta), check=False)
         assert result.returncode == 0, result.stdout
         assert "now serves beta version 1" in result.stdout

@@ -100,8 +100,14 @@ def served_version(agent: AgentProcess) -> str | None:
 class Traffic:
     """Clients that keep asking for predictions and record every failure."""
 
-    def __init__(self, agent: AgentProcess, clients: int = 4) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        agent: AgentProcess,
+        clients: int = 4,
+        path: str = "/v2/models/wine/infer",
+        doc: Callable[[], dict[str, Any]] = x_doc,
+    ) -> None:
+        self.agent, self.path, self.doc = agent, path, doc
         self.failures: list[str] = []
         self.answers = 0
         self._stop = threading.Event()
@@ -110,7 +116,7 @@ class Traffic:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                status, doc = self.agent.json("POST", "/v2/models/wine/infer", x_doc())
+                status, doc = self.agent.json("POST", self.path, self.doc())
             except OSError as exc:
                 self.failures.append(repr(exc))
                 continue
