@@ -24,6 +24,9 @@
         ├── MissingKeyError         a role's private key is not in its key directory (e.g. an
         │                           offline key kept on another machine); names key and dir (503)
         ├── KeyMismatchError        a key file is not the key the metadata trusts for its role
+        ├── SigningLockError        the signing lock (a PostgreSQL advisory lock) cannot be taken
+        │                           or was lost with the database connection: nothing was
+        │                           published; retry (503)
         ├── RepositoryStateError    create() on an existing repository, or use before create() (409)
         ├── TargetConflictError     a model version already signed with other bytes (409)
         ├── UnknownTargetError      no such signed model version (404)
@@ -129,6 +132,13 @@ class KeyMismatchError(SigningError):
     """A private key file is not the key the current metadata trusts for that role."""
 
     status = 500
+
+
+class SigningLockError(SigningError):
+    """The lock that makes one process at a time sign cannot be taken, or was lost (the
+    database connection holding it died): nothing was published."""
+
+    status = 503
 
 
 class RepositoryStateError(SigningError):

@@ -86,6 +86,18 @@ class S3Bucket:
             raise self._error("look up", name, exc) from exc
         return True
 
+    def etag(self, name: str) -> str | None:
+        """The object's ETag without quotes (one HEAD request), None if there is no such object."""
+        try:
+            head = self._client.head_object(Bucket=self.location.bucket, Key=self.location.key(name))
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND:
+                return None
+            raise self._error("look up", name, exc) from exc
+        except BotoCoreError as exc:
+            raise self._error("look up", name, exc) from exc
+        return str(head.get("ETag", "")).strip('"')
+
     def put(
         self,
         name: str,

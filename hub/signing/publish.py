@@ -77,7 +77,7 @@ class Publisher:
         self._mutable: dict[str, str] = {}  # name -> sha256 of the bytes last uploaded
 
     def publish(self, layout: Layout) -> PublishReport:
-        local = dict(_local_files(layout))
+        local = dict(local_files(layout))
         if self._published is None:
             self._published = self._already_there(local)
         uploaded: list[str] = []
@@ -104,6 +104,16 @@ class Publisher:
             self.sink.delete(TUF + name)
             self._published.discard(name)
         return PublishReport(tuple(uploaded), tuple(deleted))
+
+    def assume(self, immutable: frozenset[str], mutable: dict[str, bytes]) -> None:
+        """Take the bucket's contents as known (after hub.signing.mirror pulled the directory to
+        them): the next publish uploads only what is signed after this, without a listing."""
+        self._published = set(immutable)
+        self._mutable = {name: hashlib.sha256(data).hexdigest() for name, data in mutable.items()}
+
+    def has_published(self, name: str, data: bytes) -> bool:
+        """Whether this process last uploaded `data` as the mutable file `name`."""
+        return self._mutable.get(name) == hashlib.sha256(data).hexdigest()
 
     def _already_there(self, local: dict[str, Path]) -> set[str]:
         """The immutable names in the sink that need no upload (see the module's docstring)."""
@@ -142,7 +152,7 @@ def publish_order(names: Iterator[str] | dict[str, Path] | set[str]) -> list[str
     return sorted(names, key=rank)
 
 
-def _local_files(layout: Layout) -> Iterator[tuple[str, Path]]:
+def local_files(layout: Layout) -> Iterator[tuple[str, Path]]:
     for top in (layout.metadata_dir, layout.targets_dir):
         if not top.is_dir():
             continue

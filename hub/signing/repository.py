@@ -24,6 +24,18 @@ files publishes them to the object store before it releases the lock, in an orde
 the published copy consistent. A failed publish is logged, not raised: the directory (and the
 hub's own /tuf/) is already current, and the next edit or `refresh()` (which the running hub
 calls periodically) catches the object store up; `publish()` does it at once, or raises.
+
+With a `mirror` as well (hub.signing.mirror: `tuf_state = "s3"`), the bucket is the source of
+truth and the directory a copy, so hub processes on different hosts can sign: every operation
+holds `lock` (a PostgreSQL advisory lock, hub.signing.lock, when the database is PostgreSQL),
+pulls the directory to the bucket's committed state before reading it, and publishes before it
+releases the lock. A publish that fails *raises* (ObjectStoreError) and the operation's files
+are removed from the directory again: otherwise another host, not seeing them, could sign the
+same version numbers with other content. Just before publishing, the lock is checked to be
+still held (a lost database connection frees it): SigningLockError, nothing published.
+`join()` at start makes a new host's directory the bucket's repository (or publishes this
+directory's to an empty bucket) and checks that this host holds the online keys it trusts;
+`sync()` pulls without the signing lock, for the running hub's /tuf/ to follow other hosts.
 """
 
 from __future__ import annotations
@@ -38,8 +50,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from agent.fsutil import write_atomic
 from hub.errors import (
     InvalidNameError,
+    KeyMismatchError,
+    MissingKeyError,
     ObjectStoreError,
     RepositoryStateError,
     TargetConflictError,
@@ -48,7 +63,7 @@ from hub.errors import (
 from hub.signing._tuf import DelegatedRole, Delegations, Key, Root, TargetFile, Targets
 from hub.signing.edit import Edit, genesis
 from hub.signing.expiry import Clock, ExpiryPolicy, system_clock, utc_now
-from hub.signing.keys import OFFLINE_ROLES, KeyStore
+from hub.signing.keys import OFFLINE_ROLES, ONLINE_ROLES, KeyStore
 from hub.signing.layout import (
     DEPLOY,
     KEYED_ROLES,
@@ -66,6 +81,8 @@ from hub.signing.layout import (
     model_prefix,
     model_target,
 )
+from hub.signing.lock import FileLock, SigningLock
+from hub.signing.mirror import FIRST_ROOT, ROOT_NAME, TIMESTAMP_NAME, Mirror, PullReport
 from hub.signing.publish import Publisher, PublishReport
 from hub.signing.store import MetadataStore
 
@@ -110,32 +127,121 @@ class SignedRepository:
         expiry: ExpiryPolicy | None = None,
         clock: Clock = system_clock,
         publisher: Publisher | None = None,
+        mirror: Mirror | None = None,
+        lock: SigningLock | None = None,
     ) -> None:
+        if mirror is not None and publisher is None:
+            raise ValueError("a repository kept in the object store (mirror) needs a publisher")
         self.layout = Layout(Path(repo_dir))
         self.keystore = keystore
         self.expiry = expiry if expiry is not None else ExpiryPolicy()
         self._clock = clock
         self._store = MetadataStore(self.layout)
         self.publisher = publisher
+        self.mirror = mirror
+        self._lock: SigningLock = lock if lock is not None else FileLock(self.layout.lock_path)
         # True until a publish succeeds: the object store may lag the directory (a new
-        # process has not compared them yet, or a publish failed).
-        self.publish_pending = publisher is not None
+        # process has not compared them yet, or a publish failed). Never with a mirror: there
+        # the directory follows the bucket, not the other way round.
+        self.publish_pending = publisher is not None and mirror is None
+        # With a mirror: compare the whole directory with the bucket before the next edit
+        # (at start, and after an operation was undone), not only timestamp.json and root.json.
+        self._pull_needed = mirror is not None
 
     # -- life cycle ---------------------------------------------------------------------
 
     def create(self) -> dict[str, int]:
         """Sign and write version 1 of every role; keys missing from the key store are generated.
 
-        Refuses (RepositoryStateError) if the metadata directory holds anything.
+        Refuses (RepositoryStateError) if the metadata directory holds anything, or, with a
+        mirror, if the bucket holds a repository (a second host joins it: `join()`).
         """
-        with self._store.locked():
+        with self._lock.hold():
             if self._store.has_metadata():
                 raise RepositoryStateError(
                     f"{self.layout.metadata_dir} already holds metadata: the repository exists"
                 )
-            versions = genesis(self._store, self.keystore, self.expiry, utc_now(self._clock))
-            self._publish_changes()
+            if self.mirror is not None and self.mirror.committed():
+                raise RepositoryStateError(
+                    "the bucket already holds a TUF repository: a second hub host joins it (serve "
+                    'with tuf_state = "s3" and the online keys of the first), it never creates another root'
+                )
+            self._store.written = []
+            try:
+                versions = genesis(self._store, self.keystore, self.expiry, utc_now(self._clock))
+                if self.mirror is not None:
+                    self._publish_strict()
+            except BaseException:
+                if self.mirror is not None:
+                    self._undo({})
+                raise
+            if self.mirror is not None:
+                self.mirror.anchor = self.layout.base.joinpath(FIRST_ROOT).read_bytes()
+            else:
+                self._publish_changes()
             return versions
+
+    def join(self) -> str:
+        """With a mirror, at start: make the directory the bucket's repository ("joined"; an
+        earlier local repository, e.g. one `outpost-hub init` made on this host, is replaced),
+        or publish the directory's to a bucket that holds none ("published"). Then check that
+        the online keys here are the ones the repository trusts (MissingKeyError,
+        KeyMismatchError otherwise: copy them from the host that created it)."""
+        if self.mirror is None:
+            raise RepositoryStateError("join() needs a repository kept in the object store (a mirror)")
+        with self._lock.hold():
+            if self.mirror.committed():
+                self._pull(force=True)
+                outcome = "joined"
+            else:
+                self._store.require_published()
+                assert self.publisher is not None  # for mypy: checked in __init__
+                self.publisher.publish(self.layout)
+                self.mirror.anchor = self.layout.base.joinpath(FIRST_ROOT).read_bytes()
+                self._pull_needed = False
+                outcome = "published"
+            self._check_online_keys()
+        return outcome
+
+    def _check_online_keys(self) -> None:
+        edit = Edit(self._store, self.keystore, self.expiry, utc_now(self._clock))
+        for role in ONLINE_ROLES:
+            trusted = edit.delegator(role).get_delegated_role(role).keyids
+            try:
+                self.keystore.signer(role, trusted)
+            except (MissingKeyError, KeyMismatchError) as exc:
+                raise type(exc)(
+                    f"{exc}. The repository in the bucket trusts other online keys than this host "
+                    f"holds: copy the online keys ({', '.join(ONLINE_ROLES)}) of a host of this hub "
+                    f"into {self.keystore.online_dir} (mode 0600)"
+                ) from exc
+
+    def sync(self) -> PullReport | None:
+        """With a mirror: bring the directory (what this hub's /tuf/ serves) to the bucket's
+        committed state if the bucket changed; None if it had not (two HEAD requests) or there
+        is no mirror. Takes only this directory's lock: reading needs no signing lock."""
+        if self.mirror is None:
+            return None
+        with self._store.locked():
+            return self._pull()
+
+    def _pull(self, *, force: bool = False) -> PullReport | None:
+        """The directory made the bucket's copy (lock held); None if it already was."""
+        assert self.mirror is not None and self.publisher is not None  # for mypy: callers check
+        if not (force or self._pull_needed) and self.mirror.current(self.layout):
+            return None
+        report = self.mirror.pull(self.layout)
+        self._store.forget()
+        self.publisher.assume(report.immutable, dict(report.mutable))
+        self._pull_needed = False
+        if report.fetched or report.removed:
+            log.info(
+                "TUF repository pulled from the bucket: %d files fetched (%d replaced), %d removed",
+                len(report.fetched),
+                len(report.replaced),
+                len(report.removed),
+            )
+        return report
 
     def exists(self) -> bool:
         return self.layout.metadata_file(TIMESTAMP).is_file()
@@ -148,21 +254,80 @@ class SignedRepository:
     def _edit(self, *, publish: bool = False) -> Iterator[Edit]:
         """An Edit under the lock; afterwards the object store gets what changed (everything
         that differs with `publish`, or when an earlier publish failed)."""
-        with self._store.locked():
+        if self.mirror is not None:
+            with self._mirrored_edit() as edit:
+                yield edit
+            return
+        with self._lock.hold():
             self._store.require_published()
             try:
                 yield Edit(self._store, self.keystore, self.expiry, utc_now(self._clock))
             finally:  # also after a failure part way: what was written is published
                 self._publish_changes(publish)
 
+    @contextmanager
+    def _mirrored_edit(self) -> Iterator[Edit]:
+        """An Edit on the bucket's state: pulled first, published (or undone) before unlocking."""
+        with self._lock.hold():
+            self._pull()
+            self._store.require_published()
+            saved = {
+                path: path.read_bytes()
+                for path in (self.layout.base / TIMESTAMP_NAME, self.layout.base / ROOT_NAME)
+                if path.is_file()
+            }
+            self._store.written, self._store.changed = [], False
+            try:
+                yield Edit(self._store, self.keystore, self.expiry, utc_now(self._clock))
+                if self._store.changed:
+                    self._publish_strict()
+            except BaseException:
+                self._undo(saved)
+                raise
+
+    def _publish_strict(self) -> None:
+        """Publish what this operation wrote, or raise (lock held; the caller undoes it)."""
+        assert self.publisher is not None  # for mypy: a mirror implies a publisher
+        self._lock.check()
+        try:
+            self._publish()
+        except (ObjectStoreError, OSError) as exc:
+            timestamp = self.layout.base / TIMESTAMP_NAME
+            if self.publisher.has_published(TIMESTAMP_NAME, timestamp.read_bytes()):
+                # Committed: the new timestamp is in the bucket; only removing pruned files
+                # failed. The next pull compares everything again.
+                log.warning("the TUF repository was published, but cleaning the bucket failed: %s", exc)
+                self._pull_needed = True
+                return
+            raise ObjectStoreError(
+                f"publishing the signed change to the object store failed, so it was undone and "
+                f"nothing was published; retry: {exc}"
+            ) from exc
+
+    def _undo(self, saved: Mapping[Path, bytes]) -> None:
+        """Put the directory back as it was before an operation that did not publish: its new
+        files removed, timestamp.json and root.json restored; the next edit pulls in full."""
+        self._pull_needed = True
+        written, self._store.written = self._store.written, []
+        try:
+            for path in reversed(written):
+                if path in saved:
+                    write_atomic(path, saved[path], mode=0o644)
+                else:
+                    path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("undoing an unpublished change failed (the next pull repairs it): %s", exc)
+        finally:
+            self._store.forget()
+
     # -- publishing -------------------------------------------------------------------------
 
     def publish(self) -> PublishReport | None:
         """Bring the object store up to the directory (None without a publisher); raises
         ObjectStoreError if it cannot. Safe to repeat: only what is missing is uploaded."""
-        if self.publisher is None:
-            return None
-        with self._store.locked():
+        if self.publisher is None or self.mirror is not None:
+            return None  # with a mirror every operation has published before it returned
+        with self._lock.hold():
             return self._publish()
 
     def _publish(self) -> PublishReport:
@@ -420,6 +585,10 @@ class SignedRepository:
                         _swap_key(deploy, group, tuple(deploy.get_delegated_role(group).keyids), new_key)
                         edit.edit(group)
             published = edit.commit(snapshot=role == SNAPSHOT, timestamp=role == TIMESTAMP)
+            # The new key becomes current only once the metadata trusting it is published:
+            # with a mirror a failed publish undoes the metadata, and the old key stays.
+            if self.mirror is not None:
+                self._publish_strict()
             retired = self.keystore.promote(role)
         return KeyRotation(role, old, new_key.keyid, retired, published)
 

@@ -4,6 +4,10 @@ Invariants:
 - A versioned file (`<v>.<role>.json`) is written once and never replaced: a version number,
   once on disk, is never given to other content (even if a crash kept it from being
   published), so a client can never see two different files under one name.
+  With the object store as the source of truth (`tuf_state = "s3"`, hub.signing.mirror) the
+  rule holds for the bucket instead: the directory is a copy that a pull makes equal to the
+  bucket, so a file written here whose publish failed is removed (by the failed operation, or
+  by the next pull), and one the bucket holds with other bytes is replaced by the bucket's.
 - `timestamp.json` is the commit point: it names the snapshot, the snapshot names every
   targets role's version. Anything newer on disk that the timestamp does not reach was
   never published.
@@ -12,14 +16,13 @@ Invariants:
 - Every write is atomic and durable (temp file, fsync, rename, fsync of the directory).
 
 Parsed versioned files are cached per role: they never change, so the cache cannot go stale
-even with several hub processes sharing the directory.
+even with several hub processes sharing the directory; a pull that replaced files calls
+`forget()`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,7 @@ from agent.fsutil import write_atomic
 from hub.errors import RepositoryStateError, SigningError
 from hub.signing._tuf import Metadata, Root, Snapshot, Targets, Timestamp
 from hub.signing.layout import ROOT, SNAPSHOT, TIMESTAMP, Layout
+from hub.signing.lock import FileLock
 
 _S = TypeVar("_S", Root, Timestamp, Snapshot, Targets)
 _FILE_MODE = 0o644
@@ -46,22 +50,20 @@ class MetadataStore:
         self.trusted: set[tuple[str, int, int]] = set()
         # Set by every write and removal: the files changed since the last publish (hub.signing.publish).
         self.changed = False
+        # Every path written since the caller last emptied it (an operation undone when its
+        # publish fails: SignedRepository with a mirror).
+        self.written: list[Path] = []
 
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the repository's exclusive lock (across threads and processes) for the block."""
-        try:
-            self.layout.base.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.layout.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise SigningError(f"cannot open the repository lock {self.layout.lock_path}: {exc}") from exc
-        try:
-            # flock locks belong to the open file description: a second open() by another
-            # thread of this process waits just like another process does.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with FileLock(self.layout.lock_path).hold():
             yield
-        finally:
-            os.close(fd)
+
+    def forget(self) -> None:
+        """Drop what was read from files that a pull may have replaced (hub.signing.mirror)."""
+        self._cache.clear()
+        self.trusted.clear()
 
     def has_metadata(self) -> bool:
         d = self.layout.metadata_dir
@@ -187,6 +189,7 @@ class MetadataStore:
 
     def _write(self, path: Path, data: bytes) -> None:
         self.changed = True
+        self.written.append(path)
         try:
             write_atomic(path, data, mode=_FILE_MODE)
         except OSError as exc:
