@@ -97,7 +97,8 @@ class MemoryBudget:
         rows = self._config.max_batch_size
         if per_model is not None and per_model.max_batch_size:
             rows = per_model.max_batch_size
-        return estimate(manifest, rows)
+        ttl_s, _, cache_max_bytes = self._config.cache_settings(manifest.name)
+        return estimate(manifest, rows, cache_max_bytes if ttl_s > 0 else 0)
 
     def residents(self) -> list[Resident]:
         held = self.holds() if self.holds is not None else {}

@@ -11,7 +11,9 @@ Accounting (all in bytes):
 
 - baseline: the agent's resident set once onnxruntime has started (one tiny session made and
   dropped), before any model is loaded: the interpreter, numpy, onnxruntime's own set-up.
-- estimate (`estimate`): from the signed manifest alone, before loading.
+- estimate (`estimate`): from the signed manifest alone, before loading, plus the bound of the
+  version's response cache when its model has one (`cache_max_bytes`; the cache starts empty, so
+  no measurement at load time can see what it will hold).
 - measured: the resident set after the load (session, self-test, the batching check up to the
   largest batch) minus before it. Noisy: malloc reuses memory freed earlier (a second load can
   measure 0), and other threads allocate meanwhile.
@@ -103,27 +105,34 @@ class Estimate:
     weights: int
     session: int
     activations: int
+    # The version's response cache at its max_bytes (0 when the cache is off). Empty at load,
+    # so a measured resident set never shows it: reserved up front, the cache can fill without
+    # taking the agent past its budget unseen.
+    cache: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.session + self.activations
+        return self.weights + self.session + self.activations + self.cache
 
     def to_json(self) -> dict[str, float]:
         return {
             "weights_mb": mb(self.weights),
             "session_mb": mb(self.session),
             "activations_mb": mb(self.activations),
+            "cache_mb": mb(self.cache),
             "total_mb": mb(self.total),
         }
 
 
-def estimate(manifest: Manifest, max_batch_size: int) -> Estimate:
-    """What loading this version should add to the agent's resident set (see the table above)."""
+def estimate(manifest: Manifest, max_batch_size: int, cache_bytes: int = 0) -> Estimate:
+    """What loading this version should add to the agent's resident set (see the table above);
+    `cache_bytes`: its response cache's bound, when the model has one."""
     per_row = sum(row_bytes(s) for s in (*manifest.inputs, *manifest.outputs))
     return Estimate(
         weights=int(manifest.model.size * WEIGHT_FACTOR),
         session=SESSION_OVERHEAD_BYTES,
         activations=int(per_row * max(1, max_batch_size) * ACTIVATION_FACTOR),
+        cache=max(0, cache_bytes),
     )
 
 

@@ -160,3 +160,28 @@ def test_a_failed_load_frees_its_reservation_and_a_removal_its_charge() -> None:
     assert status["budget_mb"] is None and status["versions"][0]["pinned_by"] == "default version"
     registry.remove("a", 1)
     assert budget.ledger.used() == int(50 * MIB) and budget.status()["versions"] == []
+
+
+def test_a_response_cache_is_reserved_at_its_bound() -> None:
+    # The cache is empty when the version loads, so no measurement sees it: the estimate must
+    # hold its max_bytes, or a full cache takes the agent past its budget unseen.
+    cache_mb = 40
+    config = RuntimeConfig(memory_budget_mb=int(50 + EACH + cache_mb / 2), cache_ttl_s=30.0,
+                           cache_max_bytes=cache_mb * MIB)
+    registry = FakeRegistry()
+    budget = MemoryBudget(registry, config)
+    registry.budget = budget
+    budget._started = True
+    budget.ledger.baseline = int(50 * MIB)
+    est = budget.estimate(manifest("a", 1))
+    assert est.cache == cache_mb * MIB
+    assert est.total == estimate(manifest("a", 1), 64).total + cache_mb * MIB
+    assert est.to_json()["cache_mb"] == cache_mb
+    with pytest.raises(ModelLoadError, match="memory budget: a v1 needs"):
+        budget.admit(manifest("a", 1))
+    # The same model without a cache fits the same budget.
+    plain = MemoryBudget(registry, RuntimeConfig(memory_budget_mb=int(50 + EACH + cache_mb / 2)))
+    plain._started = True
+    plain.ledger.baseline = int(50 * MIB)
+    assert plain.estimate(manifest("a", 1)).cache == 0
+    plain.admit(manifest("a", 1))
