@@ -10,7 +10,9 @@ DATA/operator.token    the first operator token (mode 0600), as printed by init
 
 With `blob_store = "s3"` the package files live in an S3-compatible bucket instead of
 DATA/blobs; with `tuf_publish = "s3"` the TUF repository is also published there (see
-hub.objectstore).
+hub.objectstore). With `tuf_state = "s3"` as well, the bucket is the repository's source of
+truth: hub processes on several hosts (own data directories, one PostgreSQL, one bucket) sign
+in turn, each pulling the bucket's state first (hub.signing.mirror).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SETTINGS_FILE = "hub.toml"
 DEFAULT_LISTEN = "127.0.0.1:8700"
 BLOB_STORES = ("fs", "s3")
 TUF_PUBLISH = ("", "s3")
+TUF_STATES = ("local", "s3")
 # S3's bucket naming rules (3-63 lowercase letters, digits, '.', '-'), which MinIO follows too.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX = re.compile(r"[A-Za-z0-9._/-]*")  # safe in a key and in a URL path, unescaped
@@ -51,6 +54,12 @@ class HubSettings:
     # host or CDN to serve. Credentials come from boto3's chain (environment, profile, role).
     blob_store: str = "fs"
     tuf_publish: str = ""
+    # Where the signed repository's state lives: "local" (DATA/tuf; several hub processes must
+    # share that directory) or "s3" (the bucket of tuf_publish: each host keeps a copy in DATA/tuf,
+    # pulled under the signing lock before every change and every tuf_sync_interval_s seconds
+    # for its /tuf/; needs tuf_publish = "s3", and PostgreSQL for hosts to share the lock).
+    tuf_state: str = "local"
+    tuf_sync_interval_s: float = 2.0
     s3_bucket: str = ""
     s3_prefix: str = ""  # e.g. "outpost/": every key the hub writes starts with it
     s3_endpoint_url: str = ""  # empty: AWS S3; e.g. http://127.0.0.1:9000 for MinIO
@@ -129,6 +138,17 @@ class HubSettings:
             raise SettingsError(f'blob_store must be "fs" or "s3", not {self.blob_store!r}')
         if self.tuf_publish not in TUF_PUBLISH:
             raise SettingsError(f'tuf_publish must be "" (off) or "s3", not {self.tuf_publish!r}')
+        if self.tuf_state not in TUF_STATES:
+            raise SettingsError(f'tuf_state must be "local" or "s3", not {self.tuf_state!r}')
+        if self.tuf_state == "s3" and self.tuf_publish != "s3":
+            raise SettingsError(
+                'tuf_state = "s3" keeps the repository in the bucket it is published to: '
+                'set tuf_publish = "s3" too'
+            )
+        if not 0.1 <= self.tuf_sync_interval_s <= 3600:
+            raise SettingsError(
+                f"tuf_sync_interval_s must be between 0.1 and 3600 seconds, not {self.tuf_sync_interval_s}"
+            )
         uses_s3 = "s3" in (self.blob_store, self.tuf_publish)
         s3_keys = ("s3_bucket", "s3_prefix", "s3_endpoint_url", "s3_region")
         if not uses_s3:

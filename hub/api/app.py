@@ -59,7 +59,6 @@ from hub.registry import Database, Deployment, Limits, Registry, VersionInfo
 from hub.registry.deployments import KEEP_CAPTURE, parse_capture, parse_experiment
 from hub.registry.variants import files_to_sign, variant_targets
 from hub.settings import HubSettings, SettingsError
-from hub.signing import KeyStore, SignedRepository
 
 log = logging.getLogger("outpost-hub")
 
@@ -153,19 +152,29 @@ class Hub:
             self.db.dispose()
             raise
         # Blobs in DATA/blobs or a bucket; the TUF repository also published there if asked
-        # (hub.objectstore). The hub serves /tuf/ from its directory either way.
+        # (hub.objectstore), or kept there (tuf_state = "s3": hosts with their own data
+        # directories sign in turn). The hub serves /tuf/ from its directory either way.
         bucket = objectstore.bucket(settings) if "s3" in (settings.blob_store, settings.tuf_publish) else None
-        if bucket is not None and settings.blob_store == "s3":
+        if bucket is not None and "s3" in (settings.blob_store, settings.tuf_state):
             bucket.check()  # no pushes without it: say so at start, not at the first push
         blobs = objectstore.blob_store(settings, bucket)
         blobs.sweep()  # put back blobs a crash left in the trash mid-delete
         self.registry = Registry(self.db, blobs, Limits(max_model_bytes=settings.max_upload_bytes))
-        self.repo = SignedRepository(
-            settings.tuf_dir,
-            KeyStore(settings.online_keys, settings.offline_keys),
-            expiry=settings.expiry_policy(),
-            publisher=objectstore.tuf_publisher(settings, bucket),
-        )
+        self.repo = objectstore.signed_repository(settings, bucket, self.db.engine)
+        if self.repo.mirror is not None:
+            if self.db.is_sqlite:
+                log.warning(
+                    'tuf_state = "s3" on SQLite: signing is locked on this host only; hub processes '
+                    "on other hosts need a shared PostgreSQL (database_url)"
+                )
+            try:
+                # The bucket's repository, or this directory's published to an empty bucket;
+                # and this host's online keys checked against it.
+                joined = self.repo.join()
+            except HubError:
+                self.db.dispose()
+                raise
+            log.info("TUF repository in the bucket: %s", joined)
         try:
             rules = AlertRules(
                 error_rate=settings.alert_error_rate,
@@ -282,7 +291,30 @@ class Hub:
         self.repo.remove_model_version(name, version)
 
     async def refresher(self) -> None:
-        """Re-sign timestamp and snapshot (and delegated roles) before they expire."""
+        """Re-sign timestamp and snapshot (and delegated roles) before they expire; with the
+        repository kept in the bucket, also follow it (`syncer`)."""
+        follower = asyncio.ensure_future(self.syncer()) if self.repo.mirror is not None else None
+        try:
+            await self._refresh_loop()
+        finally:
+            if follower is not None:
+                follower.cancel()
+
+    async def syncer(self) -> None:
+        """Every tuf_sync_interval_s: pull what other hosts published into the directory this
+        hub's /tuf/ serves (two HEAD requests when nothing changed)."""
+        while True:
+            try:
+                report = await run_in_threadpool(self.repo.sync)
+                if report is not None and report.fetched:
+                    log.debug("pulled %d TUF files from the bucket", len(report.fetched))
+            except HubError as exc:
+                log.warning("following the TUF repository in the bucket failed; retrying: %s", exc)
+            except Exception:
+                log.exception("following the TUF repository in the bucket failed; retrying")
+            await asyncio.sleep(self.settings.tuf_sync_interval_s)
+
+    async def _refresh_loop(self) -> None:
         while True:
             try:
                 report = await run_in_threadpool(self.repo.refresh)

@@ -269,7 +269,10 @@ class SignedRepository:
     def _mirrored_edit(self) -> Iterator[Edit]:
         """An Edit on the bucket's state: pulled first, published (or undone) before unlocking."""
         with self._lock.hold():
-            self._pull()
+            # In full (a listing), not just timestamp.json and root.json: a file another host
+            # uploaded before its publish failed is in no timestamp, and its version number must
+            # not be given to other content here.
+            self._pull(force=True)
             self._store.require_published()
             saved = {
                 path: path.read_bytes()
