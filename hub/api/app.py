@@ -50,6 +50,7 @@ from hub.api.experiments import add_experiment_routes
 from hub.api.guard import Guard, RequestLimits, Throttle, operator_name, upload_limit
 from hub.api.params import INT_MAX, Version, VersionQuery
 from hub.api.rollouts import add_rollout_routes
+from hub.api.tuffiles import PUBLIC_TREES, TufFront
 from hub.api.upload import read_package_tar
 from hub.capture.store import CaptureStore
 from hub.errors import AuthError, HubError, PackageTooLarge
@@ -127,7 +128,9 @@ _TAR_BODY = {"content": {"application/x-tar": {"schema": {"type": "string", "for
 
 
 class _TufFiles(StaticFiles):
-    """StaticFiles with the cache headers TUF clients and CDNs need."""
+    """StaticFiles with the cache headers TUF clients and CDNs need. Behind hub.api.tuffiles'
+    TufFront, which answers the small files itself: these serve large files, ranges and
+    other methods, with the same headers."""
 
     async def get_response(self, path: str, scope: Any) -> Response:
         response = await super().get_response(path, scope)
@@ -482,7 +485,7 @@ def _guard(app: FastAPI, hub: Hub) -> None:
     app.add_middleware(Guard, limits=limits, throttle=throttle, authenticate=authenticate)
 
 
-def create_app(settings: HubSettings) -> FastAPI:
+def create_app(settings: HubSettings) -> TufFront:
     hub = Hub(settings)
 
     @contextlib.asynccontextmanager
@@ -568,7 +571,9 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     mount_dashboard(app, hub)
     # Only the two public trees: the repository's lock file and anything else stay private.
-    for sub in ("metadata", "targets"):
+    # The mounts serve what TufFront passes on: large files (streamed), ranges, other methods.
+    for sub in PUBLIC_TREES:
         (settings.tuf_dir / sub).mkdir(parents=True, exist_ok=True)
         app.mount(f"/tuf/{sub}", _TufFiles(directory=settings.tuf_dir / sub), name=f"tuf-{sub}")
-    return app
+    # Devices' polls are answered ahead of the middleware and routing (hub.api.tuffiles).
+    return TufFront(app, settings.tuf_dir)
