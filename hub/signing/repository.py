@@ -50,6 +50,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tuf.api.serialization import DeserializationError
+
 from agent.fsutil import write_atomic
 from hub.errors import (
     InvalidNameError,
@@ -57,10 +59,11 @@ from hub.errors import (
     MissingKeyError,
     ObjectStoreError,
     RepositoryStateError,
+    SigningError,
     TargetConflictError,
     UnknownTargetError,
 )
-from hub.signing._tuf import DelegatedRole, Delegations, Key, Root, TargetFile, Targets
+from hub.signing._tuf import DelegatedRole, Delegations, Key, Metadata, Root, TargetFile, Targets
 from hub.signing.edit import Edit, genesis
 from hub.signing.expiry import Clock, ExpiryPolicy, system_clock, utc_now
 from hub.signing.keys import OFFLINE_ROLES, ONLINE_ROLES, KeyStore
@@ -83,7 +86,7 @@ from hub.signing.layout import (
 )
 from hub.signing.lock import FileLock, SigningLock
 from hub.signing.mirror import FIRST_ROOT, ROOT_NAME, TIMESTAMP_NAME, Mirror, PullReport
-from hub.signing.publish import Publisher, PublishReport
+from hub.signing.publish import TUF, Publisher, PublishReport
 from hub.signing.store import MetadataStore
 
 _HASHES = ["sha256"]
@@ -186,22 +189,42 @@ class SignedRepository:
         earlier local repository, e.g. one `outpost-hub init` made on this host, is replaced),
         or publish the directory's to a bucket that holds none ("published"). Then check that
         the online keys here are the ones the repository trusts (MissingKeyError,
-        KeyMismatchError otherwise: copy them from the host that created it)."""
+        KeyMismatchError otherwise: copy them from the host that created it).
+
+        One exception to "the bucket wins": the directory holds the bucket's repository (the
+        same first root) at a newer timestamp version. Nobody committed since this directory
+        was last the bucket's copy (every commit raises the timestamp version by one), so it
+        is published: a hub that ran with `tuf_publish = "s3"` and a failed publish, or an
+        `outpost-hub keys rotate` run on this host's directory while the hub was stopped."""
         if self.mirror is None:
             raise RepositoryStateError("join() needs a repository kept in the object store (a mirror)")
+        assert self.publisher is not None  # for mypy: checked in __init__
         with self._lock.hold():
-            if self.mirror.committed():
+            if self.mirror.committed() and not self._ahead_of_bucket():
                 self._pull(force=True)
                 outcome = "joined"
             else:
                 self._store.require_published()
-                assert self.publisher is not None  # for mypy: checked in __init__
                 self.publisher.publish(self.layout)
                 self.mirror.anchor = self.layout.base.joinpath(FIRST_ROOT).read_bytes()
-                self._pull_needed = False
+                self._pull(force=True)  # a no-op but for the publisher's and the mirror's view
                 outcome = "published"
             self._check_online_keys()
         return outcome
+
+    def _ahead_of_bucket(self) -> bool:
+        assert self.mirror is not None  # for mypy: join() checks
+        try:
+            local_root = self.layout.base.joinpath(FIRST_ROOT).read_bytes()
+            local_ts = self._store.timestamp().signed.version
+        except (OSError, SigningError):
+            return False  # no usable repository here: the bucket's is taken
+        source = self.mirror.source
+        try:
+            bucket_ts = Metadata.from_bytes(source.get(TUF + TIMESTAMP_NAME)).signed.version
+        except DeserializationError:
+            return False  # verify_committed() in the pull says what is wrong with it
+        return local_ts > bucket_ts and source.get(TUF + FIRST_ROOT) == local_root
 
     def _check_online_keys(self) -> None:
         edit = Edit(self._store, self.keystore, self.expiry, utc_now(self._clock))

@@ -475,3 +475,23 @@ def test_an_advisory_lock_serialises_hosts_and_a_lost_one_publishes_nothing(
         assert tree(b) == before  # undone: b's /tuf/ serves what the bucket holds
     finally:
         engine.dispose()
+
+
+def test_a_directory_ahead_of_the_bucket_is_published_at_start(
+    tmp_path: Path, bucket: MemoryBucket, hosts: tuple[SignedRepository, SignedRepository]
+) -> None:
+    """`outpost-hub keys rotate` on host A's directory while its hub was stopped (no mirror, no
+    publisher): at start A publishes it, since nobody committed since; B then needs the new key."""
+    a, b = hosts
+    SignedRepository(a.layout.base, a.keystore).rotate_key("timestamp")
+    restarted = host(tmp_path, "a", bucket)
+    assert restarted.join() == "published"
+    assert tree(restarted) == bucket.files
+    assert "tuf/metadata/2.root.json" in bucket.files
+    with pytest.raises(KeyMismatchError, match="is not the key"):
+        b.set_assignment("lab", b"{}")
+    shutil.copy2(a.keystore.path("timestamp"), b.keystore.path("timestamp"))
+    assert b.set_assignment("lab", b"{}") == 1
+    # Behind the bucket (B signed since), the same directory is pulled instead.
+    assert host(tmp_path, "a", bucket).join() == "joined"
+    assert tree(restarted) == bucket.files
