@@ -28,7 +28,11 @@
 10. data capture for retraining: the group's deployment asks its devices to keep half of their
    requests; one device answers its apps (over the socket, and over MQTT for an app that speaks
    MQTT v5 request/response), the apps feed the true labels back, and the hub exports what was
-   captured as CSV, every captured request once, each with its prediction and label.
+   captured as CSV, every captured request once, each with its prediction and label;
+11. the hub scaled out: a second `outpost-hub serve` on the same database and signing directory
+   (what runs behind a load balancer; PostgreSQL and an object store for several hosts). A
+   deployment made through the second is verified by a device polling the first, and the
+   device's telemetry, shared between the two consumers, is stored once and seen from both.
 
 Exits non-zero if any step does not behave as described.
 """
@@ -702,6 +706,119 @@ def capture(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Pa
             proc.wait(30)
 
 
+def start_hub(
+    work: Path, data: Path, mqtt_url: str, name: str, *extra: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`outpost-hub serve` on a free loopback port, once it answers /healthz."""
+    import requests
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (work / f"{name}.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "outpost-hub"),
+            "serve",
+            "--data",
+            str(data),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--mqtt",
+            mqtt_url,
+            *extra,
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            print((work / f"{name}.log").read_text(), file=sys.stderr)
+            raise SystemExit(f"demo: {name} did not start")
+        time.sleep(0.05)
+
+
+def scale_out(work: Path, url: str, hub_data: Path, mqtt_url: str, sample_path: Path) -> None:
+    step("11. The hub scaled out: a second hub process on the same database, one deployment through each")
+    import requests
+
+    # Its own MQTT client id: two consumers with one id would take the session from each other.
+    hub_b, url_b = start_hub(work, hub_data, mqtt_url, "hub-b", "--mqtt-client-id", "demo-hub-b")
+    token = (hub_data / "operator.token").read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    device: subprocess.Popen[bytes] | None = None
+    traffic: Traffic | None = None
+    try:
+        print(f"  hub A {url}, hub B {url_b}: one database, one signing directory, one broker")
+        run(str(BIN / "outpost"), "deploy", "wine", "2", "--group", "scale", "--hub", url_b)
+        device, sock = start_hub_device(work, "demo-008", "scale", url, hub_data, mqtt_url)
+        bodies = sample_requests(sample_path, seed=11)
+        traffic = Traffic(sock, bodies[0], bodies[1:])  # probation judges a version on its answers
+        wait_until("demo-008 to serve", lambda: call_ready(sock) == 200)
+        traffic.thread.start()
+
+        def update() -> dict[str, Any]:
+            doc: dict[str, Any] = json.loads(call(sock, "GET", "/v1/status")[2])["update"]
+            return doc
+
+        wait_until(
+            "demo-008 to commit version 2",
+            lambda: "v2" in str(update().get("current")),
+        )
+        print(
+            "  deployed through hub B; device demo-008 polled hub A, verified and committed "
+            f"{update()['current']}"
+        )
+        # Until its first version arrives a new device answers 404: count failures from here on.
+        answered, failed = traffic.answers, traffic.failures
+        run(str(BIN / "outpost"), "deploy", "wine", "1", "--group", "scale", "--hub", url)
+        wait_until("demo-008 to commit version 1", lambda: "v1" in str(update().get("current")))
+        print(
+            f"  {traffic.answers - answered} predictions while it switched from v2 to v1, "
+            f"{traffic.failures - failed} failed"
+        )
+        assert traffic.failures == failed
+        print(
+            f"  deployed through hub A; the device now runs {update()['current']}: every signature checks out"
+        )
+
+        def recent(hub_url: str) -> list[dict[str, Any]]:
+            got = requests.get(
+                f"{hub_url}/api/v1/fleet/demo-008", params={"limit": 1000}, headers=auth, timeout=10
+            )
+            got.raise_for_status()
+            rows: list[dict[str, Any]] = got.json()["recent"]
+            return rows
+
+        wait_until(
+            "demo-008's windows at the hubs", lambda: sum(m["kind"] == "summary" for m in recent(url)) >= 3
+        )
+        seen_a, seen_b = recent(url), recent(url_b)
+        seqs = [m["seq"] for m in seen_a]
+        assert len(seqs) == len(set(seqs)), "a message was stored twice"
+        assert {m["seq"] for m in seen_b} >= set(seqs), "hub B does not see what hub A stored"
+        kinds = sorted({m["kind"] for m in seen_a})
+        print(
+            f"  demo-008's telemetry, shared by the two consumers: {len(seqs)} messages "
+            f"({', '.join(kinds)}), "
+            "each stored once, the same through either hub"
+        )
+    finally:
+        if traffic is not None:
+            traffic.stop.set()
+            if traffic.thread.is_alive():
+                traffic.thread.join(10)
+        for proc in (device, hub_b):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+
+
 def ask_over_mqtt(mqtt_url: str, row: np.ndarray) -> dict[str, Any]:
     """An app that speaks MQTT: one OIP request with a response topic and correlation data."""
     import threading
@@ -782,6 +899,7 @@ def main() -> int:
     agent: subprocess.Popen[bytes] | None = None
     hub: subprocess.Popen[bytes] | None = None
     broker: subprocess.Popen[bytes] | None = None
+    failed = True
     try:
         v1, v2, sample_path = build_packages(work / "packages")
         sock = str(work / "agent.sock")
@@ -801,6 +919,7 @@ def main() -> int:
         monitoring(work, mqtt_url, v1, sample_path)
         rollout(work, url, hub_data, mqtt_url, sample_path)
         capture(work, url, hub_data, mqtt_url, sample_path)
+        scale_out(work, url, hub_data, mqtt_url, sample_path)
         if "--keep" in sys.argv[1:]:
             keep_fleet(work, url, hub_data, mqtt_url, sample_path)
         hub.terminate()
@@ -810,13 +929,17 @@ def main() -> int:
         broker.wait(30)
         broker = None
         print("\ndemo finished: all steps behaved as described")
+        failed = False
         return 0
     finally:
         for proc in (agent, hub, broker):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
+        if failed:  # the logs of every process the demo started are what explains a failed step
+            print(f"demo: a step failed; its files and logs are kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def run_quiet(*args: str) -> str:
