@@ -12,7 +12,8 @@ Files under the repository directory (served as is under /tuf/metadata and /tuf/
     metadata/<v>.<role>.json           targets, models, deploy, group-*, snapshot (consistent snapshots)
     metadata/timestamp.json            the only unversioned role, rewritten in place (atomically)
     targets/<dir>/<sha256>.<basename>  target bytes, named by content (consistent snapshots)
-    .lock                              flock(2) held by the one writer
+    .lock                              flock(2) held by the one writer (hub.signing.lock; across
+                                       hosts a PostgreSQL advisory lock too)
 
 Names are restricted to a character set that is safe in a path, a URL and a TUF path
 pattern (no '/', no glob characters), so a delegation pattern can never match more than

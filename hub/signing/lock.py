@@ -106,6 +106,8 @@ class AdvisoryLock:
                     conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
                     conn.commit()
                 except sa_exc.SQLAlchemyError as exc:
+                    # Not back to the pool with this session's lock_timeout (or a dead socket).
+                    conn.invalidate()
                     raise self._error("cannot take", exc) from exc
                 self._conn = conn
                 try:

@@ -16,12 +16,13 @@ signing lock: reading needs none), so its /tuf/ follows deployments made through
 How a pull stays consistent for readers of the directory (devices on this hub's /tuf/):
 `timestamp.json` and `root.json` are read from the bucket *first*, then the bucket is listed;
 a publisher uploads every file a timestamp names before that timestamp, so the listing holds
-all of them. Missing files are downloaded in publish order, the new metadata chain is verified
-(each root by the one before, then timestamp, snapshot and every targets role by the keys that
-delegate to them), and only then are `root.json` and `timestamp.json` written, last; files the
-bucket no longer holds (pruned, or written here by an edit whose publish failed) are removed
-after that. A file the directory holds under a name the bucket holds with other bytes is
-replaced: the bucket's copy wins (hub.signing.store's write-once rule holds for the bucket).
+all of them. The metadata to fetch is read into memory and the chain the timestamp commits is
+verified (each root by the one before, from the first, then timestamp, snapshot and every
+targets role by the keys that delegate to them) before anything is written; then the files are
+written in publish order, `root.json` and `timestamp.json` last; files the bucket no longer
+holds (pruned, or written here by an edit whose publish failed) are removed after that. A
+file the directory holds under a name the bucket holds with other bytes is replaced: the
+bucket's copy wins (hub.signing.store's write-once rule holds for the bucket).
 
 Errors: ObjectStoreError when the bucket cannot be read, RepositoryStateError when it holds no
 repository, SigningError when what it holds does not verify (nothing is then made current).
@@ -32,12 +33,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
 from tuf.api.serialization import DeserializationError
 
 from agent.fsutil import fsync_dir, write_atomic
@@ -141,9 +142,22 @@ class Mirror:
         }
         plan = plan_sync(local, remote)
         replaced = tuple(n for n in plan.fetch if n in local)
+        # Metadata is small: held in memory and verified before any of it is written, so a
+        # bucket that does not verify leaves the directory (and this hub's /tuf/) as it was.
+        # Targets are new names only (hash-named), checked against their names as they stream.
+        fetched = {n: self.source.get(TUF + n) for n in plan.fetch if n.startswith("metadata/")}
+
+        def read(name: str) -> bytes | None:
+            if name in fetched:
+                return fetched[name]
+            return _read(layout.base / name) if name in remote else None
+
+        verify_committed(read, mutable[TIMESTAMP_NAME])
         for name in plan.fetch:
-            self._download(layout, name)
-        verify_committed(layout, mutable[TIMESTAMP_NAME])
+            if name in fetched:
+                _write(layout.base / name, fetched[name])
+            else:
+                self._download(layout, name)
         for name in (ROOT_NAME, TIMESTAMP_NAME):  # the commit point last, as a publisher does
             path = layout.base / name
             if _md5_or_none(path) != _md5_bytes(mutable[name]):
@@ -191,37 +205,46 @@ class Mirror:
             tmp.unlink(missing_ok=True)
 
 
-def verify_committed(layout: Layout, timestamp: bytes) -> None:
-    """Raise SigningError unless the repository that `timestamp` commits verifies from the
-    directory's first root: the root chain, then timestamp, snapshot and every targets role
-    the snapshot names (a hub must never sign on top of metadata its own keys did not sign)."""
-    root = _load(layout.metadata_file(ROOT, 1), Root)
-    version = 1
-    while True:
-        path = layout.metadata_file(ROOT, version + 1)
-        if not path.is_file():
-            break
-        new = _load(path, Root)
+def verify_committed(read: Callable[[str], bytes | None], timestamp: bytes) -> None:
+    """Raise SigningError unless the repository that `timestamp` commits verifies from its first
+    root: the root chain, then timestamp, snapshot and every targets role the snapshot names (a
+    hub must never sign on top of metadata its own keys did not sign). `read(name)` gives the
+    bytes of `metadata/...` names, None for a file that is not there."""
+
+    def load(name: str, kind: type[Any]) -> Metadata[Any]:
+        data = read(name)
+        if data is None:
+            raise SigningError(f"{name} is missing from the bucket: the repository is incomplete")
+        return _parse(data, kind, name)
+
+    root = load(FIRST_ROOT, Root)
+    while (data := read(f"metadata/{root.signed.version + 1}.{ROOT}.json")) is not None:
+        new = _parse(data, Root, f"{root.signed.version + 1}.root.json")
         result = new.signed.get_root_verification_result(root.signed, new.signed_bytes, new.signatures)
-        if not result.verified or new.signed.version != version + 1:
-            raise SigningError(f"{path} is not signed by the root before it: the bucket was altered")
-        root, version = new, version + 1
+        if not result.verified or new.signed.version != root.signed.version + 1:
+            raise SigningError(
+                f"{root.signed.version + 1}.root.json is not signed by the root before it: "
+                "the bucket was altered"
+            )
+        root = new
     ts = _parse(timestamp, Timestamp, TIMESTAMP_NAME)
     _verify(root.signed, TIMESTAMP, ts, TIMESTAMP_NAME)
     meta = ts.signed.snapshot_meta
-    snapshot_path = layout.metadata_file(SNAPSHOT, meta.version)
-    data = _read(snapshot_path)
+    snapshot_name = f"metadata/{meta.version}.{SNAPSHOT}.json"
+    snapshot_data = read(snapshot_name)
+    if snapshot_data is None:
+        raise SigningError(f"{snapshot_name}, which the timestamp names, is missing from the bucket")
     try:
-        meta.verify_length_and_hashes(data)
-    except Exception as exc:  # python-tuf's LengthOrHashMismatchError
-        raise SigningError(f"{snapshot_path} is not the snapshot the timestamp names: {exc}") from exc
-    snapshot = _parse(data, Snapshot, snapshot_path.name)
-    _verify(root.signed, SNAPSHOT, snapshot, snapshot_path.name)
+        meta.verify_length_and_hashes(snapshot_data)
+    except LengthOrHashMismatchError as exc:
+        raise SigningError(f"{snapshot_name} is not the snapshot the timestamp names: {exc}") from exc
+    snapshot = _parse(snapshot_data, Snapshot, snapshot_name)
+    _verify(root.signed, SNAPSHOT, snapshot, snapshot_name)
     roles: dict[str, Metadata[Targets]] = {}
     for name, role_meta in snapshot.signed.meta.items():
         role = name.removesuffix(".json")
-        path = layout.metadata_file(role, role_meta.version)
-        roles[role] = _load(path, Targets)
+        path = f"metadata/{role_meta.version}.{name}"
+        roles[role] = load(path, Targets)
         if roles[role].signed.version != role_meta.version:
             raise SigningError(f"{path} holds version {roles[role].signed.version}: the bucket was altered")
     if TARGETS not in roles:
@@ -258,10 +281,6 @@ def _read(path: Path) -> bytes:
         raise SigningError(f"{path.name} is missing from the bucket: the repository is incomplete") from None
     except OSError as exc:
         raise SigningError(f"cannot read {path}: {exc}") from exc
-
-
-def _load(path: Path, kind: type[Any]) -> Metadata[Any]:
-    return _parse(_read(path), kind, path.name)
 
 
 def _parse(data: bytes, kind: type[Any], what: str) -> Metadata[Any]:

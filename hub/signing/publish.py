@@ -22,6 +22,11 @@ target found there is the same file by construction; a versioned metadata file i
 if the listing's ETag is the MD5 of the local file (otherwise, e.g. the files of an earlier
 repository under the same prefix, it is uploaded again). Objects under `tuf/` that the
 directory does not hold are deleted: the bucket's `tuf/` is the directory's mirror.
+
+With `tuf_state = "s3"` the direction is reversed between edits: the bucket is the source of
+truth and hub.signing.mirror pulls the directory to it before each edit, then `assume()` tells
+the publisher what the bucket holds, so the edit's publish uploads only the edit's files (and a
+host never deletes what another host published: its directory holds all of it).
 """
 
 from __future__ import annotations

@@ -495,3 +495,16 @@ def test_a_directory_ahead_of_the_bucket_is_published_at_start(
     # Behind the bucket (B signed since), the same directory is pulled instead.
     assert host(tmp_path, "a", bucket).join() == "joined"
     assert tree(restarted) == bucket.files
+
+
+def test_a_file_altered_in_the_bucket_is_not_copied_over_the_good_one(
+    bucket: MemoryBucket, hosts: tuple[SignedRepository, SignedRepository]
+) -> None:
+    a, b = hosts
+    b.add_model_version("wine", 1, WINE)
+    a.sync()
+    good = a.layout.metadata_file("models", 2).read_bytes()
+    bucket.files["tuf/metadata/2.models.json"] = good.replace(b'"wine"', b'"evil"', 1)
+    with pytest.raises(SigningError, match="not signed by the keys trusted for models"):
+        a.set_assignment("lab", b"{}")
+    assert a.layout.metadata_file("models", 2).read_bytes() == good
