@@ -9,7 +9,8 @@
     repo.refresh()                                   # periodically: re-sign before expiry
 
 Errors are `hub.errors.SigningError` and its subclasses. See `repository` for the roles and
-`layout` for the files on disk.
+`layout` for the files on disk; `mirror` and `lock` for the repository kept in an object store
+and signed from several hosts in turn (`tuf_state = "s3"`, built by hub.objectstore).
 """
 
 from hub.signing.expiry import Clock, ExpiryPolicy, system_clock

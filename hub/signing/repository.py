@@ -254,7 +254,9 @@ class SignedRepository:
         if not (force or self._pull_needed) and self.mirror.current(self.layout):
             return None
         report = self.mirror.pull(self.layout)
-        self._store.forget()
+        if report.replaced or report.removed:
+            # Parsed files are cached by version, which holds while a name keeps its bytes.
+            self._store.forget()
         self.publisher.assume(report.immutable, dict(report.mutable))
         self._pull_needed = False
         if report.fetched or report.removed:
