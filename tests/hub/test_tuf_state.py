@@ -412,6 +412,7 @@ def test_hosts_on_a_real_bucket(tmp_path: Path, s3: S3Server) -> None:
     assert tree(a) == tree(b) == objects
 
 
+@pytest.mark.postgres
 def test_an_advisory_lock_serialises_hosts_and_a_lost_one_publishes_nothing(
     tmp_path: Path, postgres_url: str, bucket: MemoryBucket
 ) -> None:
