@@ -1,8 +1,10 @@
 """The hub's MQTT fleet consumer: paho-mqtt 2.x (MQTT 5) in, the fleet tables out.
 
-Threads: paho's network thread runs the callbacks, which only parse and enqueue; one worker
-thread takes batches off the queue and writes them in one transaction each. The database
-never blocks the network thread.
+Threads: paho's network thread runs the callbacks, which only enqueue the topic and payload;
+one worker thread takes batches off the queue, parses them and writes each batch in one
+transaction. The database never blocks the network thread. The queue holds payloads as bytes,
+not parsed: a backlog of tens of thousands of parsed bodies (hundreds of objects each) made
+the garbage collector's full passes most of the hub's CPU in make bench-fleet's ingest.
 
 Subscriptions (one SUBSCRIBE on every connect, so a reconnect restores them):
 - `$share/outpost-hub/outpost/v1/#` at QoS 1: the broker spreads devices' messages across
@@ -60,7 +62,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from hub.errors import HubError, RegistryError
 from hub.fleet.rules import SHARED_FILTER, STATE_FILTER, Invalid, cmd_topic, parse_message
-from hub.fleet.store import FleetStore, Incoming
+from hub.fleet.store import ApplyReport, FleetStore, Incoming
 
 log = logging.getLogger("outpost-hub.fleet")
 
@@ -107,7 +109,9 @@ class BrokerAddress:
 
 @dataclass(frozen=True)
 class _Item:
-    incoming: Incoming | None  # None: nothing to store, only to acknowledge
+    topic: str
+    payload: bytes
+    retained: bool
     mid: int
     qos: int
     generation: int
@@ -223,21 +227,10 @@ class FleetConsumer:
         if not self._stop.is_set() and reason.is_failure:
             log.warning("fleet: disconnected from the broker (%s); reconnecting", reason)
 
-    def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.stats["received"] += 1
-        incoming: Incoming | None = None
-        try:
-            parsed = parse_message(message.topic, bytes(message.payload))
-            if parsed is not None:
-                incoming = Incoming(parsed, retained=bool(message.retain))
-        except Invalid as exc:
-            self.stats["invalid"] += 1
-            if self.stats["invalid"] <= 10 or self.stats["invalid"] % 1000 == 0:
-                log.warning("fleet: ignored a message (%d so far): %s", self.stats["invalid"], exc)
-        item = _Item(incoming, message.mid, message.qos, self._generation)
-        if incoming is None:
-            self._ack(client, item)
-            return
+        payload, retained = bytes(message.payload), bool(message.retain)
+        item = _Item(message.topic, payload, retained, message.mid, message.qos, self._generation)
         try:
             self._queue.put_nowait(item)
             return
@@ -287,32 +280,45 @@ class FleetConsumer:
             if batch:
                 self._write(batch)
 
-    def _write(self, batch: list[_Item]) -> None:
+    def _parse(self, item: _Item) -> Incoming | None:
+        """The message to store; None for one to acknowledge only (ours, or invalid: counted)."""
         try:
-            self._store(batch)
+            parsed = parse_message(item.topic, item.payload)
+        except Invalid as exc:
+            self.stats["invalid"] += 1
+            if self.stats["invalid"] <= 10 or self.stats["invalid"] % 1000 == 0:
+                log.warning("fleet: ignored a message (%d so far): %s", self.stats["invalid"], exc)
+            return None
+        return None if parsed is None else Incoming(parsed, retained=item.retained)
+
+    def _write(self, batch: list[_Item]) -> None:
+        parsed = [(item, self._parse(item)) for item in batch]
+        try:
+            self._store(parsed)
         except RegistryError:  # the database cannot be used: only stopping gives up
             self.stats["lost_at_shutdown"] += len(batch)
         except Exception:
             log.exception("fleet: a batch of %d failed; storing its messages one by one", len(batch))
-            for item in batch:
+            for item, incoming in parsed:
                 try:
-                    self._store([item])
+                    self._store([(item, incoming)])
                 except RegistryError:
                     self.stats["lost_at_shutdown"] += 1
                 except Exception as exc:
                     self.stats["failed"] += 1
-                    log.error("fleet: dropped a message the database refuses (%s): %s", exc, item.incoming)
+                    log.error("fleet: dropped a message the database refuses (%s): %s", exc, incoming)
                     self._ack(self._client, item)
         finally:
             for _ in batch:
                 self._queue.task_done()
 
-    def _store(self, batch: list[_Item]) -> None:
+    def _store(self, batch: list[tuple[_Item, Incoming | None]]) -> None:
         """Apply and acknowledge; while the database is unusable, retry with backoff."""
         delay = 0.5
+        incoming = [i for _item, i in batch if i is not None]
         while True:
             try:
-                report = self.store.apply([i.incoming for i in batch if i.incoming is not None])
+                report = self.store.apply(incoming) if incoming else ApplyReport()
                 break
             except RegistryError:
                 if self._stop.is_set():
@@ -323,7 +329,7 @@ class FleetConsumer:
                 delay = min(delay * 2, RETRY_MAX_S)
         for key in ("stored", "duplicates", "too_old", "states_applied", "states_ignored", "pruned"):
             self.stats[key] += getattr(report, key)
-        for item in batch:
+        for item, _incoming in batch:
             self._ack(self._client, item)
 
     # -- commands to devices ------------------------------------------------------------------

@@ -132,9 +132,10 @@ def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def window_values(msg: TelemetryMsg, now: datetime) -> dict[str, Any] | None:
+def window_values(msg: TelemetryMsg, now: datetime, text: str | None = None) -> dict[str, Any] | None:
     """The fleet_windows row of a summary or drift message; None when the body cannot be
-    indexed (no model, version or times: the message is still kept in fleet_messages)."""
+    indexed (no model, version or times: the message is still kept in fleet_messages).
+    `text`: the body's JSON text (`body_text`), when the caller has it already."""
     body = msg.body
     model, version = body.get("model"), body.get("version")
     start, end = body.get("start"), body.get("end")
@@ -161,8 +162,14 @@ def window_values(msg: TelemetryMsg, now: datetime) -> dict[str, Any] | None:
         "errors": (counts["errors"] or 0) if msg.kind == "summary" else 0,
         "n_rows": counts["rows"] or 0,
         "alert": (body.get("alert") is True) if msg.kind == "drift" else None,
-        "body": json.dumps(body, sort_keys=True),
+        "body": body_text(msg) if text is None else text,
     }
+
+
+def body_text(msg: TelemetryMsg) -> str:
+    """The JSON text a message's body is stored as: as the device sent it when that was strict
+    JSON (hub.fleet.rules), else encoded here."""
+    return msg.text if msg.text is not None else json.dumps(msg.body, sort_keys=True)
 
 
 def record_window(
@@ -182,14 +189,27 @@ def record_window(
     values = window_values(msg, now)
     if values is None or not insert_ignore(session, FleetWindowRow, values):
         return False, 0
+    return True, window_alerts(session, msg, values, now, rules, rates)
+
+
+def window_alerts(
+    session: Session,
+    msg: TelemetryMsg,
+    values: dict[str, Any],
+    now: datetime,
+    rules: AlertRules,
+    rates: dict[tuple[str, int, float], dict[str, Any]] | None = None,
+) -> int:
+    """The alerts a window indexed just now raises or renews (its row `values` is stored); with
+    `rates`, a summary's error-rate check is left for `check_error_rates` (see record_window)."""
     if msg.kind == "drift":
         draft = drift_alert(msg.device_id, msg.seq, msg.body)
-        return True, int(draft is not None and _drift_run(session, values, draft, now))
+        return int(draft is not None and _drift_run(session, values, draft, now))
     if rates is not None:
         bucket = error_bucket(values["window_end"], rules.error_window_s)
         rates[(values["model"], values["version"], bucket)] = values
-        return True, 0
-    return True, int(_error_rate(session, values, rules, now))
+        return 0
+    return int(_error_rate(session, values, rules, now))
 
 
 def check_error_rates(

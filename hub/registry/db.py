@@ -34,9 +34,11 @@ it reads before writing (`SELECT ... FOR UPDATE`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -52,6 +54,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    insert,
     text,
 )
 from sqlalchemy import exc as sa_exc
@@ -294,3 +297,112 @@ def insert_ignore(session: Session, table: type[DeclarativeBase], values: dict[s
         except sa_exc.IntegrityError:
             return False
     return session.execute(stmt.returning(target.c.id)).first() is not None
+
+
+@dataclass(frozen=True)
+class _InsertNew:
+    """How `insert_new` writes rows of some columns of a table on one dialect."""
+
+    dialect: str
+    head: str  # INSERT INTO table (columns)
+    tail: str  # ON CONFLICT DO NOTHING RETURNING key
+    row: str  # SQLite: one row's (?, ?, ...)
+    sql: str  # PostgreSQL: the whole statement
+    processors: tuple[Any, ...]  # each column's bind processor, or None
+
+    def statement(self, n_rows: int) -> str:
+        if self.dialect == "postgresql":
+            return self.sql
+        return f"{self.head} VALUES {', '.join([self.row] * n_rows)} {self.tail}"
+
+
+@lru_cache(maxsize=64)
+def _insert_new_plan(
+    dialect: Any, table: Table, columns: tuple[str, ...], key: tuple[str, ...]
+) -> _InsertNew:
+    quote = dialect.identifier_preparer.quote
+    head = (
+        f"INSERT INTO {dialect.identifier_preparer.format_table(table)} "
+        f"({', '.join(quote(name) for name in columns)})"
+    )
+    tail = f"ON CONFLICT DO NOTHING RETURNING {', '.join(quote(name) for name in key)}"
+    # PostgreSQL: one array per column, in binary (text arrays of JSON bodies took psycopg tens
+    # of ms to escape per statement, and one parameter per value, as a multi-row VALUES sends,
+    # misses psycopg's query cache above 50).
+    arrays = ", ".join(f"%({name})b::{table.c[name].type.compile(dialect=dialect)}[]" for name in columns)
+    return _InsertNew(
+        dialect.name,
+        head,
+        tail,
+        f"({', '.join(['?'] * len(columns))})",
+        f"{head} SELECT * FROM unnest({arrays}) {tail}",
+        tuple(table.c[name].type.bind_processor(dialect) for name in columns),
+    )
+
+
+def _processed(values: list[Any], process: Any) -> list[Any]:
+    if process is None:
+        return values
+    out: list[Any] = []
+    last: Any = object()
+    done: Any = None
+    for value in values:
+        if value is not last:  # a batch's rows share one `received` time: converted once
+            last, done = value, process(value)
+        out.append(done)
+    return out
+
+
+def insert_new(
+    conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], key: tuple[str, ...]
+) -> set[tuple[Any, ...]]:
+    """Insert the `rows` (each with the same columns) whose unique `key` (columns of plain
+    types: text, integers) is not stored yet; the key values of those inserted. Rows that
+    repeat a key among themselves: the first is stored.
+
+    One statement for a whole batch where `insert_ignore` costs one per row, written for the
+    driver directly (the column types' bind processors applied here): SQLAlchemy's own
+    executemany ("insertmanyvalues") built a parameter dict per row and was most of the fleet
+    writer's time. SQLite: INSERT ... VALUES (?, ...), (?, ...) ... ON CONFLICT DO NOTHING
+    RETURNING, in pages under the connection's limit of variables; PostgreSQL: INSERT ...
+    SELECT * FROM unnest(one array per column) ON CONFLICT DO NOTHING RETURNING.
+    """
+    if not rows:
+        return set()
+    dialect = conn.dialect
+    if dialect.name not in ("sqlite", "postgresql"):  # pragma: no cover - a savepoint per row
+        new: set[tuple[Any, ...]] = set()
+        for row in rows:
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(table), dict(row))
+                new.add(tuple(row[name] for name in key))
+            except sa_exc.IntegrityError:
+                pass
+        return new
+    columns = tuple(rows[0])
+    plan = _insert_new_plan(dialect, table, columns, key)
+    values = [
+        _processed([row[name] for row in rows], process)
+        for name, process in zip(columns, plan.processors, strict=True)
+    ]
+    if dialect.name == "postgresql":
+        result = conn.exec_driver_sql(plan.sql, dict(zip(columns, values, strict=True)))
+        return {tuple(r) for r in result}
+    limit = _sqlite_variable_limit(conn) // len(columns)
+    inserted: set[tuple[Any, ...]] = set()
+    by_row = list(zip(*values, strict=True))
+    for start in range(0, len(by_row), limit):
+        page = by_row[start : start + limit]
+        flat = tuple(v for row in page for v in row)
+        inserted.update(tuple(r) for r in conn.exec_driver_sql(plan.statement(len(page)), flat))
+    return inserted
+
+
+def _sqlite_variable_limit(conn: Connection) -> int:
+    """How many ? one statement may have on this connection (32,766 since SQLite 3.32; 999 before)."""
+    import sqlite3
+
+    driver = conn.connection.driver_connection
+    getlimit = getattr(driver, "getlimit", None)  # Python 3.11+
+    return int(getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)) if getlimit is not None else 999

@@ -384,7 +384,7 @@ def test_a_message_the_database_refuses_does_not_wedge_the_stream(tmp_path: Path
 
     consumer = FleetConsumer(Refusing(Database("sqlite://")), "mqtt://127.0.0.1:1", "unused")
     items = [
-        _Item(incoming(f"outpost/v1/g/{name}/event", {"seq": 1}), mid=0, qos=0, generation=0)
+        _Item(f"outpost/v1/g/{name}/event", b'{"seq": 1}', False, mid=0, qos=0, generation=0)
         for name in ("a", "bad", "b")
     ]
     for item in items:
