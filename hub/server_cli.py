@@ -139,13 +139,23 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
-    from hub.signing import KeyStore, SignedRepository
+    from hub import objectstore
+    from hub.registry import Database
 
     settings = load_settings(args.data)
-    repo = SignedRepository(
-        settings.tuf_dir, KeyStore(settings.online_keys, settings.offline_keys), settings.expiry_policy()
-    )
-    rotation = repo.rotate_key(args.role)
+    # As `serve` builds it: published to the bucket when tuf_publish = "s3", and with
+    # tuf_state = "s3" signed on the bucket's current state under the hosts' advisory lock
+    # and published before the lock is let go, so a rotation on one host while the others
+    # run is theirs at their next sync (they still need the new online key file to sign).
+    db = Database(settings.db_url) if settings.tuf_state == "s3" else None
+    try:
+        repo = objectstore.signed_repository(settings, engine=db.engine if db is not None else None)
+        if settings.tuf_state == "s3":
+            repo.join()
+        rotation = repo.rotate_key(args.role)
+    finally:
+        if db is not None:
+            db.dispose()
     published = ", ".join(f"{role} v{v}" for role, v in rotation.published.items())
     print(f"rotated {rotation.role}: new key {rotation.new_keyid[:16]}…; published {published}")
     if rotation.retired_key is not None:

@@ -154,8 +154,9 @@ def run_phase(phase: str, shares: list[list[tuple[str, str]]], common: dict[str,
     return out
 
 
-# The hub's app under uvicorn with another HTTP protocol (`--hub-http httptools`), to see what
-# `serve`'s choice of h11 costs; everything else as `outpost-hub serve --mqtt URL` sets it up.
+# The hub's app under uvicorn with one of its stock HTTP protocols (`--hub-http h11|httptools`), to
+# compare with `serve`'s (httptools with the request head bounded, hub.http_protocol); everything
+# else as `outpost-hub serve --mqtt URL` sets it up.
 _LAUNCH = """
 import sys
 from dataclasses import replace
@@ -659,9 +660,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument(
         "--hub-http",
-        choices=["h11", "httptools"],
-        default="h11",
-        help="h11: outpost-hub serve as it is; httptools: the same app on uvicorn's httptools protocol",
+        choices=["serve", "h11", "httptools"],
+        default="serve",
+        help="serve: outpost-hub serve as it is (httptools, request head bounded); h11, httptools: the "
+        "same app on uvicorn's stock protocol of that name",
     )
     ap.add_argument("--no-etag", action="store_true", help="poll as the agent does today: no If-None-Match")
     ap.add_argument("--ingest-devices", type=int, default=1000)
@@ -731,7 +733,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         broker = Mosquitto(work / "mqtt", config=broker_config).start()
         settings = {"mqtt_queue_size": args.hub_queue} if args.hub_queue else None
         hub = HubProcess(work / "hub", database_url=db_url, settings=settings)
-        if args.hub_http == "h11":
+        if args.hub_http == "serve":
             hub.start(mqtt_url=broker.url)  # outpost-hub serve, as users run it
         else:
             start_hub_with(hub, broker.url, args.hub_http)

@@ -14,6 +14,7 @@ sync interval."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 from agent.config import HubConfig
 from agent.update.canary import Assignment
 from agent.update.tuf_client import UpdateClient
-from tests.support.hubproc import HubProcess
+from tests.support.hubproc import HUB_BIN, HubProcess
 from tests.support.packages import fast_wine_versions
 from tests.support.postgres import PostgresServer
 from tests.support.s3server import S3Server, s3_environment
@@ -79,8 +80,8 @@ def second_host(a: HubProcess, data: Path) -> HubProcess:
     return HubProcess(data, init=False)
 
 
-def bucket_metadata(s3: S3Server) -> dict[str, bytes]:
-    objects = s3.objects(BUCKET, f"{PREFIX}tuf/metadata/")
+def bucket_metadata(s3: S3Server, prefix: str = PREFIX) -> dict[str, bytes]:
+    objects = s3.objects(BUCKET, f"{prefix}tuf/metadata/")
     return {k.rsplit("/", 1)[-1]: v for k, v in objects.items()}
 
 
@@ -214,6 +215,64 @@ def test_a_host_with_other_online_keys_does_not_start(
         # It did not publish its own root over A's.
         published = s3.objects(BUCKET, "keys-test/tuf/metadata/1.root.json")
         assert list(published.values()) == [a.root]
+    finally:
+        for hub in (a, b):
+            hub.kill()
+
+
+def test_a_key_rotated_on_one_host_reaches_the_others(
+    tmp_path: Path, postgres: PostgresServer, s3: S3Server
+) -> None:
+    """`outpost-hub keys rotate` on host B while A serves: signed under the hosts' lock on the
+    bucket's state and published at once. A follows the new root at its next sync, refuses to
+    sign until it has the new key file (nothing published meanwhile), then signs with it; a
+    device that trusts only the first root walks to the new one."""
+    url = postgres.fresh_url()
+    settings: dict[str, Any] = {
+        "tuf_publish": "s3",
+        "tuf_state": "s3",
+        "s3_bucket": BUCKET,
+        "s3_prefix": "rotate/",
+        "s3_endpoint_url": s3.url,
+        "tuf_sync_interval_s": SYNC_S,
+    }
+    a = HubProcess(tmp_path / "host-a", database_url=url, settings=settings)
+    b = second_host(a, tmp_path / "host-b")
+    root = tmp_path / "root.json"
+    root.write_bytes(a.root)
+    try:
+        a.start()
+        b.start()
+        tars = fast_wine_versions(tmp_path / "wine", versions=(1,))
+        with tars[1].open("rb") as f:
+            assert a.api("POST", "/api/v1/models/wine/versions", data=f).status_code == 201
+        first = a.api("PUT", "/api/v1/groups/g0/deployment", json={"model": "wine", "stable": 1})
+        assert first.status_code == 200, first.text
+        # An operator's offline work on B: the new root is signed by the root key, brought for it.
+        b.stop()
+        shutil.copytree(a.data / "keys" / "offline", b.data / "keys" / "offline")
+        done = subprocess.run(
+            [HUB_BIN, "keys", "rotate", "snapshot", "--data", str(b.data)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert "2.root.json" in bucket_metadata(s3, "rotate/")
+        # A runs on: its /tuf/ follows the bucket, but its snapshot key is the retired one.
+        wait_for(
+            "A's /tuf/ to serve the new root",
+            lambda: a.api("GET", "/tuf/metadata/2.root.json", auth=False).status_code == 200,
+            timeout=10,
+        )
+        before = bucket_metadata(s3, "rotate/")["timestamp.json"]
+        refused = a.api("PUT", "/api/v1/groups/g1/deployment", json={"model": "wine", "stable": 1})
+        assert refused.status_code >= 500, refused.text
+        assert bucket_metadata(s3, "rotate/")["timestamp.json"] == before
+        shutil.copy2(b.data / "keys" / "online" / "snapshot.pem", a.data / "keys" / "online" / "snapshot.pem")
+        resp = a.api("PUT", "/api/v1/groups/g1/deployment", json={"model": "wine", "stable": 1})
+        assert resp.status_code == 200, resp.text
+        s3.allow_anonymous_reads(BUCKET, "rotate/tuf/")
+        for where in (f"{s3.url}/{BUCKET}/rotate", a.url):
+            for group in ("g0", "g1"):
+                assert verified_stable(where, root, group, tmp_path / "device") == 1
     finally:
         for hub in (a, b):
             hub.kill()
