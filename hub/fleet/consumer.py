@@ -61,8 +61,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from hub.errors import HubError, RegistryError
+from hub.fleet.batch import Prepared, prepare
 from hub.fleet.rules import SHARED_FILTER, STATE_FILTER, Invalid, cmd_topic, parse_message
-from hub.fleet.store import ApplyReport, FleetStore, Incoming
+from hub.fleet.store import ApplyReport, FleetStore
 
 log = logging.getLogger("outpost-hub.fleet")
 
@@ -280,8 +281,9 @@ class FleetConsumer:
             if batch:
                 self._write(batch)
 
-    def _parse(self, item: _Item) -> Incoming | None:
-        """The message to store; None for one to acknowledge only (ours, or invalid: counted)."""
+    def _parse(self, item: _Item) -> Prepared | None:
+        """The message's rows to store; None for one to acknowledge only (ours, or invalid:
+        counted). The parsed body is dropped here unless the store needs it (prepare)."""
         try:
             parsed = parse_message(item.topic, item.payload)
         except Invalid as exc:
@@ -289,7 +291,7 @@ class FleetConsumer:
             if self.stats["invalid"] <= 10 or self.stats["invalid"] % 1000 == 0:
                 log.warning("fleet: ignored a message (%d so far): %s", self.stats["invalid"], exc)
             return None
-        return None if parsed is None else Incoming(parsed, retained=item.retained)
+        return None if parsed is None else prepare(parsed, item.retained)
 
     def _write(self, batch: list[_Item]) -> None:
         parsed = [(item, self._parse(item)) for item in batch]
@@ -312,7 +314,7 @@ class FleetConsumer:
             for _ in batch:
                 self._queue.task_done()
 
-    def _store(self, batch: list[tuple[_Item, Incoming | None]]) -> None:
+    def _store(self, batch: list[tuple[_Item, Prepared | None]]) -> None:
         """Apply and acknowledge; while the database is unusable, retry with backoff."""
         delay = 0.5
         incoming = [i for _item, i in batch if i is not None]

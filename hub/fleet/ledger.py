@@ -132,10 +132,13 @@ def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def window_values(msg: TelemetryMsg, now: datetime, text: str | None = None) -> dict[str, Any] | None:
+def window_values(
+    msg: TelemetryMsg, now: datetime | None, text: str | None = None
+) -> dict[str, Any] | None:
     """The fleet_windows row of a summary or drift message; None when the body cannot be
     indexed (no model, version or times: the message is still kept in fleet_messages).
-    `text`: the body's JSON text (`body_text`), when the caller has it already."""
+    `now`: its `received` (None: the caller sets it); `text`: the body's JSON text
+    (`body_text`), when the caller has it already."""
     body = msg.body
     model, version = body.get("model"), body.get("version")
     start, end = body.get("start"), body.get("end")
@@ -189,21 +192,25 @@ def record_window(
     values = window_values(msg, now)
     if values is None or not insert_ignore(session, FleetWindowRow, values):
         return False, 0
-    return True, window_alerts(session, msg, values, now, rules, rates)
+    return True, window_alerts(session, values, msg.body, now, rules, rates)
 
 
 def window_alerts(
     session: Session,
-    msg: TelemetryMsg,
     values: dict[str, Any],
+    body: dict[str, Any] | None,
     now: datetime,
     rules: AlertRules,
     rates: dict[tuple[str, int, float], dict[str, Any]] | None = None,
 ) -> int:
     """The alerts a window indexed just now raises or renews (its row `values` is stored); with
-    `rates`, a summary's error-rate check is left for `check_error_rates` (see record_window)."""
-    if msg.kind == "drift":
-        draft = drift_alert(msg.device_id, msg.seq, msg.body)
+    `rates`, a summary's error-rate check is left for `check_error_rates` (see record_window).
+    `body`: the message's body; only a drift window whose `alert` is on reads it (the others
+    may pass None)."""
+    if values["kind"] == "drift":
+        if not values["alert"] or body is None:
+            return 0
+        draft = drift_alert(values["device_id"], values["seq"], body)
         return int(draft is not None and _drift_run(session, values, draft, now))
     if rates is not None:
         bucket = error_bucket(values["window_end"], rules.error_window_s)

@@ -19,6 +19,15 @@ Retention (bounded): the newest `keep_per_device` messages per device are kept
 message at or below it arriving late is dropped (counted as too old) instead of stored again.
 A retained state delivered on (re)subscribe does not move `last_seen` (it is not news).
 
+Writes are per batch (the consumer's, up to 500 messages), in one transaction: the batch's
+devices locked with one SELECT, one INSERT per table for all its rows (hub.registry.db.
+insert_new: which (device_id, seq) were new comes back from RETURNING), one UPDATE
+(executemany) for the devices it changed, one query for the retention's cut-offs. What each
+message does is decided without the database (hub.fleet.batch), in batch order, exactly as
+applying the messages one at a time did; effects (windows, alerts) follow only the rows that
+were new. The body is stored as the device sent it (hub.fleet.rules: strict JSON), one string
+for both tables.
+
 Summary and drift windows are also indexed in `fleet_windows`, and alerts raised in
 `fleet_alerts` (hub.fleet.ledger), in the same transaction; those are kept by age
 (`window_retention_s`, DEFAULT_WINDOW_RETENTION_S), not by the per-device count, so fleet
@@ -59,9 +68,9 @@ from hub.capture.rules import CaptureMsg
 from hub.errors import NotFoundError
 from hub.fleet import ledger
 from hub.fleet.alerts import AlertRules
-from hub.fleet.batch import DeviceState, first_groups, may_need_pruning, plan_batch
+from hub.fleet.batch import DeviceState, Prepared, first_groups, may_need_pruning, plan_batch, prepare
 from hub.fleet.ledger import FleetBase, FleetWindowRow
-from hub.fleet.rules import Message
+from hub.fleet.rules import Message, TelemetryMsg
 from hub.registry import Database
 from hub.registry.db import UTCDateTime, insert_new
 
@@ -147,6 +156,10 @@ class Incoming:
 
     message: Message
     retained: bool = False
+
+    @property
+    def device_id(self) -> str:
+        return self.message.device_id
 
 
 @dataclass
@@ -250,15 +263,18 @@ class FleetStore:
         """The fleet's tables, for tests and tools (a hub's database: hub.migrations)."""
         FleetBase.metadata.create_all(self.db.engine)
 
-    def apply(self, batch: Sequence[Incoming]) -> ApplyReport:
-        """Write a batch in one transaction. Retried once on a unique violation (another hub
-        worker created the same device row at the same moment)."""
+    def apply(self, batch: Sequence[Incoming | Prepared]) -> ApplyReport:
+        """Write a batch in one transaction. The consumer hands it messages already reduced to
+        their rows (hub.fleet.batch.prepare: their bodies need not live until the batch is
+        written). Retried once on a unique violation (two hub workers adding the same row of
+        the capture tables at the same moment)."""
+        items = [i if isinstance(i, Prepared) else prepare(i.message, i.retained) for i in batch]
         try:
-            return self._apply(batch)
+            return self._apply(items)
         except sa_exc.IntegrityError:
-            return self._apply(batch)
+            return self._apply(items)
 
-    def _apply(self, batch: Sequence[Incoming]) -> ApplyReport:
+    def _apply(self, batch: list[Prepared]) -> ApplyReport:
         report = ApplyReport()
         now = self.clock()
         with self.db.session(write=True) as session:
@@ -266,10 +282,9 @@ class FleetStore:
             # unit of work and statement building cost more than the database did (profile of
             # make bench-fleet's ingest phase). Alerts and capture, rare, stay on the ORM.
             conn = session.connection()
-            devices = self._lock_devices(conn, [item.message for item in batch])
+            devices = self._lock_devices(conn, batch)
             before = {device_id: d.values() for device_id, d in devices.items()}
-            pairs = [(item.message, item.retained) for item in batch]
-            plan = plan_batch(pairs, devices, now, capture=self.capture is not None)
+            plan = plan_batch(batch, devices, now, capture=self.capture is not None)
             report.duplicates += plan.duplicates
             report.too_old += plan.too_old
             report.states_applied += plan.states_applied
@@ -284,14 +299,14 @@ class FleetStore:
             report.duplicates += len(message_rows) - len(new_messages)
             rates: dict[tuple[str, int, float], dict[str, Any]] = {}  # error-rate checks for after the batch
             for entry in plan.entries:  # in batch order, as the alerts were raised one message at a time
-                key = (entry.msg.device_id, entry.msg.seq)
+                item = entry.item
+                key = (item.device_id, item.seq)
+                body = item.keep.body if isinstance(item.keep, TelemetryMsg) else None
                 if entry.window is not None and key in new_windows:
                     report.windows += 1
-                    report.alerts += ledger.window_alerts(
-                        session, entry.msg, entry.window, now, self.rules, rates
-                    )
-                if entry.message is not None and entry.msg.kind == "event" and key in new_messages:
-                    report.alerts += ledger.record_event(session, entry.msg, now)
+                    report.alerts += ledger.window_alerts(session, entry.window, body, now, self.rules, rates)
+                if isinstance(item.keep, TelemetryMsg) and item.kind == "event" and key in new_messages:
+                    report.alerts += ledger.record_event(session, item.keep, now)
             session.flush()
             report.alerts += ledger.check_error_rates(session, rates, self.rules, now)
             report.pruned += self._prune(conn, devices, plan.telemetry_devices)
@@ -306,12 +321,12 @@ class FleetStore:
         return report
 
     @staticmethod
-    def _lock_devices(conn: Connection, messages: Sequence[Message]) -> dict[str, DeviceState]:
+    def _lock_devices(conn: Connection, batch: Sequence[Prepared]) -> dict[str, DeviceState]:
         """The batch's devices, locked until the transaction ends (PostgreSQL: FOR UPDATE, in
         device id order so that two hub workers lock in the same order; SQLite: the write
         lock). Devices seen for the first time are inserted first, ON CONFLICT DO NOTHING, so
         that one another worker inserts at the same moment is locked here too."""
-        groups = first_groups(messages)
+        groups = first_groups(batch)
         ids = sorted(groups)
         devices = {row[0]: DeviceState(*row) for row in conn.execute(_SELECT_DEVICES, {"ids": ids})}
         missing = [device_id for device_id in ids if device_id not in devices]

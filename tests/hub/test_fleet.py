@@ -378,7 +378,7 @@ def test_a_message_the_database_refuses_does_not_wedge_the_stream(tmp_path: Path
 
     class Refusing(FleetStore):
         def apply(self, batch: Any) -> ApplyReport:
-            if any(i.message.device_id == "bad" for i in batch):
+            if any(i.device_id == "bad" for i in batch):
                 raise ValueError("refused")
             return ApplyReport(stored=len(batch))
 

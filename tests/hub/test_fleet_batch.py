@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, UniqueConstraint, func, select
 
 from hub.fleet import FleetStore, Incoming, parse_message
-from hub.fleet.batch import DeviceState, may_need_pruning, plan_batch
+from hub.fleet.batch import DeviceState, may_need_pruning, plan_batch, prepare
 from hub.fleet.ledger import FleetWindowRow
 from hub.fleet.rules import Message
 from hub.fleet.store import FleetMessageRow
@@ -93,7 +93,7 @@ PLANS: list[tuple[str, list[tuple[Message, bool]], dict[str, Any], dict[str, Any
 @pytest.mark.parametrize(("batch", "stored", "expected"), [p[1:] for p in PLANS], ids=[p[0] for p in PLANS])
 def test_plan(batch: list[tuple[Message, bool]], stored: dict[str, Any], expected: dict[str, Any]) -> None:
     devices = {"d1": DeviceState("d1", "plant", **stored)}
-    plan = plan_batch(batch, devices, NOW, capture=False)
+    plan = plan_batch([prepare(msg, retained) for msg, retained in batch], devices, NOW, capture=False)
     device = devices["d1"]
     got = {
         "windows": [r["seq"] for r in plan.window_rows()],
@@ -113,10 +113,26 @@ def test_plan(batch: list[tuple[Message, bool]], stored: dict[str, Any], expecte
 
 def test_both_tables_share_one_encoding_of_the_body() -> None:
     msg = window("d1", "summary", 1)
-    plan = plan_batch([(msg, False)], {"d1": DeviceState("d1", "plant")}, NOW, capture=False)
+    plan = plan_batch([prepare(msg)], {"d1": DeviceState("d1", "plant")}, NOW, capture=False)
     (w,), (m,) = plan.window_rows(), plan.message_rows()
     assert w["body"] is m["body"]  # one string: the text as received
     assert json.loads(m["body"]) == getattr(msg, "body", None)
+    assert w["received"] == m["received"] == NOW
+
+
+@pytest.mark.parametrize(
+    ("msg", "kept"),
+    [
+        (window("d1", "summary", 1), False),
+        (window("d1", "drift", 2), False),
+        (window("d1", "drift", 3, alert=True), True),  # its alert reads the body after the insert
+        (parsed("d1", "event", {"seq": 4, "event": "update"}), True),
+        (parsed("d1", "state", {"online": True, "bd_seq": 1}), True),
+    ],
+    ids=["summary", "drift", "drift alerting", "event", "state"],
+)
+def test_prepare_keeps_the_parsed_message_only_when_needed(msg: Message, kept: bool) -> None:
+    assert (prepare(msg).keep is msg) is kept
 
 
 @pytest.mark.parametrize(
