@@ -84,15 +84,18 @@ class Prepared:
 
 
 def prepare(msg: Message, retained: bool = False) -> Prepared:
-    """The message's rows, made once: the body's text goes to both tables (hub.fleet.ledger.
-    body_text: as the device sent it, or encoded once)."""
+    """The message's rows, made once. The body's text (hub.fleet.ledger.body_text: as the device
+    sent it, or encoded once) is stored once: in the window row when there is one, else in the
+    message row."""
     if isinstance(msg, StateMsg):
         return Prepared(msg.device_id, msg.group, STATE, None, retained, None, None, msg)
     if isinstance(msg, CaptureMsg):
         return Prepared(msg.device_id, msg.group, msg.kind, msg.seq, retained, None, None, msg)
     text = body_text(msg)
     window = window_values(msg, None, text) if msg.kind in WINDOW_KINDS else None
-    row = {"device_id": msg.device_id, "seq": msg.seq, "kind": msg.kind, "ts": msg.ts, "body": text}
+    # The body once: a window's message leaves it to fleet_windows (hub.fleet.store).
+    body = None if window is not None else text
+    row = {"device_id": msg.device_id, "seq": msg.seq, "kind": msg.kind, "ts": msg.ts, "body": body}
     keep = msg if msg.kind == "event" or (window is not None and window["alert"]) else None
     return Prepared(msg.device_id, msg.group, msg.kind, msg.seq, retained, window, row, keep)
 

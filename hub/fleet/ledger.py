@@ -3,7 +3,8 @@
     fleet_windows   id, device_id, seq, kind (summary | drift), group, model, version,
                     window_start, window_end (the device's clock, epoch seconds), received
                     (hub clock), requests, errors, n_rows (summary; 0 for drift), alert (drift:
-                    the device's alert level; NULL for summary), body (JSON text);
+                    the device's alert level; NULL for summary), body (JSON text: the
+                    message's only copy, fleet_messages.body is NULL for it);
                     UNIQUE(device_id, seq); indexed by (model, version, kind, window_end) for
                     range queries and (device_id, model, version, kind, window_start) for runs
     fleet_alerts    id, key UNIQUE (see hub.fleet.alerts), kind, severity, device_id NULL (fleet),
@@ -31,7 +32,7 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -40,11 +41,13 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     delete,
     func,
     select,
+    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -342,8 +345,22 @@ def _raise(
     return True
 
 
-def expire(session: Session, cutoff: datetime) -> int:
-    """Delete windows received and alerts last seen before `cutoff`; the number deleted."""
+def expire(session: Session, cutoff: datetime, messages: Table | None = None) -> int:
+    """Delete windows received and alerts last seen before `cutoff`; the number deleted.
+    `messages` (hub.fleet.store's fleet_messages): first copy the bodies of the windows going
+    to the messages that hold theirs in the window (body NULL) and outlive it."""
+    if messages is not None:
+        w = cast(Table, FleetWindowRow.__table__)
+        session.execute(
+            update(messages)
+            .values(body=w.c.body)
+            .where(
+                w.c.received < cutoff,
+                messages.c.body.is_(None),
+                messages.c.device_id == w.c.device_id,
+                messages.c.seq == w.c.seq,
+            )
+        )
     windows: Any = session.execute(delete(FleetWindowRow).where(FleetWindowRow.received < cutoff))
     alerts: Any = session.execute(delete(FleetAlertRow).where(FleetAlertRow.last_seen < cutoff))
     return int(windows.rowcount or 0) + int(alerts.rowcount or 0)

@@ -5,8 +5,8 @@
                     the last applied state), last_seq NULL (highest telemetry seq seen),
                     pruned_seq NULL (messages at or below it were removed by retention)
     fleet_messages  id, device_id, seq, kind (summary | drift | event), ts NULL (the
-                    device's, epoch seconds), received (hub clock), body (JSON text);
-                    UNIQUE(device_id, seq)
+                    device's, epoch seconds), received (hub clock), body (JSON text; NULL
+                    when fleet_windows holds it: a window's message); UNIQUE(device_id, seq)
 
 Own DeclarativeBase (the registry's tables are not touched), in the registry's database (SQLite by
 default, PostgreSQL unchanged); the hub's schema comes from hub.migrations, `create_tables` is
@@ -25,8 +25,10 @@ insert_new: which (device_id, seq) were new comes back from RETURNING), one UPDA
 (executemany) for the devices it changed, one query for the retention's cut-offs. What each
 message does is decided without the database (hub.fleet.batch), in batch order, exactly as
 applying the messages one at a time did; effects (windows, alerts) follow only the rows that
-were new. The body is stored as the device sent it (hub.fleet.rules: strict JSON), one string
-for both tables.
+were new. The body is stored as the device sent it (hub.fleet.rules: strict JSON), and once:
+a summary or drift message that is a window keeps it in fleet_windows only (its fleet_messages
+row has body NULL; `messages` reads it through the window, and a window's body is copied back
+to its message before the window expires, hub.fleet.ledger.expire).
 
 Summary and drift windows are also indexed in `fleet_windows`, and alerts raised in
 `fleet_alerts` (hub.fleet.ledger), in the same transaction; those are kept by age
@@ -54,6 +56,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
     bindparam,
     delete,
     func,
@@ -102,7 +105,7 @@ class FleetMessageRow(FleetBase):
     kind: Mapped[str] = mapped_column(String(16))
     ts: Mapped[float | None] = mapped_column(Float)
     received: Mapped[datetime] = mapped_column(UTCDateTime())
-    body: Mapped[str] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text)  # NULL: in fleet_windows (see the docstring)
 
 
 # The write path's statements, built once (Core: see FleetStore._apply).
@@ -314,7 +317,7 @@ class FleetStore:
             if changed:
                 conn.execute(_UPDATE_DEVICE, [_device_params(d) for d in changed])
             if self._expired_at is None or (now - self._expired_at).total_seconds() >= EXPIRE_EVERY_S:
-                report.expired += ledger.expire(session, now - self.window_retention)
+                report.expired += ledger.expire(session, now - self.window_retention, MESSAGES)
                 if self.capture is not None:
                     report.expired += self.capture.expire(session, now)
                 self._expired_at = now
@@ -400,13 +403,19 @@ class FleetStore:
 
     def messages(self, device_id: str, limit: int = 50, kind: str | None = None) -> list[StoredMessage]:
         """The device's newest messages first (by seq)."""
+        m, w = MESSAGES, WINDOWS
+        query = (
+            select(m.c.device_id, m.c.seq, m.c.kind, m.c.ts, m.c.received, func.coalesce(m.c.body, w.c.body))
+            .select_from(m.outerjoin(w, and_(w.c.device_id == m.c.device_id, w.c.seq == m.c.seq)))
+            .where(m.c.device_id == device_id)
+        )
+        if kind is not None:
+            query = query.where(m.c.kind == kind)
         with self.db.session() as session:
-            query = select(FleetMessageRow).where(FleetMessageRow.device_id == device_id)
-            if kind is not None:
-                query = query.where(FleetMessageRow.kind == kind)
-            rows = session.scalars(query.order_by(FleetMessageRow.seq.desc()).limit(limit))
+            rows = session.execute(query.order_by(m.c.seq.desc()).limit(limit))
             return [
-                StoredMessage(r.device_id, r.seq, r.kind, r.ts, r.received, json.loads(r.body)) for r in rows
+                StoredMessage(dev, seq, k, ts, received, json.loads(body) if body is not None else {})
+                for dev, seq, k, ts, received, body in rows
             ]
 
     # -- windows and alerts (hub.fleet.ledger) ------------------------------------------------

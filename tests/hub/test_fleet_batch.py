@@ -111,13 +111,16 @@ def test_plan(batch: list[tuple[Message, bool]], stored: dict[str, Any], expecte
     assert {k: got[k] for k in expected} == expected
 
 
-def test_both_tables_share_one_encoding_of_the_body() -> None:
-    msg = window("d1", "summary", 1)
-    plan = plan_batch([prepare(msg)], {"d1": DeviceState("d1", "plant")}, NOW, capture=False)
-    (w,), (m,) = plan.window_rows(), plan.message_rows()
-    assert w["body"] is m["body"]  # one string: the text as received
-    assert json.loads(m["body"]) == getattr(msg, "body", None)
-    assert w["received"] == m["received"] == NOW
+def test_the_body_is_stored_once() -> None:
+    """A window's message leaves its body to the window row; an event keeps its own."""
+    summary, event = window("d1", "summary", 1), parsed("d1", "event", {"seq": 2, "event": "x"})
+    plan = plan_batch(
+        [prepare(summary), prepare(event)], {"d1": DeviceState("d1", "plant")}, NOW, capture=False
+    )
+    (w,), (m1, m2) = plan.window_rows(), plan.message_rows()
+    assert m1["body"] is None and json.loads(w["body"]) == getattr(summary, "body", None)
+    assert json.loads(m2["body"]) == {"seq": 2, "event": "x"}
+    assert w["received"] == m1["received"] == NOW
 
 
 @pytest.mark.parametrize(
