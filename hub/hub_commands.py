@@ -112,12 +112,17 @@ def _update(update: Any) -> str:
 
 
 def fleet_line(d: dict[str, Any]) -> str:
-    """One device: `dev-001  online   group default  wine=3  last seen 2024-...`."""
+    """One device: `dev-001  online   group default  wine=3  last seen 2024-...  runs wine: int8 on CPU`."""
+    from hub.fleet.runtime import runs_on
+
     status = "online" if d.get("online") else "offline"
     seen = d.get("last_seen") or "never"
+    state = d.get("state")
+    runs = runs_on(state) if isinstance(state, dict) else {}
+    where = ("  runs " + "; ".join(f"{m}: {text}" for m, text in runs.items())) if runs else ""
     return (
         f"{d['device_id']}  {status:<7}  group {d['group']}  {_versions(d.get('versions'))}"
-        f"{_update(d.get('update'))}  last seen {seen}"
+        f"{_update(d.get('update'))}  last seen {seen}{where}"
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from agent.monitor.drift import Method
 from hub.fleet import aggregate
 from hub.fleet.ledger import Alert
+from hub.fleet.runtime import hardware_text, runs_on
 from hub.fleet.store import DeviceInfo
 from hub.registry import Deployment, VersionInfo
 
@@ -87,6 +88,8 @@ class DeviceView:
     last_seen: str
     last_seen_ago: str
     rollbacks: int
+    runs: str = DASH  # each model's variant and execution providers (hub.fleet.runtime)
+    hardware: str = ""  # the device's hardware tags
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,8 @@ def fleet_view(
             last_seen=when(d.last_seen),
             last_seen_ago=ago(d.last_seen, now),
             rollbacks=rollbacks.get(d.device_id, 0),
+            runs="; ".join(f"{m}: {text}" for m, text in runs_on(d.state).items()) or DASH,
+            hardware=hardware_text(d.state),
         )
         for d in sorted(devices, key=lambda d: (d.group, d.device_id))
     ]
