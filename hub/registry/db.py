@@ -34,6 +34,8 @@ it reads before writing (`SELECT ... FOR UPDATE`).
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -177,6 +179,26 @@ class TokenRow(Base):
     revoked: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+def _use_wal(cursor: Any) -> None:
+    """Put the database file in WAL mode, waiting for other connections as the busy timeout does.
+
+    WAL is kept in the file once set, so nearly every connection finds it set and changes
+    nothing. Switching takes the file to itself, and SQLite answers "database is locked" at once,
+    without its busy handler, while another connection is in a transaction: two processes (or
+    `migrate` and `serve`) opening a new database together failed that way."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
+            if str(mode).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _sqlite_setup(engine: Engine, in_memory: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -187,7 +209,7 @@ def _sqlite_setup(engine: Engine, in_memory: bool) -> None:
         try:
             cursor.execute("PRAGMA foreign_keys = ON")
             if not in_memory:
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _use_wal(cursor)
         finally:
             cursor.close()
 
