@@ -59,6 +59,7 @@ from tests.benchmarks.servers import (
     Server,
     Unavailable,
     agent_cli,
+    byte_compile_agent,
     start_agent,
     start_peer,
     start_probe,
@@ -455,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                      "tuned_runtime": args.tuned_runtime},
         "contenders": {}, "figures": {},
     }
+    # Measured as installed: a wheel's modules are byte-compiled at install (servers.py says why).
+    results["settings"]["agent_byte_compiled"] = byte_compile_agent()
     tuned = ", ".join(f"{k} = {v}" for k, v in args.tuned_runtime.items())
     print(f"outpost bench: {results['machine']['cpu']}, {cpu_count()} cores, "
           f"{st.duration_s:g} s per scenario after {st.warmup_s:g} s warm-up", flush=True)
