@@ -11,7 +11,8 @@
 Modules: `rules` (pure: topics, payloads, the bd_seq state order), `batch` (pure: what a batch
 of messages writes), `store` (tables, dedupe, retention; a batch in a few statements),
 `consumer` (paho-mqtt 2.x subscriber with a bounded queue and a writer thread),
-`ledger` (summary/drift windows indexed for aggregation, alerts; kept by age), `alerts` (pure:
+`ledger` (summary/drift windows indexed for aggregation, alerts; kept by age), `buckets` (the
+error-rate rule's running sums per model, version and bucket), `alerts` (pure:
 which telemetry raises which alert), `aggregate` (pure: sums, derived figures, fleet drift),
 `queries` (the API's answers from the store, the registry and `aggregate`).
 """

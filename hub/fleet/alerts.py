@@ -177,6 +177,11 @@ def error_bucket(end: float, window_s: float) -> float:
     return math.floor(end / window_s) * window_s
 
 
+def error_rate_exceeded(requests: int, errors: int, rules: AlertRules) -> bool:
+    """Whether one bucket's sums call for the fleet-wide alert."""
+    return requests >= rules.error_min_requests and requests > 0 and errors / requests >= rules.error_rate
+
+
 def error_rate_alert(
     model: str,
     version: int,
@@ -187,11 +192,9 @@ def error_rate_alert(
     rules: AlertRules,
 ) -> AlertDraft | None:
     """The fleet-wide alert for one bucket's sums, or None while it is under the rule."""
-    if requests < rules.error_min_requests or requests <= 0:
+    if not error_rate_exceeded(requests, errors, rules):
         return None
     rate = errors / requests
-    if rate < rules.error_rate:
-        return None
     severity = CRITICAL if rate >= rules.error_rate_critical else WARNING
     return AlertDraft(
         f"{ERROR_RATE}:{model}:{version}:{bucket:g}",

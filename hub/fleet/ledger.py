@@ -16,13 +16,15 @@ Written by `FleetStore.apply` in the transaction that stores the message: a wind
 when its message is first seen (deduplicated by (device_id, seq) on its own, so a late message
 that the per-device retention of `fleet_messages` already passed still counts here), and
 alerts are raised only for windows and events seen for the first time. The columns let a fleet
-sum select its windows and the error-rate rule add requests without reading any JSON.
+sum select its windows without reading any JSON; the error-rate rule reads its bucket's running
+sums instead (hub.fleet.buckets: one row, not every device's windows).
 
 An event is looked at only when fleet_messages stores it (new, and newer than the device's
 retained messages): an event older than the newest `keep_per_device` raises no alert.
 
 Retention is by age (hub clock): windows received, and alerts last seen, before the cutoff are
-deleted (`expire`). A window in a range of time is one whose end is in (since, until], so
+deleted (`expire_windows`, which returns what hub.fleet.buckets takes out of its sums, and
+`expire_alerts`). A window in a range of time is one whose end is in (since, until], so
 adjacent ranges partition the windows.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeGuard, cast
@@ -62,6 +65,7 @@ from hub.fleet.alerts import (
     drift_alert,
     error_bucket,
     error_rate_alert,
+    error_rate_exceeded,
     update_event_alert,
 )
 from hub.fleet.rules import MAX_ID_LEN, TelemetryMsg
@@ -178,55 +182,38 @@ def body_text(msg: TelemetryMsg) -> str:
     return msg.text if msg.text is not None else json.dumps(msg.body, sort_keys=True)
 
 
-def record_window(
-    session: Session,
-    msg: TelemetryMsg,
-    now: datetime,
-    rules: AlertRules,
-    rates: dict[tuple[str, int, float], dict[str, Any]] | None = None,
-) -> tuple[bool, int]:
-    """Index a summary or drift window and raise the alerts it calls for.
-    Returns (indexed now, alerts raised or renewed).
-
-    With `rates`, a summary's fleet error-rate check is left for `check_error_rates` after the
-    batch: that check sums every device's windows in the bucket, so once per (model, version,
-    bucket) and batch instead of once per message (with 10,000 devices, per message it kept the
-    writer at about 80 messages/s)."""
-    values = window_values(msg, now)
-    if values is None or not insert_ignore(session, FleetWindowRow, values):
-        return False, 0
-    return True, window_alerts(session, values, msg.body, now, rules, rates)
-
-
 def window_alerts(
     session: Session,
     values: dict[str, Any],
     body: dict[str, Any] | None,
     now: datetime,
     rules: AlertRules,
-    rates: dict[tuple[str, int, float], dict[str, Any]] | None = None,
+    rates: set[tuple[str, int, float]],
 ) -> int:
-    """The alerts a window indexed just now raises or renews (its row `values` is stored); with
-    `rates`, a summary's error-rate check is left for `check_error_rates` (see record_window).
-    `body`: the message's body; only a drift window whose `alert` is on reads it (the others
-    may pass None)."""
+    """The alerts a window indexed just now raises or renews (its row `values` is stored). A
+    summary's fleet error-rate check is left for `check_error_rates` after the batch, once per
+    (model, version, bucket): `rates` gets the bucket's key. `body`: the
+    message's body; only a drift window whose `alert` is on reads it (the others may pass None)."""
     if values["kind"] == "drift":
         if not values["alert"] or body is None:
             return 0
         draft = drift_alert(values["device_id"], values["seq"], body)
         return int(draft is not None and _drift_run(session, values, draft, now))
-    if rates is not None:
-        bucket = error_bucket(values["window_end"], rules.error_window_s)
-        rates[(values["model"], values["version"], bucket)] = values
-        return 0
-    return int(_error_rate(session, values, rules, now))
+    bucket = error_bucket(values["window_end"], rules.error_window_s)
+    rates.add((values["model"], values["version"], bucket))
+    return 0
 
 
 def check_error_rates(
-    session: Session, rates: dict[tuple[str, int, float], dict[str, Any]], rules: AlertRules, now: datetime
+    session: Session,
+    sums: Mapping[tuple[str, int, float], tuple[int, int]],
+    rules: AlertRules,
+    now: datetime,
 ) -> int:
-    """The fleet error-rate checks `record_window` left for the end of a batch: alerts raised or renewed."""
-    return sum(int(_error_rate(session, rates[key], rules, now)) for key in sorted(rates))
+    """The fleet error-rate checks of a batch's (model, version, bucket) keys, given each
+    bucket's (requests, errors) over all its summary windows (hub.fleet.buckets keeps them):
+    alerts raised or renewed."""
+    return sum(int(_error_rate(session, key, *sums[key], rules, now)) for key in sorted(sums))
 
 
 def record_event(session: Session, msg: TelemetryMsg, now: datetime) -> int:
@@ -270,33 +257,38 @@ def _drift_run(session: Session, w: dict[str, Any], draft: AlertDraft, now: date
     return _raise(session, draft, now, start, existing)
 
 
-def _error_rate(session: Session, w: dict[str, Any], rules: AlertRules, now: datetime) -> bool:
+def _error_rate(
+    session: Session,
+    key: tuple[str, int, float],
+    requests: int,
+    errors: int,
+    rules: AlertRules,
+    now: datetime,
+) -> bool:
+    model, version, bucket = key
     size = rules.error_window_s
-    bucket = error_bucket(w["window_end"], size)
-    sums = session.execute(
-        select(
-            func.coalesce(func.sum(FleetWindowRow.requests), 0),
-            func.coalesce(func.sum(FleetWindowRow.errors), 0),
-            func.count(func.distinct(FleetWindowRow.device_id)),
-        ).where(
-            FleetWindowRow.model == w["model"],
-            FleetWindowRow.version == w["version"],
+    if not error_rate_exceeded(requests, errors, rules):
+        return False
+    # The devices are only the alert's evidence: counted when it is raised or renewed.
+    devices = session.scalar(
+        select(func.count(func.distinct(FleetWindowRow.device_id))).where(
+            FleetWindowRow.model == model,
+            FleetWindowRow.version == version,
             FleetWindowRow.kind == "summary",
             FleetWindowRow.window_end >= bucket,
             FleetWindowRow.window_end < bucket + size,
         )
-    ).one()
-    requests, errors, devices = (int(v) for v in sums)
-    draft = error_rate_alert(w["model"], w["version"], bucket, requests, errors, devices, rules)
-    if draft is None:
+    )
+    draft = error_rate_alert(model, version, bucket, requests, errors, int(devices or 0), rules)
+    if draft is None:  # pragma: no cover - error_rate_exceeded said it is over
         return False
     existing = session.scalar(
         select(FleetAlertRow)
         .where(
             FleetAlertRow.kind == ERROR_RATE,
             FleetAlertRow.device_id.is_(None),
-            FleetAlertRow.model == w["model"],
-            FleetAlertRow.version == w["version"],
+            FleetAlertRow.model == model,
+            FleetAlertRow.version == version,
             FleetAlertRow.run_last >= bucket - size,
             FleetAlertRow.run_first <= bucket + size,
         )
@@ -345,12 +337,14 @@ def _raise(
     return True
 
 
-def expire(session: Session, cutoff: datetime, messages: Table | None = None) -> int:
-    """Delete windows received and alerts last seen before `cutoff`; the number deleted.
-    `messages` (hub.fleet.store's fleet_messages): first copy the bodies of the windows going
-    to the messages that hold theirs in the window (body NULL) and outlive it."""
+def expire_windows(session: Session, cutoff: datetime, messages: Table | None = None) -> list[Any]:
+    """Delete the windows received before `cutoff`; each one's (kind, model, version, window_end,
+    requests, errors), from RETURNING (hub.fleet.buckets takes them out of its sums: a window
+    two writers expire at once is returned to one of them). `messages` (hub.fleet.store's
+    fleet_messages): first copy the bodies of the windows going to the messages that hold
+    theirs in the window (body NULL) and outlive it."""
+    w = cast(Table, FleetWindowRow.__table__)
     if messages is not None:
-        w = cast(Table, FleetWindowRow.__table__)
         session.execute(
             update(messages)
             .values(body=w.c.body)
@@ -361,9 +355,18 @@ def expire(session: Session, cutoff: datetime, messages: Table | None = None) ->
                 messages.c.seq == w.c.seq,
             )
         )
-    windows: Any = session.execute(delete(FleetWindowRow).where(FleetWindowRow.received < cutoff))
+    gone = session.execute(
+        delete(w)
+        .where(w.c.received < cutoff)
+        .returning(w.c.kind, w.c.model, w.c.version, w.c.window_end, w.c.requests, w.c.errors)
+    )
+    return list(gone)
+
+
+def expire_alerts(session: Session, cutoff: datetime) -> int:
+    """Delete the alerts last seen before `cutoff`; the number deleted."""
     alerts: Any = session.execute(delete(FleetAlertRow).where(FleetAlertRow.last_seen < cutoff))
-    return int(windows.rowcount or 0) + int(alerts.rowcount or 0)
+    return int(alerts.rowcount or 0)
 
 
 # -- reads --------------------------------------------------------------------------------------

@@ -28,12 +28,14 @@ applying the messages one at a time did; effects (windows, alerts) follow only t
 were new. The body is stored as the device sent it (hub.fleet.rules: strict JSON), and once:
 a summary or drift message that is a window keeps it in fleet_windows only (its fleet_messages
 row has body NULL; `messages` reads it through the window, and a window's body is copied back
-to its message before the window expires, hub.fleet.ledger.expire).
+to its message before the window expires, hub.fleet.ledger.expire_windows).
 
-Summary and drift windows are also indexed in `fleet_windows`, and alerts raised in
-`fleet_alerts` (hub.fleet.ledger), in the same transaction; those are kept by age
-(`window_retention_s`, DEFAULT_WINDOW_RETENTION_S), not by the per-device count, so fleet
-sums over recent ranges never miss a window the message retention dropped.
+Summary and drift windows are also indexed in `fleet_windows`, summed per error-rate bucket in
+`fleet_error_buckets` (hub.fleet.buckets: one upsert per bucket of the batch, for the windows
+that were new), and alerts raised in `fleet_alerts` (hub.fleet.ledger), in the same
+transaction; those are kept by age (`window_retention_s`, DEFAULT_WINDOW_RETENTION_S), not by
+the per-device count, so fleet sums over recent ranges never miss a window the message
+retention dropped.
 
 Capture messages (data for retraining, big) never go to `fleet_messages`: the `capture` sink
 (hub.capture.store) stores them in its own tables in the same transaction, and expires them on
@@ -69,7 +71,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from hub.capture.rules import CaptureMsg
 from hub.errors import NotFoundError
-from hub.fleet import ledger
+from hub.fleet import buckets, ledger
 from hub.fleet.alerts import AlertRules
 from hub.fleet.batch import DeviceState, Prepared, first_groups, may_need_pruning, plan_batch, prepare
 from hub.fleet.ledger import FleetBase, FleetWindowRow
@@ -260,6 +262,7 @@ class FleetStore:
         self.rules = rules or AlertRules()
         self.capture = capture
         self._expired_at: datetime | None = None
+        self._buckets_filled = False
         self._cutoffs = _cutoffs_statement(keep_per_device)
 
     def create_tables(self) -> None:
@@ -272,6 +275,10 @@ class FleetStore:
         written). Retried once on a unique violation (two hub workers adding the same row of
         the capture tables at the same moment)."""
         items = [i if isinstance(i, Prepared) else prepare(i.message, i.retained) for i in batch]
+        if not self._buckets_filled:  # its own transaction: no lock held across the batch's
+            with self.db.session(write=True) as session:
+                buckets.fill(session, self.rules.error_window_s)
+            self._buckets_filled = True
         try:
             return self._apply(items)
         except sa_exc.IntegrityError:
@@ -300,7 +307,8 @@ class FleetStore:
             new_messages = insert_new(conn, MESSAGES, message_rows, KEY)
             report.stored += len(new_messages)
             report.duplicates += len(message_rows) - len(new_messages)
-            rates: dict[tuple[str, int, float], dict[str, Any]] = {}  # error-rate checks for after the batch
+            rates: set[buckets.BucketKey] = set()  # error-rate checks for after the batch
+            added: dict[buckets.BucketKey, buckets.Counts] = {}  # what the new windows add to them
             for entry in plan.entries:  # in batch order, as the alerts were raised one message at a time
                 item = entry.item
                 key = (item.device_id, item.seq)
@@ -308,20 +316,56 @@ class FleetStore:
                 if entry.window is not None and key in new_windows:
                     report.windows += 1
                     report.alerts += ledger.window_alerts(session, entry.window, body, now, self.rules, rates)
+                    if entry.window["kind"] == "summary":
+                        buckets.count_window(added, entry.window, self.rules.error_window_s)
                 if isinstance(item.keep, TelemetryMsg) and item.kind == "event" and key in new_messages:
                     report.alerts += ledger.record_event(session, item.keep, now)
             session.flush()
-            report.alerts += ledger.check_error_rates(session, rates, self.rules, now)
+            expire = self._expired_at is None or (now - self._expired_at).total_seconds() >= EXPIRE_EVERY_S
+            cutoff = now - self.window_retention
+            alerts, expired = self._error_rates(session, added, rates, cutoff if expire else None, now)
+            report.alerts += alerts
             report.pruned += self._prune(conn, devices, plan.telemetry_devices)
             changed = [d for device_id, d in devices.items() if d.values() != before[device_id]]
             if changed:
                 conn.execute(_UPDATE_DEVICE, [_device_params(d) for d in changed])
-            if self._expired_at is None or (now - self._expired_at).total_seconds() >= EXPIRE_EVERY_S:
-                report.expired += ledger.expire(session, now - self.window_retention, MESSAGES)
+            if expire:
+                report.expired += expired + ledger.expire_alerts(session, cutoff)
                 if self.capture is not None:
                     report.expired += self.capture.expire(session, now)
                 self._expired_at = now
         return report
+
+    def _error_rates(
+        self,
+        session: Session,
+        added: dict[buckets.BucketKey, buckets.Counts],
+        rates: set[buckets.BucketKey],
+        cutoff: datetime | None,
+        now: datetime,
+    ) -> tuple[int, int]:
+        """Add the batch's new summary windows to their buckets (hub.fleet.buckets), take the
+        windows received before `cutoff` out of them and delete those (retention, when due), and
+        check the error rate once per (model, version, bucket) of the new windows. Returns
+        (alerts raised or renewed, windows deleted). The buckets are all written, in key order,
+        before any error-rate alert: the lock order hub.fleet.buckets relies on."""
+        size = self.rules.error_window_s
+        gone: dict[buckets.BucketKey, buckets.Counts] = {}
+        expired = 0
+        if cutoff is not None:
+            rows = ledger.expire_windows(session, cutoff, MESSAGES)
+            expired, gone = len(rows), buckets.removed(rows, size)
+        deltas = {key: buckets.Counts(c.windows, c.requests, c.errors) for key, c in added.items()}
+        for key, c in gone.items():
+            deltas.setdefault(key, buckets.Counts()).add(c.windows, c.requests, c.errors)
+        totals = buckets.apply(session, deltas, size)
+        sums = {}
+        for key in rates:
+            # the sums the rule saw before retention moved ahead of it: the windows expiring now
+            # still counted
+            total, out = totals.get(key, buckets.Counts()), gone.get(key, buckets.Counts())
+            sums[key] = (total.requests - out.requests, total.errors - out.errors)
+        return ledger.check_error_rates(session, sums, self.rules, now), expired
 
     @staticmethod
     def _lock_devices(conn: Connection, batch: Sequence[Prepared]) -> dict[str, DeviceState]:

@@ -313,3 +313,40 @@ def test_a_hub_on_postgresql_end_to_end(tmp_path: Path, postgres_url: str) -> No
             assert conn.execute(text("SELECT count(*) FROM deployments")).scalar() == 1
     finally:
         db.dispose()
+
+
+def test_revision_0003_sums_the_stored_windows_into_the_error_buckets(db: Database) -> None:
+    """fleet_error_buckets starts with the summary windows already stored, per model, version and
+    bucket of the default 300 s (hub.fleet.buckets); drift windows are not counted."""
+    migrations.upgrade(db, "0002")
+    windows = [  # seq, kind, version, window end, requests, errors
+        (1, "summary", 3, 310.0, 10, 1), (2, "summary", 3, 599.5, 20, 2), (3, "summary", 3, 600.0, 5, 5),
+        (4, "summary", 4, 320.0, 7, 0), (5, "drift", 3, 330.0, 0, 0), (6, "summary", 3, -10.0, 1, 1),
+    ]  # fmt: skip
+    with db.connect(write=True) as conn:
+        for seq, kind, version, end, requests, errors in windows:
+            conn.execute(
+                text(
+                    'INSERT INTO fleet_windows (device_id, seq, kind, "group", model, version, window_start, '
+                    "window_end, received, requests, errors, n_rows, alert, body) VALUES ('d1', :seq, :kind, "
+                    "'plant', 'wine', :version, :start, :end, :at, :requests, :errors, 0, NULL, '{}')"
+                ),
+                {"seq": seq, "kind": kind, "version": version, "start": end - 60, "end": end,
+                 "at": datetime(2024, 1, 1), "requests": requests, "errors": errors},
+            )  # fmt: skip
+    migrations.upgrade(db)
+    with db.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT model, version, window_s, bucket, windows, requests, errors FROM fleet_error_buckets"
+            )
+        )
+        got = {(m, int(v), float(s), float(b)): (int(n), int(r), int(e)) for m, v, s, b, n, r, e in rows}
+    assert got == {
+        ("wine", 3, 300.0, 300.0): (2, 30, 3),
+        ("wine", 3, 300.0, 600.0): (1, 5, 5),
+        ("wine", 4, 300.0, 300.0): (1, 7, 0),
+        ("wine", 3, 300.0, -300.0): (1, 1, 1),
+    }
+    migrations.downgrade(db, "0002")
+    assert "fleet_error_buckets" not in hub_tables(db) and "fleet_windows" in hub_tables(db)
