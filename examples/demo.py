@@ -283,36 +283,7 @@ def hub_publish(work: Path, v1: Path, v2: Path, mqtt_url: str) -> tuple[subproce
         ln for ln in settings.read_text().splitlines() if not ln.strip().startswith("rollout_interval_s")
     ]
     settings.write_text("\n".join([*lines, "rollout_interval_s = 1.0"]) + "\n")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (work / "hub.log").open("wb")
-    hub = subprocess.Popen(
-        [
-            str(BIN / "outpost-hub"),
-            "serve",
-            "--data",
-            str(data),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--mqtt",
-            mqtt_url,
-        ],
-        stdout=log,
-        stderr=log,
-    )
-    import requests
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if hub.poll() is not None or time.monotonic() > deadline:
-            print((work / "hub.log").read_text(), file=sys.stderr)
-            raise SystemExit("demo: the hub did not start")
-        time.sleep(0.05)
+    hub, url = start_hub(work, data, mqtt_url, "hub")
     import os
 
     os.environ["OUTPOST_HUB"] = url

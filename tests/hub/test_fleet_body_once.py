@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,14 +15,7 @@ from sqlalchemy import text
 from hub import migrations
 from hub.fleet import FleetStore, Incoming, parse_message
 from hub.registry import Database
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2024, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.support.clock import Clock
 
 
 @pytest.fixture

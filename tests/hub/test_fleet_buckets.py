@@ -9,23 +9,16 @@ import json
 import math
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
 
 from hub.fleet import AlertRules, FleetStore, Incoming, parse_message
 from hub.registry import Database
+from tests.support.clock import Clock
 
 SIZE = 300.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2024, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture

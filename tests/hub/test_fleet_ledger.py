@@ -12,14 +12,7 @@ import pytest
 
 from hub.fleet import AlertRules, FleetStore, Incoming, parse_message
 from hub.registry import Database
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2024, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.support.clock import Clock
 
 
 @pytest.fixture
