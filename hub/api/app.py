@@ -50,7 +50,7 @@ from hub.api.experiments import add_experiment_routes
 from hub.api.guard import Guard, RequestLimits, Throttle, operator_name, upload_limit
 from hub.api.params import INT_MAX, Version, VersionQuery
 from hub.api.rollouts import add_rollout_routes
-from hub.api.tuffiles import PUBLIC_TREES, TufFront
+from hub.api.tuffiles import PUBLIC_TREES, REVALIDATE, TufFront, cache_control_for
 from hub.api.upload import read_package_tar
 from hub.capture.store import CaptureStore
 from hub.errors import AuthError, HubError, PackageTooLarge
@@ -135,10 +135,8 @@ class _TufFiles(StaticFiles):
     async def get_response(self, path: str, scope: Any) -> Response:
         response = await super().get_response(path, scope)
         name = path.rsplit("/", 1)[-1]
-        if name in ("timestamp.json", "root.json"):
-            response.headers["Cache-Control"] = "no-cache"
-        elif response.status_code in (200, 304):
-            response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
+        if name in REVALIDATE or response.status_code in (200, 304):
+            response.headers["Cache-Control"] = cache_control_for(name).decode()
         return response
 
 

@@ -93,6 +93,12 @@ def public_file(path: str) -> tuple[str, str] | None:
     return tree, rest
 
 
+def cache_control_for(name: str) -> bytes:
+    """`no-cache` for the files rewritten in place, a year and `immutable` for the rest (their
+    names carry their version or hash). The StaticFiles mounts behind TufFront use it too."""
+    return NO_CACHE if name in REVALIDATE else IMMUTABLE
+
+
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     """If-None-Match against our (strong) ETag, with the weak comparison RFC 9110 asks for."""
     if if_none_match.strip() == b"*":
@@ -121,7 +127,7 @@ class _Entry:
         self.etag = static_files_etag(st)
         self.mtime = int(st.st_mtime)
         self.body = body
-        cache_control = NO_CACHE if name in REVALIDATE else IMMUTABLE
+        cache_control = cache_control_for(name)
         media = mimetypes.guess_type(name)[0] or "application/octet-stream"
         self.head_200 = [
             (b"content-type", media.encode("latin-1")),

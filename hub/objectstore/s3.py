@@ -76,15 +76,7 @@ class S3Bucket:
             raise self._error("reach the bucket", "", exc) from exc
 
     def exists(self, name: str) -> bool:
-        try:
-            self._client.head_object(Bucket=self.location.bucket, Key=self.location.key(name))
-        except ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
-                return False
-            raise self._error("look up", name, exc) from exc
-        except BotoCoreError as exc:
-            raise self._error("look up", name, exc) from exc
-        return True
+        return self.etag(name) is not None
 
     def etag(self, name: str) -> str | None:
         """The object's ETag without quotes (one HEAD request), None if there is no such object."""

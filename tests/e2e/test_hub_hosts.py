@@ -31,7 +31,7 @@ from agent.update.tuf_client import UpdateClient
 from tests.support.hubproc import HUB_BIN, HubProcess
 from tests.support.packages import fast_wine_versions
 from tests.support.postgres import PostgresServer
-from tests.support.s3server import S3Server, s3_environment
+from tests.support.s3server import S3Server, running_s3
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -44,14 +44,9 @@ GROUPS = [f"g{i}" for i in range(6)]
 
 @pytest.fixture
 def s3(tmp_path: Path) -> Iterator[S3Server]:
-    with s3_environment():  # the hub processes inherit the (fake) credentials
-        server = S3Server(tmp_path / "moto.log").start()
-        try:
-            server.bucket(BUCKET)
-            server.allow_anonymous_reads(BUCKET, f"{PREFIX}tuf/")  # what a CDN origin needs
-            yield server
-        finally:
-            server.stop()
+    with running_s3(tmp_path / "moto.log", BUCKET) as server:
+        server.allow_anonymous_reads(BUCKET, f"{PREFIX}tuf/")  # what a CDN origin needs
+        yield server
 
 
 def verified_stable(url: str, root: Path, group: str, where: Path) -> int | None:

@@ -17,7 +17,7 @@ from tests.e2e.test_update import served_version, update_status, wait_for
 from tests.support.agentproc import AgentProcess
 from tests.support.hubproc import HubProcess, free_port
 from tests.support.packages import fast_wine_versions
-from tests.support.s3server import S3Server, s3_environment
+from tests.support.s3server import S3Server, running_s3
 
 pytestmark = pytest.mark.e2e
 
@@ -32,13 +32,8 @@ def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_environment():  # the hub process inherits the (fake) credentials
-        server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
-        try:
-            server.bucket(BUCKET)
-            yield server
-        finally:
-            server.stop()
+    with running_s3(tmp_path_factory.mktemp("s3") / "moto.log", BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

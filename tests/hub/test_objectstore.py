@@ -22,7 +22,7 @@ from hub.registry.s3blobs import S3BlobStore
 from hub.settings import HubSettings, SettingsError, load_settings
 from hub.signing import KeyStore, SignedRepository
 from hub.signing.publish import IMMUTABLE_CACHE, MUTABLE_CACHE, Publisher, publish_order
-from tests.support.s3server import S3Server, s3_environment
+from tests.support.s3server import S3Server, running_s3
 
 # -- settings -------------------------------------------------------------------------------
 
@@ -92,12 +92,8 @@ def test_the_prefix_is_one_directory_of_keys(tmp_path: Path, prefix: str, expect
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_environment():
-        server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with running_s3(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server
 
 
 _buckets = iter(range(10_000))

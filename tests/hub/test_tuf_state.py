@@ -41,7 +41,7 @@ from hub.signing import KeyStore, SignedRepository
 from hub.signing.lock import AdvisoryLock, FileLock
 from hub.signing.mirror import Mirror, plan_sync
 from hub.signing.publish import Publisher
-from tests.support.s3server import S3Server, s3_environment
+from tests.support.s3server import S3Server, running_s3
 
 WINE = {"manifest.json": b'{"name": "wine"}', "model.onnx": b"onnx-wine" * 40}
 
@@ -390,12 +390,8 @@ def test_tuf_state_settings(tmp_path: Path, values: dict[str, Any], message: str
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_environment():
-        server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with running_s3(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server
 
 
 def test_hosts_on_a_real_bucket(tmp_path: Path, s3: S3Server) -> None:

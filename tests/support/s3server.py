@@ -115,3 +115,17 @@ def s3_environment() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def running_s3(log_path: Path, *buckets: str) -> Iterator[S3Server]:
+    """A started S3Server with `buckets` made, inside s3_environment() (the processes a test
+    starts inherit the fake credentials); stopped afterwards."""
+    with s3_environment():
+        server = S3Server(log_path).start()
+        try:
+            for name in buckets:
+                server.bucket(name)
+            yield server
+        finally:
+            server.stop()
