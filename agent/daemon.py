@@ -272,7 +272,12 @@ class Agent:
             log.info("command from the hub: check for an update now")
             self.updater.trigger()
 
-    async def _start_telemetry(self) -> None:
+    def _open_telemetry(self) -> None:
+        """The outbox and the client, wired to the monitor; connecting is `TelemetryClient.start`.
+
+        Before the socket is served: a window that closes before the broker is reached (a quick
+        client can fill `window_requests` in milliseconds) must be stored, not counted unpublished.
+        """
         from agent.telemetry import Outbox, TelemetryClient, on_loop
 
         cfg = self.config.mqtt
@@ -291,7 +296,6 @@ class Agent:
             on_command=on_loop(asyncio.get_running_loop(), self._on_command),
             state_fields=lambda: self._state_snapshot,
         )
-        await asyncio.get_running_loop().run_in_executor(self.load_pool, self.telemetry.start)
         if self.monitor is not None:
             self.monitor.publish = self.telemetry.publish
             if self.monitor.capture is not None:
@@ -336,6 +340,15 @@ class Agent:
         result = await self.reload()
         log.info("loaded %d model version(s), %d failed", len(result["loaded"]), len(result["failed"]))
 
+        # Telemetry (sqlite3 and paho: about 2 MB of RSS) only when there is a broker or
+        # something to report: with the monitor on, its windows are kept in the outbox
+        # even without a broker, until one is configured.
+        if cfg.mqtt.url or self.updater is not None or self.monitor is not None:
+            try:
+                self._open_telemetry()
+            except AgentError as exc:  # a bad outbox or broker setting must not stop serving
+                log.error("telemetry off: %s", exc)
+
         def factory() -> HttpProtocol:
             return HttpProtocol(self.state)
 
@@ -360,14 +373,11 @@ class Agent:
             except AgentError as exc:  # a bad broker setting must not stop serving on the socket
                 self.mqtt_inference = None
                 log.error("inference over MQTT off: %s", exc)
-        # Telemetry (sqlite3 and paho: about 2 MB of RSS) only when there is a broker or
-        # something to report: with the monitor on, its windows are kept in the outbox
-        # even without a broker, until one is configured.
-        if cfg.mqtt.url or self.updater is not None or self.monitor is not None:
+        if self.telemetry is not None:  # connects in the background; the outbox keeps meanwhile
             try:
-                await self._start_telemetry()
-            except AgentError as exc:  # a bad outbox or broker setting must not stop serving
-                log.error("telemetry off: %s", exc)
+                await loop.run_in_executor(self.load_pool, self.telemetry.start)
+            except AgentError as exc:
+                log.error("telemetry: not connecting: %s", exc)
         if self.monitor is not None:
             self._tasks.append(asyncio.ensure_future(self._monitor_ticks(self.monitor)))
         if self.updater is not None:
