@@ -18,6 +18,7 @@ from typing import Any
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")
+MAX_BUSY_POLL_US = 10_000  # past this, polling is a busy loop, not a bridge to the next request
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class ServerConfig:
     idle_timeout_s: float = 60.0  # keep-alive connection with no request
     request_timeout_s: float = 30.0  # from a request's first byte to its last
     drain_timeout_s: float = 20.0  # SIGTERM: how long in-flight requests may take
+    # After an answer, poll for the next request up to this long instead of letting the CPU
+    # idle (adaptive: agent.serving.busypoll); 0 = off.
+    busy_poll_us: int = 100
 
 
 @dataclass(frozen=True)
@@ -407,6 +411,8 @@ def _validate(cfg: AgentConfig) -> None:
     for key in ("max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined"):
         if getattr(cfg.server, key) <= 0:
             raise ConfigError(f"server.{key}: must be positive")
+    if not 0 <= cfg.server.busy_poll_us <= MAX_BUSY_POLL_US:
+        raise ConfigError(f"server.busy_poll_us: expected 0 (off) to {MAX_BUSY_POLL_US} microseconds")
     for key in ("idle_timeout_s", "request_timeout_s", "drain_timeout_s"):
         # `not x > 0` also refuses NaN, which TOML allows.
         if not getattr(cfg.server, key) > 0:

@@ -30,6 +30,7 @@ from agent.runtime.hardware import Hardware, detect
 from agent.runtime.registry import LoadedVersion, ModelRegistry
 from agent.sdnotify import Notifier
 from agent.serving.app import App
+from agent.serving.busypoll import BusyPoll
 from agent.serving.http import HttpProtocol, ServerState
 from agent.serving.listen import bind_tcp, bind_unix, remove_socket_file
 
@@ -87,6 +88,10 @@ class Agent:
         )
         if self.monitor is not None:  # the ids the app makes are filed by their counter
             self.monitor.book.own_prefix = self.app.id_prefix
+        # Polling after answers (agent.serving.busypoll); None when server.busy_poll_us is 0.
+        self.poll = BusyPoll(config.server.busy_poll_us / 1e6) if config.server.busy_poll_us else None
+        if self.poll is not None:
+            self.metrics.collectors.append(self.poll.metric_families)
         self.state = ServerState(
             self.app.handle,
             max_body_bytes=config.server.max_body_bytes,
@@ -94,6 +99,7 @@ class Agent:
             max_pipelined=config.server.max_pipelined,
             max_connections=config.server.max_connections,
             on_response=self.metrics.response,
+            poll=self.poll,
         )
         self.started_at = time.time()
         self._servers: list[asyncio.AbstractServer] = []

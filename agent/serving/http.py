@@ -31,6 +31,8 @@ from typing import Any, cast
 import httptools
 import orjson
 
+from agent.serving.busypoll import BusyPoll
+
 log = logging.getLogger(__name__)
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -147,8 +149,10 @@ class ServerState:
         max_pipelined: int,
         max_connections: int,
         on_response: Callable[[int], None] | None = None,
+        poll: BusyPoll | None = None,
     ) -> None:
         self.handler = handler
+        self.poll = poll  # told of arrivals and answers, to poll for the next request
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.max_pipelined = max_pipelined
@@ -227,7 +231,10 @@ class HttpProtocol(asyncio.Protocol):
             if self._lingering_since and time.monotonic() - self._lingering_since > LINGER_S:
                 self.close()
             return
-        self._last_activity = time.monotonic()
+        now = self._last_activity = time.monotonic()
+        poll = self._state.poll
+        if poll is not None:
+            poll.arrived(now)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -370,6 +377,8 @@ class HttpProtocol(asyncio.Protocol):
                 transport.write(head_bytes + resp.body)
             else:
                 transport.writelines([head_bytes, resp.body])
+            if self._state.poll is not None:
+                self._state.poll.answered()
             if not keep_alive:
                 self.close()
                 return

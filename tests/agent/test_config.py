@@ -236,6 +236,9 @@ ERRORS = [
     pytest.param({"server": {"max_pipelined": -1}}, "server.max_pipelined", id="negative-pipelined"),
     pytest.param({"server": {"idle_timeout_s": 0}}, "server.idle_timeout_s", id="zero-idle-timeout"),
     pytest.param({"server": {"drain_timeout_s": -1.0}}, "server.drain_timeout_s", id="negative-drain"),
+    pytest.param({"server": {"busy_poll_us": -1}}, "server.busy_poll_us", id="negative-busy-poll"),
+    pytest.param({"server": {"busy_poll_us": 10_001}}, "server.busy_poll_us", id="busy-poll-too-long"),
+    pytest.param({"server": {"busy_poll_us": 50.5}}, "server.busy_poll_us", id="busy-poll-float"),
     pytest.param({"runtime": {"workers": 0}}, "runtime.workers", id="zero-workers"),
     pytest.param({"runtime": {"max_batch_size": 0}}, "runtime.max_batch_size", id="zero-batch"),
     pytest.param(
