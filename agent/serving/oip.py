@@ -270,6 +270,69 @@ def _decode_input(
     return name, _reshape(np.frombuffer(chunk, dtype=dtype.newbyteorder("<")), shape, name), size
 
 
+# Floating-point inputs, the commonest kind, get the shorter path of _plain_inputs: datatype ->
+# (numpy dtype, the magnitude that overflows it, or None when a JSON number cannot).
+_PLAIN_DATATYPES: dict[str, tuple[np.dtype[Any], float | None]] = {
+    "FP32": (np.dtype(np.float32), _FLOAT_OVERFLOW[np.dtype(np.float32)]),
+    "FP64": (np.dtype(np.float64), None),
+}
+# Up to this many values, Python's min() and max() over the list cost less than numpy's reductions.
+_SMALL_DATA = 64
+
+
+def _plain_inputs(raw_inputs: list[Any], specs: Mapping[str, TensorSpec]) -> dict[str, np.ndarray] | None:
+    """The inputs of the commonest request, decoded in fewer steps; None: use the general path.
+
+    The commonest request gives every input of the model once, as an object of exactly `name`,
+    `datatype`, `shape` and flat `data`, with a floating-point datatype (a tabular row, an image).
+    For those the checks of `_decode_input` reduce to a few comparisons; anything else (nested
+    data, parameters, binary data, other datatypes, every error) returns None and goes the
+    general way, which then gives the same arrays or the error with its message. It accepts
+    only what the general path accepts, with the same result: tests/agent/test_oip.py compares
+    the two on generated requests.
+    """
+    if len(raw_inputs) != len(specs):
+        return None
+    arrays: dict[str, np.ndarray] = {}
+    for item in raw_inputs:
+        if type(item) is not dict or len(item) != 4:
+            return None
+        name = item.get("name")
+        if type(name) is not str:
+            return None
+        spec = specs.get(name)
+        if spec is None or name in arrays or item.get("datatype") != spec.datatype:
+            return None
+        plain = _PLAIN_DATATYPES.get(spec.datatype)
+        shape = item.get("shape")
+        data = item.get("data")
+        if plain is None or type(shape) is not list or type(data) is not list:
+            return None
+        if len(shape) != len(spec.shape):
+            return None
+        count = 1
+        for got, want in zip(shape, spec.shape, strict=True):
+            if type(got) is not int or not 0 <= got <= MAX_DIM or (want >= 0 and got != want):
+                return None
+            count *= got
+        if len(data) != count:
+            return None
+        try:
+            src = np.array(data)
+        except (ValueError, TypeError, OverflowError):
+            return None
+        if src.ndim != 1 or src.dtype.kind not in "fi":  # nested, or not all numbers
+            return None
+        dtype, limit = plain
+        if limit is not None and count:
+            # src holds only numbers (its kind), so Python's comparisons are as exact as numpy's.
+            hi, lo = (max(data), min(data)) if count <= _SMALL_DATA else (src.max(), src.min())
+            if hi >= limit or lo <= -limit:
+                return None
+        arrays[name] = src.astype(dtype).reshape(tuple(shape))
+    return arrays
+
+
 def _requested_outputs(
     raw_outputs: Any, outputs: Sequence[TensorSpec], binary_output: bool
 ) -> list[RequestedOutput] | None:
@@ -299,12 +362,15 @@ def decode_infer_request(
     header_length: int | None,
     inputs: Mapping[str, TensorSpec] | Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
+    *,
+    fast: bool = True,
 ) -> InferRequest:
     """Decode an inference request for a model with the given signature.
 
     `header_length` is the value of `Inference-Header-Content-Length`, or None
     when the whole body is JSON. `inputs` may be given as a name -> spec mapping
     (what the server keeps per model version, saving the rebuild per request).
+    `fast=False` skips `_plain_inputs` (the tests compare the two paths).
     """
     if header_length is None:
         json_part: bytes | memoryview = body
@@ -333,6 +399,10 @@ def decode_infer_request(
         raise RequestError("inputs must be a non-empty list")
 
     specs = inputs if isinstance(inputs, Mapping) else {s.name: s for s in inputs}
+    if header_length is None and fast and (len(doc) == 1 or (len(doc) == 2 and "id" in doc)):
+        plain = _plain_inputs(raw_inputs, specs)
+        if plain is not None:
+            return InferRequest(req_id, _NO_PARAMETERS, plain, None, False, _batch_rows(plain))
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for i, item in enumerate(raw_inputs):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -873,3 +873,173 @@ def test_fuzz_near_valid_inputs_raise_only_request_error(
         _decode_only_request_errors(head + tail, len(head))
     else:
         _decode_only_request_errors(head, None)
+
+
+# -- the plain path (_plain_inputs) against the general one ---------------------------------------
+
+PLAIN_INPUTS = {"x": TensorSpec("x", "FP32", (-1, 2)), "z": TensorSpec("z", "FP64", (-1,))}
+
+
+def _outcome(body: bytes, fast: bool) -> tuple[Any, ...]:
+    try:
+        r = decode_infer_request(body, None, PLAIN_INPUTS, OUTPUTS, fast=fast)
+    except RequestError as exc:
+        return ("error", str(exc))
+    arrays = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in r.inputs.items()}
+    return ("ok", r.id, r.parameters, arrays, r.outputs, r.binary_output, r.rows)
+
+
+_VALUES = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(-(2**63), 2**63 - 1),
+    # About FP32's largest value: 3.4028235e38 is it, 3.4028236e38 still rounds to it, the rest overflow.
+    st.sampled_from([3.4028235e38, 3.4028236e38, 3.4028236e38 * 1.0000001, 3.5e38, -3.5e38, 1e308, -0.0, 0]),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=2),
+    st.lists(st.floats(-10, 10), max_size=2),
+)
+
+
+@st.composite
+def _plain_item(draw: st.DrawFn, name: str) -> dict[str, Any]:
+    """Mostly a valid input of PLAIN_INPUTS, sometimes with one thing wrong or unusual."""
+    rows = draw(st.integers(0, 3))
+    width = 2 if name == "x" else 1
+    shape: list[Any] = [rows, 2] if name == "x" else [rows]
+    data: Any = draw(st.lists(st.floats(-1e6, 1e6, width=32), min_size=rows * width, max_size=rows * width))
+    item: dict[str, Any] = {
+        "name": name,
+        "datatype": PLAIN_INPUTS[name].datatype,
+        "shape": shape,
+        "data": data,
+    }
+    change = draw(st.integers(0, 12))
+    if change in (1, 8, 9) and data:
+        data[draw(st.integers(0, len(data) - 1))] = draw(_VALUES)
+    elif change == 2:
+        item["shape"] = draw(
+            st.lists(st.one_of(st.integers(-1, 4), st.booleans(), st.just(2**31)), max_size=3)
+        )
+    elif change == 3:
+        item["datatype"] = draw(st.sampled_from(["FP32", "FP64", "INT64", "BOOL", "fp32"]))
+    elif change == 4:
+        item["data"] = [data[i : i + width] for i in range(0, len(data), width)]  # nested
+    elif change == 5:
+        item["parameters"] = draw(st.sampled_from([{}, {"binary_data_size": 0}]))
+    elif change == 6:
+        item["name"] = draw(st.sampled_from(["x", "z", "y", 7]))
+    elif change == 7:
+        item["data"] = draw(st.lists(_VALUES, max_size=6))
+    return item
+
+
+@st.composite
+def _plain_request(draw: st.DrawFn) -> bytes:
+    names = draw(
+        st.sampled_from([["x", "z"], ["z", "x"], ["x", "z"], ["x"], ["x", "x", "z"], ["x", "z", "z"]])
+    )
+    doc: dict[str, Any] = {"inputs": [draw(_plain_item(n)) for n in names]}
+    extra = draw(st.integers(0, 7))
+    if extra == 1:
+        doc["id"] = draw(st.one_of(st.text(max_size=3), st.integers()))
+    elif extra == 2:
+        doc["parameters"] = {"binary_data_output": True}
+    elif extra == 3:
+        doc["outputs"] = [{"name": "y"}]
+    import json  # the standard library's: it writes what orjson refuses to (ints past 64 bits)
+
+    return json.dumps(doc).encode()
+
+
+@settings(max_examples=600, deadline=None)
+@given(_plain_request())
+def test_plain_path_decodes_exactly_as_the_general_one(body: bytes) -> None:
+    plain = _outcome(body, fast=True)
+    assert plain == _outcome(body, fast=False)
+    event(f"answer: {plain[0]}")  # shown with --hypothesis-show-statistics
+
+
+def _doc(*items: dict[str, Any], **top: Any) -> bytes:
+    return orjson.dumps({"inputs": list(items), **top})
+
+
+def _x(data: Any, shape: Any = None, **more: Any) -> dict[str, Any]:
+    n = len(data) // 2 if isinstance(data, list) else 0
+    return {
+        "name": "x",
+        "datatype": "FP32",
+        "shape": [n, 2] if shape is None else shape,
+        "data": data,
+        **more,
+    }
+
+
+_Z = {"name": "z", "datatype": "FP64", "shape": [1], "data": [1.0]}
+# orjson writes no integer past 64 bits; a client's JSON may hold one.
+_BIG_INT = _doc(_x([1, 2]), _Z).replace(b'"data":[1,2]', b'"data":[1,18446744073709551616]')
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(_doc(_x([1.0, 2.0]), _Z), id="plain"),
+        pytest.param(_doc(_x([1, 2]), _Z), id="ints-as-floats"),
+        pytest.param(_doc(_x([]), {**_Z, "shape": [0], "data": []}), id="no-rows"),
+        pytest.param(_doc(_x([1.0, 3.4028235e38]), _Z), id="fp32-max"),
+        pytest.param(_doc(_x([1.0, 3.4028236e38]), _Z), id="fp32-rounds-to-max"),
+        pytest.param(_doc(_x([1.0, 3.5e38]), _Z), id="fp32-overflow"),
+        pytest.param(_doc(_x([-3.5e38, 1.0]), _Z), id="fp32-negative-overflow"),
+        pytest.param(_doc(_x([1.0] * 70 + [3.5e38, 1.0]), _Z), id="fp32-overflow-large-input"),
+        pytest.param(_doc(_x([True, False]), _Z), id="booleans"),
+        pytest.param(_doc(_x([True, 1.5]), _Z), id="boolean-and-float"),
+        pytest.param(_doc(_x(["1.5", 2.0]), _Z), id="string"),
+        pytest.param(_doc(_x([None, 2.0]), _Z), id="null"),
+        pytest.param(_doc(_x([[1.0], 2.0]), _Z), id="ragged"),
+        pytest.param(_doc(_x([[1.0, 2.0]], shape=[1, 2]), _Z), id="nested"),
+        pytest.param(_doc(_x([1.0, 2.0]), {**_Z, "shape": [2], "data": [[1.0], [2.0]]}), id="nested-1"),
+        pytest.param(_doc(_x([1.0, 2.0]), {**_Z, "shape": [2], "data": [[1.0, 2], [3, 4]]}), id="nested-2"),
+        pytest.param(_doc(_x([1.0, 2.0, 3.0], shape=[1, 3]), _Z), id="wrong-fixed-dimension"),
+        pytest.param(_doc(_x([1.0, 2.0], shape=[1, True]), _Z), id="boolean-dimension"),
+        pytest.param(_doc(_x([1.0, 2.0], shape=[1, 2, 1]), _Z), id="extra-dimension"),
+        pytest.param(_doc(_x([1.0, 2.0]), _x([3.0, 4.0])), id="duplicate-input"),
+        pytest.param(_doc(_x([1.0, 2.0])), id="missing-input"),
+        pytest.param(_doc(_x([1.0, 2.0]), {**_Z, "datatype": "FP32"}), id="wrong-datatype"),
+        pytest.param(_doc(_x([1.0, 2.0], parameters={}), _Z), id="input-parameters"),
+        pytest.param(_doc(_x([1.0, 2.0]), _Z, id=7), id="numeric-id"),
+        pytest.param(_doc(_x([1.0, 2.0]), _Z, id="r1"), id="string-id"),
+        pytest.param(_doc(_x([1.0, 2.0]), _Z, parameters={"binary_data_output": True}), id="parameters"),
+        pytest.param(_BIG_INT, id="int-past-64-bits"),
+    ],
+)  # fmt: skip
+def test_plain_path_agrees_on_edge_requests(body: bytes) -> None:
+    assert _outcome(body, fast=True) == _outcome(body, fast=False)
+
+
+def test_plain_path_is_taken_for_the_commonest_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.serving.oip as oip
+
+    def general(*_: Any) -> Any:
+        raise AssertionError("the general path was taken")
+
+    monkeypatch.setattr(oip, "_decode_input", general)
+    body = orjson.dumps(
+        {
+            "id": "r1",
+            "inputs": [
+                {"name": "z", "datatype": "FP64", "shape": [2], "data": [1, 2.5]},
+                {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [0.5, 1.0, -2.0, 3.0]},
+            ],
+        }
+    )
+    r = decode_infer_request(body, None, PLAIN_INPUTS, OUTPUTS)
+    assert r.id == "r1" and r.rows == 2 and r.outputs is None and not r.binary_output
+    assert r.inputs["x"].dtype == np.float32 and r.inputs["x"].shape == (2, 2)
+    np.testing.assert_array_equal(r.inputs["z"], np.array([1.0, 2.5]))
+    # Too large for FP32: not plain, and the general path's error.
+    monkeypatch.undo()
+    big = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 3.5e38]}]}
+    )
+    with pytest.raises(RequestError, match="too large for FP32"):
+        decode_infer_request(big, None, {"x": PLAIN_INPUTS["x"]}, OUTPUTS)
