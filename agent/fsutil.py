@@ -7,7 +7,6 @@ leaves either the old file or the new one, never a torn one.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -21,6 +20,8 @@ def fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` atomically and durably."""
+    import tempfile  # here, not at the top: a daemon that writes no state does not load it (0.5 MB)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
