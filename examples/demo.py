@@ -5,7 +5,8 @@
 2. installs the package into a fresh agent and starts `outpost-agent run` on a Unix
    socket in a temporary directory;
 3. asks for predictions over the socket in the Open Inference Protocol v2, with JSON
-   and with binary tensors, and checks them against onnxruntime run directly;
+   and with binary tensors, and checks them against onnxruntime run directly; then one
+   client asks 2000 times in a row and the latency it saw is printed;
 4. installs a second version while the agent serves, switches to it, and rolls back
    to version 1 by hand;
 5. stops the agent with SIGTERM (the way systemd does) and checks it exited 0 and
@@ -45,6 +46,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -208,10 +210,43 @@ def predict(sock: str, package: Path, sample_path: Path) -> bytes:
     accuracy = float(np.mean(np.frombuffer(raw[hlen:], dtype="<i8") == y))
     print(f"  binary tensors: {len(x)} rows in one request, accuracy on the held-out sample {accuracy:.3f}")
 
+    one_client_latency(sock, x[:1])
+
     status, _, raw = call(sock, "POST", "/v2/models/wine/infer", b'{"inputs": [{"name": "input"}]}')
     print(f"  a malformed request gets {status}: {json.loads(raw)['error']}")
     assert status == 400
     return body
+
+
+def one_client_latency(sock: str, row: np.ndarray, count: int = 2000) -> None:
+    """An app asking again as soon as it has its answer, one row at a time on one connection."""
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, row.shape[1]], "datatype": "FP32",
+                                   "data": row.ravel().tolist()}]}).encode()  # fmt: skip
+    request = b"POST /v2/models/wine/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    times = []
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sock)
+        for _ in range(count):
+            started = time.perf_counter_ns()
+            s.sendall(request)
+            answer = b""
+            while True:
+                answer += s.recv(65536)
+                head, sep, rest = answer.partition(b"\r\n\r\n")
+                length = re.search(rb"content-length: (\d+)", head, re.I)
+                if sep and length is not None and len(rest) >= int(length.group(1)):
+                    break
+            times.append(time.perf_counter_ns() - started)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    p50, p99 = np.percentile(times, [50, 99]) / 1000
+    print(f"  one client asking again at once, {count} one-row requests: p50 {p50:.0f} µs, p99 {p99:.0f} µs")
+    text = call(sock, "GET", "/metrics")[2].decode()
+    window = re.search(r"^outpost_busy_poll_window_seconds (\S+)$", text, re.M)
+    if window is not None:
+        print(
+            f"  (between requests the agent polled for the next one instead of sleeping: "
+            f"server.busy_poll_us, window now {float(window.group(1)) * 1e6:.0f} µs)"
+        )
 
 
 def switch_and_roll_back(sock: str, config: Path, v2: Path, body: bytes) -> None:
