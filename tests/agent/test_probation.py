@@ -115,6 +115,32 @@ CASES = [
         "p50 latency 3.1x the previous version's (max 2.0x)",
     ),
     Case("latency-within", [(100, True, 19 * MS)], 31, Outcome.PASSED, "p50 latency 1.90x"),
+    # Sub-millisecond models: a ratio over the maximum within LATENCY_SLACK_S (0.25 ms) of the
+    # reference passes; past it, the ratio rules again.
+    Case(
+        "latency-ratio-over-but-within-the-slack",
+        [(100, True, 0.22 * MS)],
+        31,
+        Outcome.PASSED,
+        "p50 latency 2.20x the previous version's (within 0.25 ms of it)",
+        reference=0.1 * MS,
+    ),
+    Case(
+        "latency-ratio-over-at-the-slack-edge",
+        [(100, True, 0.35 * MS)],
+        31,
+        Outcome.PASSED,
+        "within 0.25 ms",
+        reference=0.1 * MS,
+    ),
+    Case(
+        "latency-ratio-over-past-the-slack",
+        [(100, True, 0.36 * MS)],
+        31,
+        Outcome.FAILED,
+        "p50 latency 3.6x the previous version's (max 2.0x)",
+        reference=0.1 * MS,
+    ),
     Case(
         "latency-p50-ignores-a-slow-minority",
         [(55, True, 10 * MS), (45, True, 1.0)],
