@@ -81,8 +81,10 @@ def test_polls_while_asked_and_stops_when_not(tmp_path: Path) -> None:
         _closed_loop(agent, 15, pause_s=0.04)
         assert _metric(agent, "outpost_busy_poll_window_seconds") == 0.0
         spent_sparse = _metric(agent, "outpost_busy_poll_seconds_total")
-        # What the sparse requests cost: at most their windows (10 + 5 + 2.5 + ... ms < 20 ms).
-        assert spent_sparse is not None and spent_sparse - spent < 0.05
+        # What the sparse requests cost: their windows (10 + 5 + 2.5 + ... ms < 20 ms; the bound leaves
+        # room for a loaded machine descheduling the agent mid-poll). A poll that did not stop
+        # would count the whole 0.6 s of this phase.
+        assert spent_sparse is not None and spent_sparse - spent < 0.2
 
 
 def test_off_when_configured_so(tmp_path: Path) -> None:
