@@ -380,10 +380,7 @@ class Agent:
                 self.mqtt_inference = None
                 log.error("inference over MQTT off: %s", exc)
         if self.telemetry is not None:  # connects in the background; the outbox keeps meanwhile
-            try:
-                await loop.run_in_executor(self.load_pool, self.telemetry.start)
-            except AgentError as exc:
-                log.error("telemetry: not connecting: %s", exc)
+            await loop.run_in_executor(self.load_pool, self.telemetry.start)
         if self.monitor is not None:
             self._tasks.append(asyncio.ensure_future(self._monitor_ticks(self.monitor)))
         if self.updater is not None:

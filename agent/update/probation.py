@@ -135,13 +135,13 @@ class ProbationTracker:
     def error_rate(self) -> float:
         return self.errors / self.requests if self.requests else 0.0
 
-    def latency_ratio(self) -> float | None:
-        """The candidate's p50 over the reference's; None when not comparable (see the module doc)."""
+    def _latency(self) -> tuple[float, float] | None:
+        """The candidate's p50 and the reference's; None when not comparable (see the module doc)."""
         ref = self.reference_p50_s
         p50 = self.latency.p50()
         if ref is None or not ref > 0 or p50 is None or not self.policy.max_latency_ratio > 0:
             return None
-        return p50 / ref
+        return p50, ref
 
     def verdict(self, now: float) -> Verdict:
         policy = self.policy
@@ -159,20 +159,21 @@ class ProbationTracker:
             )
         if self.error_rate > policy.max_error_rate:
             return Verdict(Outcome.FAILED, rate_text)
-        ratio = self.latency_ratio()
-        p50, ref = self.latency.p50(), self.reference_p50_s
-        slack = ratio is not None and p50 is not None and ref is not None and p50 - ref <= LATENCY_SLACK_S
-        if ratio is not None and ratio > policy.max_latency_ratio and not slack:
-            return Verdict(
-                Outcome.FAILED,
-                f"p50 latency {ratio:.1f}x the previous version's (max {policy.max_latency_ratio:.1f}x)",
+        latency = self._latency()
+        if latency is None:
+            latency_text = "latency not compared"
+        else:
+            p50, ref = latency
+            ratio = p50 / ref
+            over = ratio > policy.max_latency_ratio
+            if over and p50 - ref > LATENCY_SLACK_S:
+                return Verdict(
+                    Outcome.FAILED,
+                    f"p50 latency {ratio:.1f}x the previous version's (max {policy.max_latency_ratio:.1f}x)",
+                )
+            latency_text = f"p50 latency {ratio:.2f}x the previous version's" + (
+                f" (within {LATENCY_SLACK_S * 1e3:g} ms of it)" if over else ""
             )
-        latency_text = (
-            f"p50 latency {ratio:.2f}x the previous version's"
-            + (" (within 0.25 ms of it)" if slack and ratio > policy.max_latency_ratio else "")
-            if ratio is not None
-            else "latency not compared"
-        )
         low_traffic = "" if enough else f" (only {n} requests in {elapsed:.0f} s: passed on time)"
         return Verdict(
             Outcome.PASSED,
