@@ -5,8 +5,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The agent's request path runs compiled (setup.py: mypyc). Python imports the compiled module
+# before its source, so any change under agent/ rebuilds it (the types of the modules it imports
+# are compiled in too); the install builds it the first time.
+COMPILED := $(VENV)/.compiled-stamp
+AGENT_SRC := $(shell find agent -name '*.py')
 
-.PHONY: all venv sysdeps test lint typecheck pytest demo demo-fleet bench bench-fleet clean
+.PHONY: all venv compiled sysdeps test lint typecheck pytest demo demo-fleet bench bench-fleet clean
 
 all: test
 
@@ -15,38 +20,45 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[hub,dev]'
-	@touch $@
+	@touch $@ $(COMPILED)
 
 venv: $(STAMP)
+
+$(COMPILED): $(STAMP) setup.py $(AGENT_SRC)
+	$(BIN)/python setup.py --quiet build_ext --inplace --parallel 2
+	@touch $@
+
+compiled: $(COMPILED)
 
 # System packages the tests and the demo use (Mosquitto, systemd-analyze).
 sysdeps:
 	@bash packaging/dev/ensure-sysdeps.sh
 
 lint: venv
-	$(BIN)/ruff check agent hub tests examples
+	$(BIN)/ruff check agent hub tests examples setup.py
 
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv sysdeps
+pytest: compiled sysdeps
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test: lint typecheck pytest
 
-demo: venv sysdeps
+demo: compiled sysdeps
 	$(BIN)/python examples/demo.py
 
 # The demo, then its hub, broker and two devices keep running (with traffic) until Ctrl-C.
-demo-fleet: venv sysdeps
+demo-fleet: compiled sysdeps
 	$(BIN)/python examples/demo.py --keep
 
-bench: venv
+bench: compiled
 	$(BIN)/python -m tests.benchmarks.run
 
 # A simulated fleet against one hub and a Mosquitto (docs/benchmarks.md, "Fleet scale"); ~8 min.
-bench-fleet: venv sysdeps
+bench-fleet: compiled sysdeps
 	$(BIN)/python -m tests.benchmarks.fleet_sim
 
 clean:
-	rm -rf $(VENV) out bench-results .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) out bench-results .mypy_cache .ruff_cache .pytest_cache build
+	find agent -name '*.so' -delete

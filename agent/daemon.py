@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.buildinfo import compiled_modules
 from agent.config import AgentConfig
 from agent.errors import AgentError, ModelLoadError, PackageError
 from agent.metrics import Metrics
@@ -44,6 +45,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
+
+
+def _log_compiled() -> None:
+    compiled = compiled_modules()
+    if compiled:
+        log.info("request path compiled (%d modules)", len(compiled))
+    else:
+        log.info("request path in plain Python (not compiled at install: slower, same behaviour)")
 
 
 class Agent:
@@ -134,6 +143,7 @@ class Agent:
                 "connections": len(self.state.connections),
             },
             "data_dir": cfg.data_dir,
+            "compiled": compiled_modules(),
             "memory": self.budget.status(),
             "hardware": self.hardware.status(),
             "update": self.updater.status() if self.updater is not None else {"state": "off (no hub.url)"},
@@ -367,6 +377,7 @@ class Agent:
             tcp = bind_tcp(cfg.server.tcp)
             self._servers.append(await loop.create_server(factory, sock=tcp))
             log.info("serving on tcp:%s", cfg.server.tcp)
+        _log_compiled()
         self.app.started = True
         self._tasks.append(asyncio.ensure_future(self._sweeper()))
         if cfg.mqtt_inference.enabled:  # paho is imported only then

@@ -25,6 +25,19 @@ if TYPE_CHECKING:  # imported when a test asks for PostgreSQL: agent-only runs n
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test compiled modules older than their source: Python would import the extension
+    (setup.py builds the agent's request path with mypyc), and the edit would go untested."""
+    from agent.buildinfo import stale_extensions
+
+    stale = stale_extensions(Path(__file__).resolve().parent.parent / "agent")
+    if stale:
+        names = ", ".join(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+                          for p in stale)
+        pytest.exit(f"changed since they were compiled: {names}; run `make compiled` "
+                    "(or delete agent/**/*.so to test them as plain Python)", returncode=4)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     from tests.support.postgres import PostgresServer, PostgresUnavailable

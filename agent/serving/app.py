@@ -89,7 +89,6 @@ class _InferTicket:
     """Carries one inference from the batcher back to its connection, encoding the answer."""
 
     __slots__ = (
-        "app",
         "cache_key",
         "deferred",
         "lv",
@@ -102,28 +101,22 @@ class _InferTicket:
 
     def __init__(
         self,
-        app: App,
         lv: LoadedVersion,
         parsed: InferRequest,
         started: float,
+        prediction: tuple[str, int],
         shadow: ExperimentRoute | None = None,
         cache_key: bytes | None = None,
     ) -> None:
-        self.app = app
         self.lv = lv
         self.parsed = parsed
         self.started = started
         self.shadow = shadow  # a shadow experiment that may get a copy once this is answered
         self.cache_key = cache_key  # the answer goes into lv.cache under this key
         self.deferred = Deferred()
-        # The response's `id`: the request's, or a new one (the monitor files predictions by it,
-        # the agent's own by their counter).
-        if parsed.id is not None:
-            self.prediction_id: str = parsed.id
-            self.prediction_seq = -1
-        else:
-            self.prediction_seq = next(app._ids)
-            self.prediction_id = f"{app.id_prefix}{self.prediction_seq:x}"
+        # The response's `id` and the agent's counter for it (-1 when the request chose the id):
+        # the monitor files predictions by them (App._prediction_id).
+        self.prediction_id, self.prediction_seq = prediction
 
     @property
     def cancelled(self) -> bool:
@@ -404,7 +397,7 @@ class App:
                     cache.bypassed += 1
             else:
                 cache.bypassed += 1
-        ticket = _InferTicket(self, lv, parsed, started, shadow, key)
+        ticket = _InferTicket(lv, parsed, started, self._prediction_id(parsed), shadow, key)
         lv.batcher.submit_ticket(parsed.inputs, parsed.rows, ticket)
         return ticket.deferred
 
@@ -430,11 +423,7 @@ class App:
             # A version that answers from its cache is in use: the memory budget's LRU clock, which
             # the batcher keeps for the requests it runs (agent.runtime.budget).
             lv.batcher.last_used = now
-            if parsed.id is not None:
-                prediction_id, seq = parsed.id, -1
-            else:
-                seq = next(self._ids)
-                prediction_id = f"{self.id_prefix}{seq:x}"
+            prediction_id, seq = self._prediction_id(parsed)
             vm = lv.metrics
             try:
                 body, header_len = encode_infer_response(
@@ -469,6 +458,14 @@ class App:
 
     def next_id(self) -> str:
         return f"{self.id_prefix}{next(self._ids):x}"
+
+    def _prediction_id(self, parsed: InferRequest) -> tuple[str, int]:
+        """The response's `id`: the request's (and -1), or the next of the agent's own and its
+        counter. The monitor files predictions by the id, the agent's own by their counter."""
+        if parsed.id is not None:
+            return parsed.id, -1
+        seq = next(self._ids)
+        return f"{self.id_prefix}{seq:x}", seq
 
     # -- Outpost additions --------------------------------------------------------------------
 

@@ -107,7 +107,6 @@ def test_a_shadow_copy_that_cannot_be_compared_does_not_stall_its_batch(
     whose answers cannot be compared must not keep the client's answer from being delivered."""
     import asyncio
 
-    from agent.metrics import VersionMetrics
     from agent.runtime import experiment
     from agent.runtime.batcher import Batcher
     from agent.serving.app import _ShadowTicket
@@ -116,13 +115,10 @@ def test_a_shadow_copy_that_cannot_be_compared_does_not_stall_its_batch(
         raise ValueError("outputs of another kind")
 
     monkeypatch.setattr(experiment, "agreement", cannot_compare)
-    shadows: list[tuple[int, int]] = []
-    arm: Any = SimpleNamespace(
-        name="m",
-        version=3,
-        metrics=VersionMetrics("m", "3"),
-        monitor=SimpleNamespace(add_shadow=lambda c, a: shadows.append((c, a))),
-    )
+    from tests.agent.test_monitor_service import loaded, monitor
+
+    arm = loaded(version=3)
+    monitor()[0].attach(arm)  # a real monitor: the copy's comparison is counted in its window
 
     async def main() -> dict[str, np.ndarray]:
         batcher = Batcher(
@@ -135,7 +131,9 @@ def test_a_shadow_copy_that_cannot_be_compared_does_not_stall_its_batch(
         return await asyncio.wait_for(client, 1.0)
 
     assert asyncio.run(main())["out"].shape == (1, 1)
-    assert shadows == [(0, 0)]
+    summary = arm.monitor.summary
+    assert (summary.shadow_compared, summary.shadow_agreed) == (0, 0)
+    assert arm.metrics.requests == 1  # the copy was answered and counted, not dropped
 
 
 def test_clients_that_hang_up_on_the_candidate_do_not_stop_the_shadow_copies() -> None:
@@ -143,7 +141,6 @@ def test_clients_that_hang_up_on_the_candidate_do_not_stop_the_shadow_copies() -
     requests are dropped, never delivered, and must not count as copies in flight for good
     (before, every copy was then dropped as "busy" for the rest of the experiment)."""
     import asyncio
-    import itertools
 
     from agent.metrics import VersionMetrics
     from agent.runtime.batcher import Batcher
@@ -161,10 +158,9 @@ def test_clients_that_hang_up_on_the_candidate_do_not_stop_the_shadow_copies() -
             monitor=None,
         )
         arm.batcher = batcher
-        app: Any = SimpleNamespace(_ids=itertools.count(1), id_prefix="ab-")
-        for _ in range(8):
+        for seq in range(1, 9):
             parsed = InferRequest(None, {}, {"x": np.ones((1, 2))}, None, False, 1)
-            ticket = _InferTicket(app, arm, parsed, 0.0)
+            ticket = _InferTicket(arm, parsed, 0.0, (f"ab-{seq:x}", seq))
             batcher.submit_ticket(parsed.inputs, 1, ticket)
             ticket.deferred.cancelled = True
         await asyncio.sleep(0.01)

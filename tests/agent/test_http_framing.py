@@ -84,8 +84,12 @@ class Server:
     def __init__(self, path: Path, state: ServerState) -> None:
         self.path = path
         self.state = state
-        self.transports: list[asyncio.BaseTransport] = []
+        self.protocols: list[HttpProtocol] = []
         self.clients: list[Writer] = []
+
+    @property
+    def transports(self) -> list[asyncio.BaseTransport]:
+        return [p._transport for p in self.protocols if p._transport is not None]
 
     async def connect(self) -> tuple[Reader, Writer]:
         reader, writer = await asyncio.open_unix_connection(str(self.path))
@@ -105,13 +109,14 @@ async def serve(path: Path, **limits: Any) -> AsyncIterator[Server]:
     state = ServerState(options.pop("handler", handler), **options)
     srv = Server(path, state)
 
-    class Tracked(HttpProtocol):
-        # Keeps the server-side transport so teardown can close even lingering connections.
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            srv.transports.append(transport)
-            super().connection_made(transport)
+    def tracked() -> HttpProtocol:
+        # Keeps every server-side protocol so teardown can close even lingering connections.
+        # (A factory, not a subclass: HttpProtocol is compiled, and compiled classes take none.)
+        protocol = HttpProtocol(state)
+        srv.protocols.append(protocol)
+        return protocol
 
-    server = await asyncio.get_running_loop().create_unix_server(lambda: Tracked(state), path=str(path))
+    server = await asyncio.get_running_loop().create_unix_server(tracked, path=str(path))
     try:
         yield srv
     finally:

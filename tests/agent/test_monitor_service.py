@@ -23,6 +23,7 @@ from agent.monitor.report import drift_message, window_tests
 from agent.monitor.service import FLUSH_REQUESTS, Monitor
 from agent.monitor.summary import WindowSummary, merge
 from agent.package.manifest import TensorSpec
+from agent.runtime.batcher import Batcher
 from hub.packager import profile as hub_profile
 
 RNG_SEED = 20261127
@@ -66,7 +67,7 @@ def loaded(profile: dict[str, Any] = PROFILE, task: str = "classification", vers
         inputs=(TensorSpec("x", "FP32", (-1, len(FEATURES))),),
         outputs=(TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 2))),
     )
-    batcher = SimpleNamespace(observer=None)
+    batcher = Batcher(lambda inputs: {}, None, enabled=False, max_batch_rows=1)  # only its observer is used
     metrics = VersionMetrics("m", str(version))
     return SimpleNamespace(
         name="m",

@@ -5,8 +5,10 @@
 Contenders: `limit` (onnxruntime in-process), `peer` (tests/benchmarks/peer.py, inference on
 the event loop -- the faster variant, the one the targets compare against), `peer_threadpool`
 (the same app with inference in Starlette's thread pool, as its docs advise), `agent` (the
-installed `outpost-agent` with a default config) and `agent_tuned` (the same with [runtime] keys
-set for this machine, labelled). For each server: one instance with only the tabular model
+installed `outpost-agent` with a default config), `agent_tuned` (the same with [runtime] keys
+set for this machine, labelled) and `agent_plain` (the default agent run as plain Python, without
+the modules setup.py compiles with mypyc: what an install without a C compiler serves).
+For each server: one instance with only the tabular model
 (start-up, 1 and 16 clients, memory, then the version switch), one with only the conv model
 (JSON and binary tensors). Before each measured load one answer is checked against onnxruntime
 in-process, so a fast wrong server cannot win. A contender that cannot start is reported as
@@ -60,6 +62,7 @@ from tests.benchmarks.servers import (
     Unavailable,
     agent_cli,
     byte_compile_agent,
+    plain_agent_env,
     start_agent,
     start_peer,
     start_probe,
@@ -85,6 +88,8 @@ CONTENDERS = {
                        "one onnxruntime call per loop iteration, no checks): a reference, not a peer"),
     "agent": ("agent", "outpost-agent run, default config (only data_dir, socket, identity)"),
     "agent_tuned": ("agent (tuned)", "outpost-agent run, default config plus [runtime] {tuned}"),
+    "agent_plain": ("agent (plain Python)", "the agent, default config, run as plain Python: "
+                                             "without the request path setup.py compiles (mypyc)"),
 }
 # Selectable with --only like the contenders, but not servers.
 SECTIONS = ("drift", "monitor", "shadow", "mqtt", "cache")
@@ -483,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                 info["status"] = f"failed: {type(exc).__name__}: {exc}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    agents = [k for k in ("agent", "agent_tuned") if k in wanted]
+    agents = [k for k in ("agent", "agent_tuned", "agent_plain") if k in wanted]
     results["targets"] = report.evaluate(results["figures"], agents) if "peer" in wanted else []
     if "monitor" in args.only.split(","):
         print("- monitoring cost (agent, monitor on vs off) ...", flush=True)
@@ -564,8 +569,9 @@ def _run_contender(key: str, packages: Packages, wl: Workload, st: Settings, wor
         return run_server(key, lambda name, pkgs: start_probe(workdir, name, pkgs),
                           packages, wl, st, binary=False, switch=False, notes=notes)
     runtime = tuned if key == "agent_tuned" else {}
+    env = plain_agent_env(workdir) if key == "agent_plain" else None
     return run_server(
-        key, lambda name, pkgs: start_agent(workdir, name, info["label"], pkgs, runtime),
+        key, lambda name, pkgs: start_agent(workdir, name, info["label"], pkgs, runtime, extra_env=env),
         packages, wl, st, binary=True, switch=key == "agent", notes=notes)
 
 

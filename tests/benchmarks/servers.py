@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,8 +111,9 @@ class Server:
         return total
 
 
-def _spawn(label: str, argv: list[str], socket: str, log_path: Path) -> Server:
-    env = dict(os.environ)
+def _spawn(label: str, argv: list[str], socket: str, log_path: Path,
+           extra_env: dict[str, str] | None = None) -> Server:
+    env = {**os.environ, **(extra_env or {})}
     env.pop("NOTIFY_SOCKET", None)  # we are not systemd; the agent must not try to notify it
     with contextlib.suppress(FileNotFoundError):
         Path(socket).unlink()
@@ -241,8 +243,24 @@ def agent_cli(config: Path, *args: str, timeout: float = INSTALL_TIMEOUT_S) -> s
     return done.stdout
 
 
+def plain_agent_env(workdir: Path) -> dict[str, str]:
+    """The environment that runs the agent as plain Python: a byte-compiled copy of its sources
+    without the modules setup.py compiled with mypyc, first on PYTHONPATH (before the install)."""
+    import compileall
+
+    import agent
+
+    root = workdir / "plain-src"
+    if not root.exists():
+        shutil.copytree(Path(agent.__file__).parent, root / "agent",
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        compileall.compile_dir(str(root / "agent"), quiet=1)
+    return {"PYTHONPATH": str(root)}
+
+
 def start_agent(workdir: Path, name: str, label: str, packages: list[Path],
-                runtime: dict[str, Any], sections: dict[str, dict[str, Any]] | None = None) -> Server:
+                runtime: dict[str, Any], sections: dict[str, dict[str, Any]] | None = None,
+                extra_env: dict[str, str] | None = None) -> Server:
     """Install the packages with the agent's CLI, then `outpost-agent run --config`."""
     directory = workdir / name
     directory.mkdir()
@@ -251,6 +269,6 @@ def start_agent(workdir: Path, name: str, label: str, packages: list[Path],
     for package in packages:
         agent_cli(config, "install", str(package))
     server = _spawn(label, [str(agent_bin()), "run", "--config", str(config)], socket,
-                    workdir / f"{name}.log")
+                    workdir / f"{name}.log", extra_env)
     server.config_path = config
     return server
