@@ -128,3 +128,43 @@ def test_config_providers_and_per_model_override() -> None:
 def test_config_refuses_bad_providers(runtime: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config({"runtime": runtime})
+
+
+def test_a_cpu_session_runs_past_the_wrapper_and_answers_as_it_does(tmp_path: Path) -> None:
+    import numpy as np
+
+    s = OrtSession(affine_package(tmp_path / "pkg") / "model.onnx", SessionOptions())
+    assert s._run != s._session.run  # onnxruntime's binding, called directly
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    wrapped = dict(zip(s.output_names, s._session.run(s.output_names, {"x": x}), strict=True))
+    for _ in range(2):  # the kept RunOptions serves every call
+        direct = s.run({"x": x})
+        assert direct.keys() == wrapped.keys()
+        for name, value in wrapped.items():
+            np.testing.assert_array_equal(direct[name], value)
+    with pytest.raises(Exception, match="nope"):  # a wrong input still fails, in onnxruntime
+        s.run({"nope": x})
+
+
+def test_without_the_binding_it_expects_the_session_uses_the_public_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    class Wrapper:  # an onnxruntime whose InferenceSession keeps no `_sess`
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.real = real(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "_sess":
+                raise AttributeError(name)
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(ort, "InferenceSession", Wrapper)
+    s = OrtSession(affine_package(tmp_path / "pkg") / "model.onnx", SessionOptions())
+    assert s._run == s._session.real.run
+    out = s.run({"x": np.ones((1, 4), np.float32)})
+    assert set(out) == set(s.output_names)
