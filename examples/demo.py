@@ -247,6 +247,11 @@ def one_client_latency(sock: str, row: np.ndarray, count: int = 2000) -> None:
             f"  (between requests the agent polled for the next one instead of sleeping: "
             f"server.busy_poll_us, window now {float(window.group(1)) * 1e6:.0f} µs)"
         )
+    compiled = json.loads(call(sock, "GET", "/v1/status")[2])["compiled"]
+    if compiled:
+        print(f"  (its request path runs compiled: {len(compiled)} modules built with mypyc at install)")
+    else:
+        print("  (its request path runs as plain Python: no C compiler at install; slower, same answers)")
 
 
 def switch_and_roll_back(sock: str, config: Path, v2: Path, body: bytes) -> None:

@@ -58,6 +58,7 @@ def in_process_us(
     from agent.monitor.capture import Capture
     from agent.monitor.service import Monitor
     from agent.package.manifest import TensorSpec
+    from agent.runtime.batcher import Batcher
     from agent.update.canary import CapturePolicy
 
     doc = _manifest(package)
@@ -77,7 +78,8 @@ def in_process_us(
         version=doc["version"],
         manifest=manifest,
         session=session,
-        batcher=SimpleNamespace(observer=None),
+        # A real Batcher (compiled code checks the type), used only for its observer hook.
+        batcher=Batcher(lambda inputs: {}, None, enabled=False, max_batch_rows=1),
         metrics=VersionMetrics(doc["name"], str(doc["version"])),
         monitor=None,
         cache=None,
