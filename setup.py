@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from setuptools import setup
@@ -44,19 +45,18 @@ def _warn(message: str) -> None:
 
 
 class _OptionalBuildExt(build_ext):
-    """A failed compile installs the plain-Python modules instead of failing the install."""
+    """A failed compile installs the plain-Python modules instead of failing the install.
+
+    All or nothing: each module's small extension loads mypyc's shared library, so one built
+    without the other would not import. What did build is removed."""
 
     def run(self) -> None:
         try:
             super().run()
         except Exception as exc:  # a missing compiler or Python headers: setuptools' own errors
+            for ext in self.extensions:
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             _warn(f"the compiled request path did not build ({exc})")
-
-    def build_extension(self, ext: Any) -> None:
-        try:
-            super().build_extension(ext)
-        except Exception as exc:
-            _warn(f"{ext.name} did not build ({exc})")
 
 
 def _ext_modules() -> list[Any]:
