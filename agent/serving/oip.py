@@ -127,7 +127,20 @@ def _json_array(data: Any, datatype: str, dtype: np.dtype[Any], name: str) -> np
             return np.array(data, dtype=dtype)
         except OverflowError:
             raise RequestError(f"input {name!r}: a value is outside the range of {datatype}") from None
-    return _cast_numbers(src, dtype, datatype, name)
+    return _cast_numbers(src, dtype, datatype, name, data)
+
+
+def _has_bool(data: list[Any]) -> bool:
+    """Whether (nested) data holds a JSON true or false: numpy reads [true, 1.5] as [1.0, 1.5]."""
+    stack: list[Any] = [data]
+    while stack:
+        items = stack.pop()
+        for item in items:
+            if item is True or item is False:
+                return True
+            if type(item) is list:
+                stack.append(item)
+    return False
 
 
 def _all_ints(data: list[Any]) -> bool:
@@ -141,13 +154,17 @@ def _all_ints(data: list[Any]) -> bool:
     return True
 
 
-def _cast_numbers(src: np.ndarray, dtype: np.dtype[Any], datatype: str, name: str) -> np.ndarray:
+def _cast_numbers(
+    src: np.ndarray, dtype: np.dtype[Any], datatype: str, name: str, data: list[Any]
+) -> np.ndarray:
     kind = src.dtype.kind
     if src.size == 0:
         return src.astype(dtype)
     if kind not in "iuf":
         what = {"b": "booleans", "U": "strings", "O": "nulls or mixed values"}.get(kind, kind)
         raise RequestError(f"input {name!r}: {datatype} data must be numbers, got {what}")
+    if kind != "b" and _has_bool(data):
+        raise RequestError(f"input {name!r}: {datatype} data must be numbers, got true or false among them")
     if dtype.kind in "iu":
         if kind == "f":
             raise RequestError(f"input {name!r}: {datatype} data must be integers")
@@ -323,6 +340,9 @@ def _plain_inputs(raw_inputs: list[Any], specs: Mapping[str, TensorSpec]) -> dic
             return None
         if src.ndim != 1 or src.dtype.kind not in "fi":  # nested, or not all numbers
             return None
+        for value in data:  # numpy reads [true, 1.5] as [1.0, 1.5]; the general path refuses it
+            if value is True or value is False:
+                return None
         dtype, limit = plain
         if limit is not None and count:
             # src holds only numbers (its kind), so Python's comparisons are as exact as numpy's.

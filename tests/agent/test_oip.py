@@ -462,6 +462,10 @@ KNOWN_BUGS = [
         {"inputs": [x_json(data=[1e300, 2.0]), n_json()]},
         id="fp32-out-of-range",
     ),
+    # numpy reads a boolean among numbers as a number: [true, 1.5] would be [1.0, 1.5].
+    pytest.param({"inputs": [x_json(data=[True, 1.5]), n_json()]}, id="bool-among-fp32"),
+    pytest.param({"inputs": [x_json(data=[[1.5, False]]), n_json()]}, id="bool-among-nested-fp32"),
+    pytest.param({"inputs": [x_json(), n_json([True, 2])]}, id="bool-among-int64"),
 ]
 
 
@@ -469,6 +473,19 @@ KNOWN_BUGS = [
 def test_values_of_the_wrong_json_type_are_refused(doc: dict[str, Any]) -> None:
     with pytest.raises(RequestError, match=r"'[xn]'"):
         decode(body_of(doc))
+
+
+@pytest.mark.parametrize("data", [[True, 1.5], [2.5, False], [1, True]])
+def test_the_plain_path_sends_a_boolean_among_numbers_the_general_way(data: list[Any]) -> None:
+    from agent.serving.oip import _plain_inputs
+
+    specs = {"x": TensorSpec("x", "FP32", (-1, 2))}
+    item = {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": data}
+    assert _plain_inputs([item], specs) is None
+    for fast in (True, False):
+        with pytest.raises(RequestError, match="true or false"):
+            decode_infer_request(orjson.dumps({"inputs": [item]}), None, specs, (), fast=fast)
+    assert _plain_inputs([{**item, "data": [1.0, 0.0]}], specs) is not None  # 1.0 and 0.0 are numbers
 
 
 def test_binary_bytes_shape_is_checked_against_the_body_before_allocating() -> None:
