@@ -163,7 +163,9 @@ def _cast_numbers(
     if kind not in "iuf":
         what = {"b": "booleans", "U": "strings", "O": "nulls or mixed values"}.get(kind, kind)
         raise RequestError(f"input {name!r}: {datatype} data must be numbers, got {what}")
-    if kind != "b" and _has_bool(data):
+    # A boolean among numbers became 0 or 1: only then is it worth walking the list (150,528
+    # values take ~0.4 ms compiled, ~4 ms as plain Python).
+    if kind != "b" and ((src == 0) | (src == 1)).any() and _has_bool(data):
         raise RequestError(f"input {name!r}: {datatype} data must be numbers, got true or false among them")
     if dtype.kind in "iu":
         if kind == "f":
