@@ -8,18 +8,20 @@ outpost-agent default MODEL VERSION|latest [--config FILE]
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from agent.errors import AgentError
+
+if TYPE_CHECKING:  # argparse is imported for every command but the daemon's (_daemon_config says why)
+    import argparse
 
 log = logging.getLogger("outpost-agent")
 
@@ -29,11 +31,33 @@ def _config(args: argparse.Namespace) -> AgentConfig:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    return _run(args.config)
+
+
+def _run(config: str) -> int:
     from agent import daemon, logs
 
-    cfg = _config(args)
+    cfg = load_config(Path(config))
     logs.setup(cfg.log_level)
     return daemon.run(cfg)
+
+
+def _daemon_config(argv: list[str]) -> str | None:
+    """The config file when `argv` is the daemon's own command line, as systemd gives it (`run`,
+    `run --config PATH`, `run --config=PATH`); None for anything else, which argparse parses.
+
+    The daemon runs for months: argparse and gettext would stay in its memory for one parse
+    (0.4 MB resident of the 75 MB it is held to, docs/benchmarks.md)."""
+    if not argv or argv[0] != "run":
+        return None
+    rest = argv[1:]
+    if not rest:
+        return str(DEFAULT_CONFIG_PATH)
+    if len(rest) == 2 and rest[0] == "--config" and rest[1] and not rest[1].startswith("-"):
+        return rest[1]
+    if len(rest) == 1 and rest[0].startswith("--config=") and len(rest[0]) > len("--config="):
+        return rest[0][len("--config=") :]
+    return None
 
 
 def _print_status(doc: dict[str, Any]) -> None:
@@ -159,23 +183,24 @@ def _cmd_default(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's help formatter without its `import shutil`, which would bring bz2 and lzma into the
-    daemon (about 0.5 MB of RSS it never uses): the same width, from COLUMNS or the terminal."""
-
-    def __init__(self, prog: str) -> None:
-        columns = 0
-        with contextlib.suppress(KeyError, ValueError):
-            columns = int(os.environ["COLUMNS"])
-        if columns <= 0:
-            try:
-                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-            except (AttributeError, ValueError, OSError):
-                columns = 80
-        super().__init__(prog, width=columns - 2)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    class _Formatter(argparse.HelpFormatter):
+        """argparse's help formatter without its `import shutil`, which brings bz2 and lzma: the
+        same width, from COLUMNS or the terminal."""
+
+        def __init__(self, prog: str) -> None:
+            columns = 0
+            with contextlib.suppress(KeyError, ValueError):
+                columns = int(os.environ["COLUMNS"])
+            if columns <= 0:
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+                except (AttributeError, ValueError, OSError):
+                    columns = 80
+            super().__init__(prog, width=columns - 2)
+
     parser = argparse.ArgumentParser(
         prog="outpost-agent", description="Outpost edge inference agent", formatter_class=_Formatter
     )
@@ -206,11 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "default" and args.version != "latest" and not args.version.isdigit():
-        print("outpost-agent: error: VERSION must be a number or 'latest'", file=sys.stderr)
-        return 2
+    argv = sys.argv[1:] if argv is None else argv
+    config = _daemon_config(argv)
     try:
+        if config is not None:
+            return _run(config)
+        args = build_parser().parse_args(argv)
+        if args.command == "default" and args.version != "latest" and not args.version.isdigit():
+            print("outpost-agent: error: VERSION must be a number or 'latest'", file=sys.stderr)
+            return 2
         code: int = args.func(args)
     except AgentError as exc:
         print(f"outpost-agent: error: {exc}", file=sys.stderr)

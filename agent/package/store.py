@@ -13,7 +13,6 @@ was written and fsynced, so a crash mid-install leaves no half version behind
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,10 @@ class InstalledVersion:
 
 
 def sha256_file(path: Path) -> str:
+    # Imported here: hashlib brings OpenSSL's digests (0.7 MB resident), and the serving daemon
+    # only reads installed manifests; installs (the CLI, the updater) hash.
+    import hashlib
+
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):

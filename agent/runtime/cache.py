@@ -22,7 +22,6 @@ Not thread-safe: every call happens on the event loop thread, as the rest of the
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -82,6 +81,10 @@ def _hash_objects(h: Any, arr: np.ndarray) -> None:
 def input_key(inputs: Mapping[str, np.ndarray]) -> bytes:
     """The cache key of a request's inputs (16 bytes): equal exactly when every input has the same
     name, dtype, shape and bytes."""
+    # Imported here, not with the module: hashlib brings OpenSSL's digests (0.7 MB resident), and
+    # the serving path loads this module whether or not a model has a cache.
+    import hashlib
+
     h = hashlib.blake2b(digest_size=_KEY_BYTES)
     for name in sorted(inputs) if len(inputs) > 1 else inputs:
         arr = inputs[name]
