@@ -502,7 +502,7 @@ def encode_infer_response(
                 v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)
             ]
         else:
-            entry["data"] = np.ascontiguousarray(arr).reshape(-1)
+            entry["data"] = arr.ravel()  # C-contiguous and flat, a view when it can be (orjson needs both)
         entries.append(entry)
     doc: dict[str, Any] = {
         "model_name": model_name,
