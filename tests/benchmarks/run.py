@@ -62,11 +62,11 @@ from tests.benchmarks.servers import (
     Unavailable,
     agent_cli,
     byte_compile_agent,
-    plain_agent_env,
     start_agent,
     start_peer,
     start_probe,
 )
+from tests.support.agentproc import plain_agent_env
 
 MB = 1024 * 1024
 ATOL = 1e-4

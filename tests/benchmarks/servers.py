@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -241,21 +240,6 @@ def agent_cli(config: Path, *args: str, timeout: float = INSTALL_TIMEOUT_S) -> s
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise Unavailable(f"outpost-agent {args[0]} exited {done.returncode}: {' | '.join(tail)}")
     return done.stdout
-
-
-def plain_agent_env(workdir: Path) -> dict[str, str]:
-    """The environment that runs the agent as plain Python: a byte-compiled copy of its sources
-    without the modules setup.py compiled with mypyc, first on PYTHONPATH (before the install)."""
-    import compileall
-
-    import agent
-
-    root = workdir / "plain-src"
-    if not root.exists():
-        shutil.copytree(Path(agent.__file__).parent, root / "agent",
-                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-        compileall.compile_dir(str(root / "agent"), quiet=1)
-    return {"PYTHONPATH": str(root)}
 
 
 def start_agent(workdir: Path, name: str, label: str, packages: list[Path],

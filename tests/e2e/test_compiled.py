@@ -12,7 +12,6 @@ import ast
 import importlib
 import importlib.machinery
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 
 from agent.buildinfo import compiled_modules, stale_extensions
 from tests.e2e.test_serving import ERROR_CASES, binary_request
-from tests.support.agentproc import AgentProcess, running_agent
+from tests.support.agentproc import AgentProcess, plain_agent_env, running_agent
 from tests.support.packages import affine_package, typed_package
 
 pytestmark = pytest.mark.e2e
@@ -86,10 +85,7 @@ def agents(
     tmp_path_factory: pytest.TempPathFactory, packages: dict[str, Path]
 ) -> Iterator[tuple[AgentProcess, AgentProcess]]:
     root = tmp_path_factory.mktemp("agents")
-    plain_src = root / "src"
-    shutil.copytree(REPO / "agent", plain_src / "agent", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    # PYTHONPATH comes before the editable install's finder: the copy's plain modules are imported.
-    plain_env = {"PYTHONPATH": str(plain_src)}
+    plain_env = plain_agent_env(root)
     with (
         running_agent(root / "compiled", packages["affine"], packages["typed"]) as compiled,
         running_agent(root / "plain", packages["affine"], packages["typed"], env=plain_env) as plain,

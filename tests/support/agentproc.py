@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,23 @@ class AgentProcess:
         return status, orjson.loads(data) if data else None
 
 
+def plain_agent_env(workdir: Path) -> dict[str, str]:
+    """The environment that runs the agent as plain Python: a byte-compiled copy of its sources
+    without the modules setup.py compiled with mypyc, first on PYTHONPATH (which comes before the
+    editable install's finder, so the copy's modules are the ones imported)."""
+    import compileall
+
+    import agent
+
+    root = workdir / "plain-src"
+    if not root.exists():
+        shutil.copytree(
+            Path(agent.__file__).parent, root / "agent", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+        )
+        compileall.compile_dir(str(root / "agent"), quiet=1)
+    return {"PYTHONPATH": str(root)}
+
+
 @contextlib.contextmanager
 def running_agent(root: Path, *packages: Path, **kwargs: Any) -> Iterator[AgentProcess]:
     agent = AgentProcess(root, **kwargs)
@@ -160,4 +178,4 @@ def running_agent(root: Path, *packages: Path, **kwargs: Any) -> Iterator[AgentP
         agent.kill()
 
 
-__all__ = ["AgentProcess", "running_agent", "write_config"]
+__all__ = ["AgentProcess", "plain_agent_env", "running_agent", "write_config"]
