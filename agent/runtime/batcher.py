@@ -210,7 +210,6 @@ class Batcher:
         The serving path uses this rather than futures: no future, no extra
         loop iteration between the run and the response.
         """
-        loop = asyncio.get_running_loop()
         self.last_used = time.monotonic()
         batchable = self.enabled and 0 < rows <= self.max_batch_rows
         key = _compat_key(inputs) if batchable and not self._uniform else ()
@@ -218,11 +217,14 @@ class Batcher:
         self._queue.append(_Item(inputs, rows if batchable else -1, ticket, key, size))
         self._queued_rows += size
         self.outstanding += 1
+        # The loop is looked up only where it is used: once per batch, not per request
+        # (asyncio.get_running_loop() makes a getpid system call each time).
         if self._executor is None:
             # Inline: run at the end of this loop iteration, so every request that
             # arrived in the same read burst (on any connection) shares one call.
             if not self._inline_scheduled:
                 self._inline_scheduled = True
+                loop = asyncio.get_running_loop()
                 if self.max_delay_s > 0 and batchable:
                     loop.call_later(self.max_delay_s, self._run_inline)
                 else:
@@ -230,7 +232,7 @@ class Batcher:
         elif self._inflight < self.max_inflight:
             if self.max_delay_s > 0 and batchable and self._queued_rows < self.max_batch_rows:
                 if self._timer is None:
-                    self._timer = loop.call_later(self.max_delay_s, self._on_timer)
+                    self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self._on_timer)
             else:
                 self._dispatch()
 

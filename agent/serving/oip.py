@@ -294,29 +294,39 @@ def _decode_input(
 # memory in one call, about a sixth of what numpy's inference from the list, its cast and a
 # range check cost; it refuses what is not a number, and for FP32 a value that would round to
 # inf (as _FLOAT_OVERFLOW's threshold does).
-_PLAIN_DATATYPES: dict[str, tuple[np.dtype[Any], str]] = {
-    "FP32": (np.dtype(np.float32), "f"),
-    "FP64": (np.dtype(np.float64), "d"),
+class _Plain:
+    """A datatype of the plain path: its numpy dtype, struct code and packers by value count."""
+
+    def __init__(self, dtype: np.dtype[Any], code: str) -> None:
+        self.dtype = dtype
+        self.code = code
+        self.packers: dict[int, struct.Struct] = {}
+
+    def packer(self, count: int) -> struct.Struct:
+        packer = self.packers.get(count)
+        if packer is None:
+            if len(self.packers) >= 256:  # the shapes of a few models; bounded all the same
+                self.packers.clear()
+            packer = self.packers[count] = struct.Struct(f"={count}{self.code}")
+        return packer
+
+
+_PLAIN_DATATYPES: dict[str, _Plain] = {
+    "FP32": _Plain(np.dtype(np.float32), "f"),
+    "FP64": _Plain(np.dtype(np.float64), "d"),
 }
 # Integers up to 2**53 are exact as doubles, so packing them rounds once, as numpy's cast does;
 # larger ones go the general way.
 _EXACT_INT = 2**53
 # Longer data goes the general way too: struct would take every value as an argument.
 _PLAIN_MAX_VALUES = 4096
-_packers: dict[tuple[str, int], struct.Struct] = {}
 
 
-def _packer(code: str, count: int) -> struct.Struct:
-    packer = _packers.get((code, count))
-    if packer is None:
-        if len(_packers) >= 256:  # the shapes of a few models; bounded all the same
-            _packers.clear()
-        packer = _packers[(code, count)] = struct.Struct(f"={count}{code}")
-    return packer
-
-
-def _plain_inputs(raw_inputs: list[Any], specs: Mapping[str, TensorSpec]) -> dict[str, np.ndarray] | None:
-    """The inputs of the commonest request, decoded in fewer steps; None: use the general path.
+def _plain_inputs(
+    raw_inputs: list[Any], specs: Mapping[str, TensorSpec]
+) -> tuple[dict[str, np.ndarray], int] | None:
+    """The inputs of the commonest request, decoded in fewer steps, and their rows (as
+    `_batch_rows` gives them); None: use the general path.
 
     The commonest request gives every input of the model once, as an object of exactly `name`,
     `datatype`, `shape` and flat `data`, with a floating-point datatype (a tabular row, an image).
@@ -329,6 +339,7 @@ def _plain_inputs(raw_inputs: list[Any], specs: Mapping[str, TensorSpec]) -> dic
     if len(raw_inputs) != len(specs):
         return None
     arrays: dict[str, np.ndarray] = {}
+    rows = -2  # none seen yet
     for item in raw_inputs:
         if type(item) is not dict or len(item) != 4:
             return None
@@ -343,11 +354,14 @@ def _plain_inputs(raw_inputs: list[Any], specs: Mapping[str, TensorSpec]) -> dic
         data = item.get("data")
         if plain is None or type(shape) is not list or type(data) is not list:
             return None
-        if len(shape) != len(spec.shape):
+        want = spec.shape
+        rank = len(shape)
+        if rank != len(want):
             return None
         count = 1
-        for got, want in zip(shape, spec.shape, strict=True):
-            if type(got) is not int or not 0 <= got <= MAX_DIM or (want >= 0 and got != want):
+        for k in range(rank):
+            got = shape[k]
+            if type(got) is not int or not 0 <= got <= MAX_DIM or (want[k] >= 0 and got != want[k]):
                 return None
             count *= got
         if len(data) != count or count > _PLAIN_MAX_VALUES:
@@ -357,14 +371,20 @@ def _plain_inputs(raw_inputs: list[Any], specs: Mapping[str, TensorSpec]) -> dic
             # Exactly float, or int in the exact range: not bool (an int), str, None or a list.
             if kind is not float and (kind is not int or not -_EXACT_INT <= value <= _EXACT_INT):
                 return None
-        dtype, code = plain
-        arr = np.empty(count, dtype)
+        # The array in its final shape, the numbers packed straight into its memory.
+        arr = np.empty(tuple(shape), plain.dtype)
         try:
-            _packer(code, count).pack_into(arr.data, 0, *data)
+            # The array itself as the buffer (numpy's stubs do not declare it one before 3.12).
+            plain.packer(count).pack_into(arr, 0, *data)  # type: ignore[arg-type]
         except OverflowError:  # too large for FP32: the general path says so
             return None
-        arrays[name] = arr.reshape(tuple(shape))
-    return arrays
+        arrays[name] = arr
+        first = -1 if rank == 0 else shape[0]
+        if rows == -2:
+            rows = first
+        elif rows != first:
+            rows = -1  # a scalar, or inputs that disagree on the first dimension: not batchable
+    return arrays, rows
 
 
 def _requested_outputs(
@@ -432,11 +452,12 @@ def decode_infer_request(
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise RequestError("inputs must be a non-empty list")
 
-    specs = inputs if isinstance(inputs, Mapping) else {s.name: s for s in inputs}
+    # dict first: the server's, found at once (a check against the ABC alone costs ~0.1 µs).
+    specs = inputs if isinstance(inputs, (dict, Mapping)) else {s.name: s for s in inputs}
     if header_length is None and fast and (len(doc) == 1 or (len(doc) == 2 and "id" in doc)):
         plain = _plain_inputs(raw_inputs, specs)
         if plain is not None:
-            return InferRequest(req_id, _NO_PARAMETERS, plain, None, False, _batch_rows(plain))
+            return InferRequest(req_id, _NO_PARAMETERS, plain[0], None, False, plain[1])
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for i, item in enumerate(raw_inputs):

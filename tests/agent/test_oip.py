@@ -475,6 +475,34 @@ def test_values_of_the_wrong_json_type_are_refused(doc: dict[str, Any]) -> None:
         decode(body_of(doc))
 
 
+@pytest.mark.parametrize(
+    ("inputs", "rows"),
+    [
+        ([("s", [], [1.5])], -1),  # a scalar: nothing to batch along
+        ([("s", [], [1.5]), ("x", [2, 2], [1.0, 2.0, 3.0, 4.0])], -1),
+        ([("x", [2, 2], [1.0, 2.0, 3.0, 4.0]), ("s", [], [1.5])], -1),
+        ([("x", [2, 2], [1.0, 2.0, 3.0, 4.0]), ("z", [3], [1.0, 2.0, 3.0])], -1),  # rows disagree
+        ([("z", [0], []), ("x", [0, 2], [])], 0),
+        ([("z", [3], [1.0, 2.0, 3.0]), ("x", [3, 2], [0.0] * 6)], 3),
+    ],
+)
+def test_the_plain_path_gives_the_rows_the_general_one_does(
+    inputs: list[tuple[str, list[int], list[float]]], rows: int
+) -> None:
+    from agent.serving.oip import _plain_inputs
+
+    specs = {**PLAIN_INPUTS, "s": TensorSpec("s", "FP32", ())}
+    specs = {name: specs[name] for name, _, _ in inputs}
+    items = [
+        {"name": n, "datatype": specs[n].datatype, "shape": shape, "data": data} for n, shape, data in inputs
+    ]
+    taken = _plain_inputs(items, specs)
+    assert taken is not None and taken[1] == rows
+    body = orjson.dumps({"inputs": items})
+    assert decode_infer_request(body, None, specs, (), fast=False).rows == rows
+    assert decode_infer_request(body, None, specs, ()).rows == rows
+
+
 @pytest.mark.parametrize("data", [[True, 1.5], [2.5, False], [1, True]])
 def test_the_plain_path_sends_a_boolean_among_numbers_the_general_way(data: list[Any]) -> None:
     from agent.serving.oip import _plain_inputs
@@ -1049,8 +1077,10 @@ def test_plain_path_is_taken_for_the_commonest_request() -> None:
             {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [0.5, 1.0, -2.0, 3.0]},
         ],
     }
-    plain = _plain_inputs(doc["inputs"], PLAIN_INPUTS)
-    assert plain is not None
+    taken = _plain_inputs(doc["inputs"], PLAIN_INPUTS)
+    assert taken is not None
+    plain, rows = taken
+    assert rows == 2
     assert plain["x"].flags.writeable and plain["x"].dtype == np.float32 and plain["x"].shape == (2, 2)
     r = decode_infer_request(orjson.dumps(doc), None, PLAIN_INPUTS, OUTPUTS)
     assert r.id == "r1" and r.rows == 2 and r.outputs is None and not r.binary_output
