@@ -181,9 +181,11 @@ class LoadedVersion:
     # version's answers only, gone with the version.
     cache: ResponseCache | None = None
 
-    @property
-    def version_str(self) -> str:
-        return str(self.version)
+    # The version as every response writes it: made once, not per request.
+    version_str: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.version_str = str(self.version)
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:
         return {

@@ -32,7 +32,6 @@ not read, so probation judges the model itself. Requests whose `parameters` hold
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import time
@@ -264,7 +263,7 @@ class App:
         # Prediction ids: a random per-boot prefix and a counter, unique across
         # restarts without the cost of a uuid per request.
         self.id_prefix = os.urandom(4).hex() + "-"
-        self._ids = itertools.count(1)
+        self._seq = 0  # the last id's counter
         self._infer_paths: dict[str, tuple[str, str | None]] = {}
         metrics.collectors.append(self._cache_metrics)
         # Cache hits of this loop iteration, answered together at its end (_answer_hits).
@@ -456,16 +455,16 @@ class App:
         if caches:
             yield from metric_families(caches)
 
-    def next_id(self) -> str:
-        return f"{self.id_prefix}{next(self._ids):x}"
-
     def _prediction_id(self, parsed: InferRequest) -> tuple[str, int]:
         """The response's `id`: the request's (and -1), or the next of the agent's own and its
         counter. The monitor files predictions by the id, the agent's own by their counter."""
         if parsed.id is not None:
             return parsed.id, -1
-        seq = next(self._ids)
-        return f"{self.id_prefix}{seq:x}", seq
+        # A native counter and %-formatting: next() on itertools.count and an f-string's
+        # format spec cost twice as much, once per request.
+        self._seq += 1
+        seq = self._seq
+        return self.id_prefix + "%x" % seq, seq  # noqa: UP031 (the fastest of the three)
 
     # -- Outpost additions --------------------------------------------------------------------
 

@@ -255,7 +255,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_message = True
-        self._message_started = time.monotonic()
+        self._message_started = self._last_activity  # data_received's clock: the parser calls from it
         self._url.clear()
         self._headers = {}
         self._header_bytes = 0
