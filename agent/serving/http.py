@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import httptools
 import orjson
@@ -34,6 +34,8 @@ import orjson
 from agent.serving.busypoll import BusyPoll
 
 log = logging.getLogger(__name__)
+# Bound once (Final: a C static when compiled): `time.monotonic()` looks the attribute up per call.
+_monotonic: Final = time.monotonic
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -231,7 +233,7 @@ class HttpProtocol(asyncio.Protocol):
             if self._lingering_since and time.monotonic() - self._lingering_since > LINGER_S:
                 self.close()
             return
-        now = self._last_activity = time.monotonic()
+        now = self._last_activity = _monotonic()
         poll = self._state.poll
         if poll is not None:
             poll.arrived(now)

@@ -16,7 +16,7 @@ import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import orjson
@@ -24,6 +24,11 @@ import orjson
 from agent.errors import RequestError
 from agent.package.manifest import TensorSpec
 from agent.serving.datatypes import from_numpy, numpy_dtype
+
+# Bound once (Final: a C static when compiled): `np.empty(...)` looks the attribute up per call.
+_empty: Final = np.empty
+_loads: Final = orjson.loads
+_dumps: Final = orjson.dumps
 
 _NUMPY_OPT = orjson.OPT_SERIALIZE_NUMPY
 _U32 = struct.Struct("<I")
@@ -372,7 +377,7 @@ def _plain_inputs(
             if kind is not float and (kind is not int or not -_EXACT_INT <= value <= _EXACT_INT):
                 return None
         # The array in its final shape, the numbers packed straight into its memory.
-        arr = np.empty(tuple(shape), plain.dtype)
+        arr = _empty(tuple(shape), plain.dtype)
         try:
             # The array itself as the buffer (numpy's stubs do not declare it one before 3.12).
             plain.packer(count).pack_into(arr, 0, *data)  # type: ignore[arg-type]
@@ -438,7 +443,7 @@ def decode_infer_request(
         json_part = view[:header_length]
         binary = view[header_length:]
     try:
-        doc = orjson.loads(json_part)
+        doc = _loads(json_part)
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -533,7 +538,7 @@ def encode_infer_response(
     }
     if parameters:
         doc["parameters"] = parameters
-    head = orjson.dumps(doc, option=_NUMPY_OPT)
+    head = _dumps(doc, option=_NUMPY_OPT)
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
