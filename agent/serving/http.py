@@ -40,6 +40,7 @@ _monotonic: Final = time.monotonic
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_S = 2.0  # how long a refused client may go on sending before we hang up
+_JSON = b"application/json"
 
 
 class Request:
@@ -63,7 +64,7 @@ class Response:
         self,
         status: int,
         body: bytes = b"",
-        content_type: bytes = b"application/json",
+        content_type: bytes = _JSON,
         extra: list[tuple[bytes, bytes]] | None = None,
         close: bool = False,
     ) -> None:
@@ -113,7 +114,13 @@ class Deferred:
 Handler = Callable[[Request], "Response | Deferred | Awaitable[Response]"]
 
 
+# The head of nearly every answer, made with one format instead of a list of parts.
+_OK_JSON_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+
+
 def render_head(resp: Response, keep_alive: bool, body_len: int) -> bytes:
+    if resp.status == 200 and keep_alive and not resp.extra and resp.content_type == _JSON:
+        return _OK_JSON_HEAD % body_len
     parts = [
         b"HTTP/1.1 %d %s\r\n" % (resp.status, _REASONS.get(resp.status, b"Unknown")),
         b"content-type: %s\r\ncontent-length: %d\r\n" % (resp.content_type, body_len),

@@ -598,3 +598,22 @@ def test_lingering_close_drops_the_rest_of_a_refused_body(sock_path: Path) -> No
             assert await read_eof(reader) == b""
 
     run(main())
+
+
+def test_response_heads_the_short_way_and_the_general_way() -> None:
+    from agent.serving.http import Response, render_head
+
+    # A 200 with a JSON body on a kept connection: the one-format head.
+    assert render_head(Response(200, b"{}"), True, 2) == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+    )
+    # Anything else goes the general way, which writes the same lines and what differs.
+    assert render_head(Response(200, b"{}"), False, 2) == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
+    )
+    binary = Response(200, b"xy", b"application/octet-stream", [(b"inference-header-content-length", b"1")])
+    assert render_head(binary, True, 2) == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 2\r\n"
+        b"inference-header-content-length: 1\r\n\r\n"
+    )
+    assert render_head(Response(404, b"{}"), True, 2).startswith(b"HTTP/1.1 404 Not Found\r\n")
