@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -505,31 +505,65 @@ def encode_infer_response(
     parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """Encode a response. Returns (body, json header length or None when all JSON)."""
-    wanted: Iterable[tuple[str, bool]] = (
-        ((name, binary_output) for name in results)
-        if requested is None
-        else ((out.name, out.binary) for out in requested)
-    )
     entries: list[dict[str, Any]] = []
+    if requested is None and not binary_output:
+        # The commonest answer, every output as JSON: no list of what is wanted to build first.
+        for out_name, arr in results.items():
+            entries.append(_json_entry(out_name, arr))
+        doc = _response_doc(model_name, model_version, request_id, entries, parameters)
+        return _dumps(doc, option=_NUMPY_OPT), None
+    wanted = (
+        [(name, binary_output) for name in results]
+        if requested is None
+        else [(out.name, out.binary) for out in requested]
+    )
     blobs: list[bytes] = []
     for out_name, out_binary in wanted:
         arr = results[out_name]
+        if not out_binary:
+            entries.append(_json_entry(out_name, arr))
+            continue
         datatype = from_numpy(arr.dtype)
-        entry: dict[str, Any] = {"name": out_name, "datatype": datatype, "shape": list(arr.shape)}
-        if out_binary:
-            if datatype == "BYTES":
-                raw = _encode_bytes_elements(arr)
-            else:
-                raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        elif datatype == "BYTES":
-            entry["data"] = [
-                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)
-            ]
+        if datatype == "BYTES":
+            raw = _encode_bytes_elements(arr)
         else:
-            entry["data"] = arr.ravel()  # C-contiguous and flat, a view when it can be (orjson needs both)
-        entries.append(entry)
+            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        entries.append(
+            {
+                "name": out_name,
+                "datatype": datatype,
+                "shape": arr.shape,
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        )
+        blobs.append(raw)
+    head = _dumps(
+        _response_doc(model_name, model_version, request_id, entries, parameters), option=_NUMPY_OPT
+    )
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
+
+
+def _json_entry(name: str, arr: np.ndarray) -> dict[str, Any]:
+    """One output in JSON; orjson writes the shape tuple as an array."""
+    datatype = from_numpy(arr.dtype)
+    if datatype == "BYTES":
+        data: Any = [
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)
+        ]
+    else:
+        data = arr.ravel()  # C-contiguous and flat, a view when it can be (orjson needs both)
+    return {"name": name, "datatype": datatype, "shape": arr.shape, "data": data}
+
+
+def _response_doc(
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    entries: list[dict[str, Any]],
+    parameters: dict[str, Any] | None,
+) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "model_name": model_name,
         "model_version": model_version,
@@ -538,7 +572,4 @@ def encode_infer_response(
     }
     if parameters:
         doc["parameters"] = parameters
-    head = _dumps(doc, option=_NUMPY_OPT)
-    if not blobs:
-        return head, None
-    return b"".join([head, *blobs]), len(head)
+    return doc
