@@ -19,7 +19,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 import numpy as np
@@ -55,13 +54,25 @@ BatchObserver = Callable[
 ]
 
 
-@dataclass(slots=True)
 class _Item:
-    inputs: Mapping[str, np.ndarray]
-    rows: int  # rows in the batch dimension; -1 when this request must run alone
-    ticket: Ticket
-    key: tuple[object, ...] = field(default=())
-    size: int = 1  # rows it carries, for accounting and metrics, batchable or not
+    """One queued request. A plain class: compiled, a dataclass's generated __init__ stays
+    interpreted, and one is made per request."""
+
+    __slots__ = ("inputs", "key", "rows", "size", "ticket")
+
+    def __init__(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        ticket: Ticket,
+        key: tuple[object, ...] = (),
+        size: int = 1,
+    ) -> None:
+        self.inputs = inputs
+        self.rows = rows  # rows in the batch dimension; -1 when this request must run alone
+        self.ticket = ticket
+        self.key = key
+        self.size = size  # rows it carries, for accounting and metrics, batchable or not
 
 
 class Ticket(Protocol):

@@ -40,14 +40,27 @@ class RequestedOutput:
     binary: bool
 
 
-@dataclass(slots=True)
 class InferRequest:
-    id: str | None
-    parameters: dict[str, Any]
-    inputs: dict[str, np.ndarray]
-    outputs: list[RequestedOutput] | None  # None: every output, in signature order
-    binary_output: bool  # request-level default for outputs not listed
-    rows: int  # size of the first dimension shared by every input (the batch)
+    """A decoded inference request. A plain class: compiled, a dataclass's generated
+    __init__ stays interpreted, and one is made per request."""
+
+    __slots__ = ("binary_output", "id", "inputs", "outputs", "parameters", "rows")
+
+    def __init__(
+        self,
+        id: str | None,
+        parameters: dict[str, Any],
+        inputs: dict[str, np.ndarray],
+        outputs: list[RequestedOutput] | None,
+        binary_output: bool,
+        rows: int,
+    ) -> None:
+        self.id = id
+        self.parameters = parameters
+        self.inputs = inputs
+        self.outputs = outputs  # None: every output, in signature order
+        self.binary_output = binary_output  # request-level default for outputs not listed
+        self.rows = rows  # size of the first dimension shared by every input (the batch)
 
 
 _NO_PARAMETERS: dict[str, Any] = {}
