@@ -256,6 +256,9 @@ class ModelRegistry:
         self._executor = executor
         self._metrics = metrics
         self._models: dict[str, _Model] = {}
+        # Each model's default version, kept with every change of it (`_recompute`): the serving
+        # path reads it with one dict look-up rather than a call to get().
+        self.defaults: dict[str, LoadedVersion] = {}
 
     # -- loading (blocking; call from a worker thread) --------------------------------------
 
@@ -313,10 +316,17 @@ class ModelRegistry:
             model.pinned = model.default.version
         model.versions[lv.version] = lv
         model.failed.pop(lv.version, None)
-        model.recompute()
+        self._recompute(lv.name, model)
         self._metrics.models_ready = self.ready_count()
         if self._on_add is not None:
             self._on_add(lv)
+
+    def _recompute(self, name: str, model: _Model) -> None:
+        model.recompute()
+        if model.default is None:
+            self.defaults.pop(name, None)
+        else:
+            self.defaults[name] = model.default
 
     def record_failure(self, name: str, version: int, reason: str) -> None:
         self._models.setdefault(name, _Model()).failed[version] = reason
@@ -326,7 +336,7 @@ class ModelRegistry:
         if model is None:
             return None
         lv = model.versions.pop(version, None)
-        model.recompute()
+        self._recompute(name, model)
         self._metrics.models_ready = self.ready_count()
         route = self.experiments.get(name)
         if route is not None and lv is not None and (route.arm is lv or model.default is None):
@@ -354,7 +364,7 @@ class ModelRegistry:
         if version is not None and version not in model.versions:
             raise NotFound(f"model {name!r} has no loaded version {version}")
         model.pinned = version
-        model.recompute()
+        self._recompute(name, model)
         assert model.default is not None
         log.info(
             "model %s: default version is now %d%s",

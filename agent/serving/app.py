@@ -86,12 +86,12 @@ def _runtime_status(exc: BaseException) -> tuple[int, str]:
     return 500, f"inference failed: {text}"
 
 
-class _InferTicket:
-    """Carries one inference from the batcher back to its connection, encoding the answer."""
+class _InferTicket(Deferred):
+    """Carries one inference from the batcher back to its connection, encoding the answer; it is
+    itself the Deferred the connection waits on (one object per request rather than two)."""
 
     __slots__ = (
         "cache_key",
-        "deferred",
         "lv",
         "parsed",
         "prediction_id",
@@ -109,22 +109,18 @@ class _InferTicket:
         shadow: ExperimentRoute | None = None,
         cache_key: bytes | None = None,
     ) -> None:
+        super().__init__()
         self.lv = lv
         self.parsed = parsed
         self.started = started
         self.shadow = shadow  # a shadow experiment that may get a copy once this is answered
         self.cache_key = cache_key  # the answer goes into lv.cache under this key
-        self.deferred = Deferred()
         # The response's `id` and the agent's counter for it (-1 when the request chose the id):
         # the monitor files predictions by them (App._prediction_id).
         self.prediction_id, self.prediction_seq = prediction
 
-    @property
-    def cancelled(self) -> bool:
-        return self.deferred.cancelled
-
     def deliver(self, outcome: Tensors | BaseException) -> None:
-        self.deferred.resolve(self._respond(outcome))
+        self.resolve(self._respond(outcome))
         route = self.shadow
         if route is not None and not isinstance(outcome, BaseException) and route.shadow_wanted():
             # After the answer: the copy runs on the candidate's batcher, its result only compared.
@@ -364,7 +360,9 @@ class App:
         for what fails at once; otherwise returns the Deferred the answer will resolve (a 200
         Response, or an error Response when the model fails). On the loop thread only.
         """
-        lv = self.registry.get(name, version)
+        lv = self.registry.defaults.get(name) if version is None else None
+        if lv is None:
+            lv = self.registry.get(name, version)  # a version asked for, or the error to raise
         started = _perf_counter()
         try:
             parsed = decode_infer_request(
@@ -400,7 +398,7 @@ class App:
                 cache.bypassed += 1
         ticket = _InferTicket(lv, parsed, started, self._prediction_id(parsed), shadow, key)
         lv.batcher.submit_ticket(parsed.inputs, parsed.rows, ticket)
-        return ticket.deferred
+        return ticket
 
     def _answer_cached(
         self, lv: LoadedVersion, parsed: InferRequest, outputs: Tensors, started: float

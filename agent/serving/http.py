@@ -92,16 +92,21 @@ class Deferred:
     iteration. `cancelled` turns true when the client has gone.
     """
 
-    __slots__ = ("_on_ready", "cancelled", "response")
+    __slots__ = ("_conn", "_on_ready", "cancelled", "response")
 
     def __init__(self) -> None:
         self.response: Response | None = None
         self.cancelled = False
         self._on_ready: Callable[[], None] | None = None
+        # The connection that writes the answer: called directly, with no bound method made
+        # per request (other callers, MQTT's, use when_ready).
+        self._conn: HttpProtocol | None = None
 
     def resolve(self, response: Response) -> None:
         self.response = response
-        if self._on_ready is not None:
+        if self._conn is not None:
+            self._conn._flush()
+        elif self._on_ready is not None:
             self._on_ready()
 
     def when_ready(self, callback: Callable[[], None]) -> None:
@@ -334,7 +339,7 @@ class HttpProtocol(asyncio.Protocol):
             pending.response = result
         elif isinstance(result, Deferred):
             pending.deferred = result
-            result._on_ready = self._flush
+            result._conn = self
             if result.response is None:
                 # Nothing to write yet; resolve() flushes. Skipping the call here
                 # matters: it is once per request on the hot path.

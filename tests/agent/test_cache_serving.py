@@ -47,6 +47,7 @@ class Registry:
         self.default = default
         self.by_version = {lv.version: lv for lv in (default, *others)}
         self.experiments: dict[str, ExperimentRoute] = {}
+        self.defaults = {"m": default}  # what the serving path reads before calling get()
 
     def get(self, name: str, v: str | None = None) -> Any:
         return self.default if v is None else self.by_version[int(v)]

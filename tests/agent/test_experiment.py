@@ -162,7 +162,7 @@ def test_clients_that_hang_up_on_the_candidate_do_not_stop_the_shadow_copies() -
             parsed = InferRequest(None, {}, {"x": np.ones((1, 2))}, None, False, 1)
             ticket = _InferTicket(arm, parsed, 0.0, (f"ab-{seq:x}", seq))
             batcher.submit_ticket(parsed.inputs, 1, ticket)
-            ticket.deferred.cancelled = True
+            ticket.cancelled = True
         await asyncio.sleep(0.01)
         return ExperimentRoute("shadow", arm, "salt", sample=100)
 
