@@ -519,43 +519,51 @@ def encode_infer_response(
 ) -> tuple[bytes, int | None]:
     """Encode a response. Returns (body, json header length or None when all JSON)."""
     entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
     if requested is None and not binary_output:
         # The commonest answer, every output as JSON: no list of what is wanted to build first.
         for out_name, arr in results.items():
             entries.append(_json_entry(out_name, arr))
-        doc = _response_doc(model_name, model_version, request_id, entries, parameters)
-        return _dumps(doc, option=_NUMPY_OPT), None
-    wanted = (
-        [(name, binary_output) for name in results]
-        if requested is None
-        else [(out.name, out.binary) for out in requested]
-    )
-    blobs: list[bytes] = []
-    for out_name, out_binary in wanted:
-        arr = results[out_name]
-        if not out_binary:
-            entries.append(_json_entry(out_name, arr))
-            continue
-        datatype = from_numpy(arr.dtype)
-        if datatype == "BYTES":
-            raw = _encode_bytes_elements(arr)
-        else:
-            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-        entries.append(
-            {
-                "name": out_name,
-                "datatype": datatype,
-                "shape": arr.shape,
-                "parameters": {"binary_data_size": len(raw)},
-            }
+    else:
+        wanted = (
+            [(name, binary_output) for name in results]
+            if requested is None
+            else [(out.name, out.binary) for out in requested]
         )
-        blobs.append(raw)
-    head = _dumps(
-        _response_doc(model_name, model_version, request_id, entries, parameters), option=_NUMPY_OPT
-    )
+        for out_name, out_binary in wanted:
+            arr = results[out_name]
+            if out_binary:
+                entries.append(_binary_entry(out_name, arr, blobs))
+            else:
+                entries.append(_json_entry(out_name, arr))
+    doc: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "id": request_id,
+        "outputs": entries,
+    }
+    if parameters:
+        doc["parameters"] = parameters
+    head = _dumps(doc, option=_NUMPY_OPT)
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
+
+
+def _binary_entry(name: str, arr: np.ndarray, blobs: list[bytes]) -> dict[str, Any]:
+    """One output in the binary encoding: its bytes go onto `blobs`, the entry says how many."""
+    datatype = from_numpy(arr.dtype)
+    if datatype == "BYTES":
+        raw = _encode_bytes_elements(arr)
+    else:
+        raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+    blobs.append(raw)
+    return {
+        "name": name,
+        "datatype": datatype,
+        "shape": arr.shape,
+        "parameters": {"binary_data_size": len(raw)},
+    }
 
 
 def _json_entry(name: str, arr: np.ndarray) -> dict[str, Any]:
@@ -568,21 +576,3 @@ def _json_entry(name: str, arr: np.ndarray) -> dict[str, Any]:
     else:
         data = arr.ravel()  # C-contiguous and flat, a view when it can be (orjson needs both)
     return {"name": name, "datatype": datatype, "shape": arr.shape, "data": data}
-
-
-def _response_doc(
-    model_name: str,
-    model_version: str,
-    request_id: str,
-    entries: list[dict[str, Any]],
-    parameters: dict[str, Any] | None,
-) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "model_name": model_name,
-        "model_version": model_version,
-        "id": request_id,
-        "outputs": entries,
-    }
-    if parameters:
-        doc["parameters"] = parameters
-    return doc
