@@ -75,8 +75,22 @@ class _Item:
         self.size = size  # rows it carries, for accounting and metrics, batchable or not
 
 
+class BatchOutputs:
+    """The outputs of a batch that ran as one onnxruntime call, handed to each of its tickets with
+    where the ticket's rows start in them. `rendered` keeps what the serving layer works out once
+    per batch instead of once per answer (agent.serving.oip.JsonRows: every row's JSON text)."""
+
+    __slots__ = ("arrays", "rendered")
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.arrays = arrays
+        self.rendered: object = None
+
+
 class Ticket(Protocol):
-    """Who waits for one request's outcome. `deliver` is called once, on the loop thread."""
+    """Who waits for one request's outcome. `deliver` is called once, on the loop thread: with the
+    batch's outputs and the first of the request's rows in them when the request shared a call
+    (its outcome is then those rows), else with None."""
 
     @property
     def cancelled(self) -> bool: ...
@@ -87,7 +101,7 @@ class Ticket(Protocol):
     @property
     def prediction_seq(self) -> int: ...  # the counter of an id the agent made, else -1
 
-    def deliver(self, outcome: Tensors | BaseException) -> None: ...
+    def deliver(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> None: ...
 
 
 class FutureTicket:
@@ -104,7 +118,7 @@ class FutureTicket:
     def cancelled(self) -> bool:
         return self.future.cancelled()
 
-    def deliver(self, outcome: Tensors | BaseException) -> None:
+    def deliver(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> None:
         if self.future.cancelled():
             return
         if isinstance(outcome, BaseException):
@@ -328,9 +342,14 @@ class Batcher:
         self, items: list[_Item], outcomes: list[Tensors | BaseException], arrays: BatchArrays | None
     ) -> None:
         self.outstanding -= len(items)
+        # One call's outputs, shared by its requests (each gets them with where its rows start):
+        # what is worked out from them once serves every answer.
+        shared = BatchOutputs(arrays[1]) if arrays is not None and len(items) > 1 else None
+        start = 0
         for item, outcome in zip(items, outcomes, strict=True):
             if not item.ticket.cancelled:
-                item.ticket.deliver(outcome)
+                item.ticket.deliver(outcome, shared, start)
+            start += item.rows
         observer = self.observer
         if observer is not None:  # after the answers: watching never delays them
             try:

@@ -44,10 +44,11 @@ import orjson
 from agent import __version__
 from agent.errors import AgentError, NotFound, RequestError
 from agent.metrics import Metrics
-from agent.runtime.batcher import BatchArrays, Tensors
+from agent.runtime.batcher import BatchArrays, BatchOutputs, Tensors
 from agent.runtime.cache import ResponseCache, input_key, metric_families
 from agent.runtime.registry import LoadedVersion, ModelRegistry
 from agent.serving.http import Deferred, Request, Response, error_response, json_response
+from agent.serving.jsonrows import JsonRows
 from agent.serving.oip import InferRequest, decode_infer_request, encode_infer_response
 
 if TYPE_CHECKING:  # experiments are imported when one starts (agent.update.runner)
@@ -119,8 +120,8 @@ class _InferTicket(Deferred):
         # the monitor files predictions by them (App._prediction_id).
         self.prediction_id, self.prediction_seq = prediction
 
-    def deliver(self, outcome: Tensors | BaseException) -> None:
-        self.resolve(self._respond(outcome))
+    def deliver(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> None:
+        self.resolve(self._respond(outcome, batch, start))
         route = self.shadow
         if route is not None and not isinstance(outcome, BaseException) and route.shadow_wanted():
             # After the answer: the copy runs on the candidate's batcher, its result only compared.
@@ -128,7 +129,7 @@ class _InferTicket(Deferred):
             shadow = _ShadowTicket(arm, outcome, self.prediction_id + SHADOW_ID_SUFFIX)
             arm.batcher.submit_ticket(self.parsed.inputs, self.parsed.rows, shadow)
 
-    def _respond(self, outcome: Tensors | BaseException) -> Response:
+    def _respond(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> Response:
         lv = self.lv
         vm = lv.metrics
         if isinstance(outcome, BaseException):
@@ -144,9 +145,18 @@ class _InferTicket(Deferred):
             return error_response(status, message)
         parsed = self.parsed
         try:
-            body, header_len = encode_infer_response(
-                lv.name, lv.version_str, self.prediction_id, outcome, parsed.outputs, parsed.binary_output
-            )
+            body: bytes | None = None
+            header_len: int | None = None
+            if batch is not None and parsed.outputs is None and not parsed.binary_output:
+                # All JSON, and rows of a batch: cut from the batch's text, rendered once.
+                rendered = batch.rendered
+                if not isinstance(rendered, JsonRows):
+                    rendered = batch.rendered = JsonRows(lv.name, lv.version_str, batch.arrays)
+                body = rendered.answer(self.prediction_id, start, parsed.rows)
+            if body is None:
+                body, header_len = encode_infer_response(
+                    lv.name, lv.version_str, self.prediction_id, outcome, parsed.outputs, parsed.binary_output
+                )
         except Exception as err:
             vm.failed()
             log.error("%s version %d: could not encode the response: %r", lv.name, lv.version, err)
@@ -201,7 +211,9 @@ class _CacheHit:
     def ticket(self) -> _CacheHit:
         return self
 
-    def deliver(self, outcome: Tensors | BaseException) -> None:  # answered already: nothing to do
+    def deliver(
+        self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int
+    ) -> None:  # answered already: nothing to do
         pass
 
 
@@ -218,7 +230,7 @@ class _ShadowTicket:
         self.prediction_id = prediction_id
         self.started = time.perf_counter()
 
-    def deliver(self, outcome: Tensors | BaseException) -> None:
+    def deliver(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> None:
         arm = self.arm
         monitor = arm.monitor
         if isinstance(outcome, BaseException):

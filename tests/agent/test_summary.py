@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.metrics import LATENCY_BUCKETS
-from agent.monitor.binning import FeatureBinner
+from agent.monitor.binning import MAX_COMPARED_EDGES, FeatureBinner
 from agent.monitor.summary import SCHEMA, WindowSummary, merge
 from hub.packager import profile as hub_profile
 
@@ -151,6 +151,37 @@ def test_binning_matches_the_profile_builder_on_a_large_batch() -> None:
     binned = FeatureBinner.from_profile(prof, names).bin_rows(live)
     for f, feature in enumerate(prof["features"]):
         edges = feature["bin_edges"]
+        assert binned.per_feature()[f].tolist() == hub_profile.bin_counts(edges, live[:, f])
+        assert binned.missing[f] == int(np.isnan(live[:, f]).sum())
+
+
+@pytest.mark.parametrize("n_bins", [1, 3, 10, 25, 26, 60])
+def test_both_ways_of_binning_match_the_profile_builder(n_bins: int) -> None:
+    """Up to MAX_COMPARED_EDGES interior edges the agent compares values with every edge, beyond it
+    searches them (25 bins have 24 interior edges, 26 have 25). Either way the counts are the
+    builder's: values exactly on edges, duplicate edges, features with different numbers of
+    edges, out of range, infinite and missing values included."""
+    assert MAX_COMPARED_EDGES == 24
+    rng = np.random.default_rng(n_bins)
+    features, reference = [], []
+    for f in range(5):
+        sample = rng.normal(size=400) * (f + 1)
+        if f == 1:
+            sample = np.round(sample)  # ties: fewer, deduplicated edges
+        edges = hub_profile.bin_edges(sample, max(1, n_bins - 2 * f))
+        if f == 2:
+            edges = sorted([*edges, edges[len(edges) // 2]])  # a duplicate edge (hand-written profile)
+        features.append(numeric(f"f{f}", edges))
+        reference.append(edges)
+    binner = FeatureBinner.from_profile({"features": features})
+    live = rng.normal(size=(3000, 5)) * 3
+    for f, edges in enumerate(reference):
+        live[: len(edges), f] = edges  # every edge itself
+    live[rng.random(live.shape) < 0.05] = np.nan
+    live[rng.random(live.shape) < 0.01] = np.inf
+    live[rng.random(live.shape) < 0.01] = -np.inf
+    binned = binner.bin_rows(live)
+    for f, edges in enumerate(reference):
         assert binned.per_feature()[f].tolist() == hub_profile.bin_counts(edges, live[:, f])
         assert binned.missing[f] == int(np.isnan(live[:, f]).sum())
 
