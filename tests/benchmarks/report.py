@@ -274,6 +274,10 @@ def render_text(results: dict[str, Any]) -> str:
     if vt:
         parts += [text_table(["target", "contender", "measured", "needed", "verdict"], vt), ""]
     parts += [f"note: {s}" for s in statuses(results)]
+    if "paired" in results:
+        from tests.benchmarks.paired import render as render_paired
+
+        parts += ["", render_paired(results["paired"])]
     if "monitor_cost" in results:
         from tests.benchmarks.monitor_cost import render as render_monitor
 
@@ -320,6 +324,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     notes = statuses(results)
     if notes:
         lines += ["## Notes", "", *(f"- {s}" for s in notes), ""]
+    if "paired" in results:
+        from tests.benchmarks.paired import render as render_paired
+
+        lines += [render_paired(results["paired"], markdown=True), ""]
     if "monitor_cost" in results:
         from tests.benchmarks.monitor_cost import render as render_monitor
 

@@ -14,7 +14,9 @@ For each server: one instance with only the tabular model
 in-process, so a fast wrong server cannot win. A contender that cannot start is reported as
 'unavailable: <reason>' and the run goes on.
 
-Three more sections: `drift` (tests/benchmarks/drift_power.py, no server): the detection power of
+More sections: `paired` (tests/benchmarks/paired.py): the peer and the agent side by side, measured
+in turns over several short rounds, the three agent/peer ratio targets judged on the rounds'
+median (~90 s); `drift` (tests/benchmarks/drift_power.py, no server): the detection power of
 the agent's binned KS against scipy's exact KS at the same false-alarm rate, ~210 s (~25 s quick).
 And `monitor` (tests/benchmarks/monitor_cost.py): the monitor's cost, the agent with it on vs off;
 `shadow` (tests/benchmarks/shadow_cost.py): the primary's latency with a shadow experiment vs without;
@@ -43,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks import cache_cost, drift_power, monitor_cost, mqtt_cost, report, shadow_cost
+from tests.benchmarks import cache_cost, drift_power, monitor_cost, mqtt_cost, paired, report, shadow_cost
 from tests.benchmarks.client import (
     ClientError,
     Load,
@@ -92,7 +94,7 @@ CONTENDERS = {
                                              "without the request path setup.py compiles (mypyc)"),
 }
 # Selectable with --only like the contenders, but not servers.
-SECTIONS = ("drift", "monitor", "shadow", "mqtt", "cache")
+SECTIONS = ("paired", "drift", "monitor", "shadow", "mqtt", "cache")
 
 
 @dataclass(frozen=True)
@@ -490,6 +492,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     agents = [k for k in ("agent", "agent_tuned", "agent_plain") if k in wanted]
     results["targets"] = report.evaluate(results["figures"], agents) if "peer" in wanted else []
+    if "paired" in args.only.split(","):
+        print("- agent and peer head to head, in turns ...", flush=True)
+        workdir = Path(tempfile.mkdtemp(prefix="ob-"))
+        try:
+            if not wanted:
+                packages = build_packages(args.out / "packages")
+                wl = make_workload(packages)
+            results["paired"] = paired.run(packages, wl, st, workdir, args.quick)
+        except Exception as exc:  # a failure here must not lose the other figures
+            traceback.print_exc()
+            results["paired"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        results["targets"] += paired.verdicts(results["paired"], results["targets"])
     if "monitor" in args.only.split(","):
         print("- monitoring cost (agent, monitor on vs off) ...", flush=True)
         workdir = Path(tempfile.mkdtemp(prefix="ob-"))
