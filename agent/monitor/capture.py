@@ -45,6 +45,7 @@ import numpy as np
 
 from agent.config import CaptureConfig
 from agent.errors import RequestError
+from agent.runtime.batcher import BatchArrays, rows_of
 
 if TYPE_CHECKING:  # agent.update (about 0.5 MB of RSS) is imported only with a hub configured
     from agent.update.canary import CapturePolicy
@@ -244,8 +245,11 @@ class Capture:
         model: str,
         version: int,
         items: Sequence[Any],
-        outcomes: Sequence[Mapping[str, np.ndarray] | BaseException],
+        outcomes: Sequence[Mapping[str, np.ndarray] | BaseException] | None,
+        arrays: BatchArrays | None = None,
     ) -> None:
+        """A batch as the batcher hands it to its observer (`BatchObserver`): outcomes None when
+        the requests shared one call, each one's outcome then its rows of the outputs."""
         mc = self._models.get(model)
         if mc is None:
             return
@@ -255,7 +259,12 @@ class Capture:
         try:
             now = self.clock()
             for i in picks:
-                out = outcomes[i]
+                if outcomes is not None:
+                    out = outcomes[i]
+                elif arrays is not None:  # the rows before it are the earlier requests' rows
+                    out = rows_of(arrays[1], sum(items[j].size for j in range(i)), items[i].size)
+                else:
+                    raise ValueError("a batch with neither outcomes nor outputs")
                 ticket = items[i].ticket
                 pid = ticket.prediction_id
                 if isinstance(out, BaseException) or pid is None or pid.endswith(SHADOW_SUFFIX):

@@ -177,23 +177,24 @@ class VersionMonitor:
     def observe(
         self,
         items: Sequence[BatchItem],
-        outcomes: Sequence[Mapping[str, np.ndarray] | BaseException],
+        outcomes: Sequence[Mapping[str, np.ndarray] | BaseException] | None,
         arrays: BatchArrays | None,
     ) -> None:
-        """One onnxruntime batch, from the batcher after its answers went out (a `BatchObserver`).
+        """One onnxruntime batch, from the batcher after its answers went out (a `BatchObserver`;
+        outcomes None: the requests shared the call, each one's outcome its rows of the outputs).
 
         `arrays` are the batch's own concatenated inputs and outputs when it ran as one call: kept
         as they are, with the batch's items (prediction ids and rows are read at the flush), so
         the serving path pays one append per batch. Otherwise each answered request's arrays.
         """
         if self.capture is not None:
-            self.capture.observe(self.name, self.version, items, outcomes)
+            self.capture.observe(self.name, self.version, items, outcomes, arrays)
         # Only the arrays counted and the ids are kept, not the requests: holding 256 requests'
         # objects until the flush cost more (in cache misses) than the counting itself.
         if arrays is not None:
             self._batches.append(self._keep(arrays[0], arrays[1], items))
             self._pending += len(items)
-        else:
+        elif outcomes is not None:
             for item, out in zip(items, outcomes, strict=True):
                 if not isinstance(out, BaseException):
                     self._batches.append(self._keep(item.inputs, out, (item,)))

@@ -47,11 +47,18 @@ class BatchItem(Protocol):
 
 
 # Told of every batch after its answers were delivered, on the loop thread: its requests, their
-# outcomes, and the batch's arrays (None when it ran request by request). Handed over as they are,
-# with no list built for it: the hand-over is on the serving path.
+# outcomes, and the batch's arrays (None when it ran request by request). The outcomes are None
+# when several requests shared one call: each one's are then its rows of the outputs, `rows_of`
+# gives them to whoever needs them. Handed over as they are, with no list built for it: the
+# hand-over is on the serving path.
 BatchObserver = Callable[
-    [Sequence[BatchItem], Sequence["Tensors | BaseException"], "BatchArrays | None"], None
+    [Sequence[BatchItem], "Sequence[Tensors | BaseException] | None", "BatchArrays | None"], None
 ]
+
+
+def rows_of(outputs: Mapping[str, np.ndarray], start: int, count: int) -> Tensors:
+    """The outcome of a request whose `count` rows start at row `start` of a batch's outputs."""
+    return {name: arr[start : start + count] for name, arr in outputs.items()}
 
 
 class _Item:
@@ -78,7 +85,10 @@ class _Item:
 class BatchOutputs:
     """The outputs of a batch that ran as one onnxruntime call, handed to each of its tickets with
     where the ticket's rows start in them. `rendered` keeps what the serving layer works out once
-    per batch instead of once per answer (agent.serving.oip.JsonRows: every row's JSON text)."""
+    per batch instead of once per answer (agent.serving.oip.JsonRows: every row's JSON text).
+
+    A ticket's own outcome (a dict of views of its rows) is made only by a ticket that needs it:
+    a JSON answer is cut from `rendered` without it."""
 
     __slots__ = ("arrays", "rendered")
 
@@ -86,11 +96,25 @@ class BatchOutputs:
         self.arrays = arrays
         self.rendered: object = None
 
+    def rows(self, start: int, count: int) -> Tensors:
+        return rows_of(self.arrays, start, count)
+
+
+def outcome_of(
+    outcome: Tensors | BaseException | None, batch: BatchOutputs | None, start: int, count: int
+) -> Tensors | BaseException:
+    """What `Ticket.deliver` was given, as the request's outcome."""
+    if outcome is not None:
+        return outcome
+    assert batch is not None  # the Ticket contract: no outcome only with the batch's outputs
+    return batch.rows(start, count)
+
 
 class Ticket(Protocol):
-    """Who waits for one request's outcome. `deliver` is called once, on the loop thread: with the
-    batch's outputs and the first of the request's rows in them when the request shared a call
-    (its outcome is then those rows), else with None."""
+    """Who waits for one request's outcome. `deliver` is called once, on the loop thread. When the
+    request shared a call with others, with no outcome but the batch's outputs and where the
+    request's `count` rows start in them (`outcome_of` makes the outcome); else with the outcome,
+    batch None."""
 
     @property
     def cancelled(self) -> bool: ...
@@ -101,7 +125,9 @@ class Ticket(Protocol):
     @property
     def prediction_seq(self) -> int: ...  # the counter of an id the agent made, else -1
 
-    def deliver(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> None: ...
+    def deliver(
+        self, outcome: Tensors | BaseException | None, batch: BatchOutputs | None, start: int, count: int
+    ) -> None: ...
 
 
 class FutureTicket:
@@ -118,13 +144,16 @@ class FutureTicket:
     def cancelled(self) -> bool:
         return self.future.cancelled()
 
-    def deliver(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> None:
+    def deliver(
+        self, outcome: Tensors | BaseException | None, batch: BatchOutputs | None, start: int, count: int
+    ) -> None:
         if self.future.cancelled():
             return
-        if isinstance(outcome, BaseException):
-            self.future.set_exception(outcome)
+        result = outcome_of(outcome, batch, start, count)
+        if isinstance(result, BaseException):
+            self.future.set_exception(result)
         else:
-            self.future.set_result(outcome)
+            self.future.set_result(result)
 
 
 def _compat_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
@@ -137,13 +166,25 @@ def run_batch(
     run: RunFn, batch: list[Mapping[str, np.ndarray]], rows: list[int]
 ) -> list[Tensors | BaseException]:
     """Run several requests as one onnxruntime call; fall back to one by one on failure."""
-    return run_batch_arrays(run, batch, rows)[0]
+    results, arrays = run_batch_arrays(run, batch, rows)
+    if results is not None:
+        return results
+    assert arrays is not None
+    outs: list[Tensors | BaseException] = []
+    start = 0
+    for n in rows:
+        outs.append(rows_of(arrays[1], start, n))
+        start += n
+    return outs
 
 
 def run_batch_arrays(
     run: RunFn, batch: list[Mapping[str, np.ndarray]], rows: list[int]
-) -> tuple[list[Tensors | BaseException], BatchArrays | None]:
-    """`run_batch`, and the batch's own inputs and outputs when it ran as one call (None otherwise)."""
+) -> tuple[list[Tensors | BaseException] | None, BatchArrays | None]:
+    """`run_batch`, and the batch's own inputs and outputs when it ran as one call (None otherwise).
+
+    When several requests ran as one call the outcomes are None: each request's are its rows of
+    the outputs (`rows_of`), made only where needed (a JSON answer is cut from the batch's text)."""
     if len(batch) == 1:
         try:
             out = run(batch[0])
@@ -155,15 +196,10 @@ def run_batch_arrays(
         out = run(merged)
         total = sum(rows)
         if all(arr.ndim > 0 and arr.shape[0] == total for arr in out.values()):
-            results: list[Tensors | BaseException] = []
-            start = 0
-            for n in rows:  # plain slices: views, and cheaper than np.split
-                results.append({name: arr[start : start + n] for name, arr in out.items()})
-                start += n
-            return results, (merged, out)
+            return None, (merged, out)
     except Exception:
         pass
-    results = []
+    results: list[Tensors | BaseException] = []
     for item in batch:
         try:
             results.append(run(item))
@@ -324,13 +360,13 @@ class Batcher:
 
     def _finish(
         self,
-        work: asyncio.Future[tuple[list[Tensors | BaseException], BatchArrays | None]],
+        work: asyncio.Future[tuple[list[Tensors | BaseException] | None, BatchArrays | None]],
         items: list[_Item],
     ) -> None:
         self._inflight -= 1
         exc = work.exception()
         if exc is not None:
-            outcomes: list[Tensors | BaseException] = [exc] * len(items)
+            outcomes: list[Tensors | BaseException] | None = [exc] * len(items)
             arrays = None
         else:
             outcomes, arrays = work.result()
@@ -339,17 +375,23 @@ class Batcher:
             self._dispatch()
 
     def _deliver(
-        self, items: list[_Item], outcomes: list[Tensors | BaseException], arrays: BatchArrays | None
+        self, items: list[_Item], outcomes: list[Tensors | BaseException] | None, arrays: BatchArrays | None
     ) -> None:
         self.outstanding -= len(items)
-        # One call's outputs, shared by its requests (each gets them with where its rows start):
-        # what is worked out from them once serves every answer.
-        shared = BatchOutputs(arrays[1]) if arrays is not None and len(items) > 1 else None
-        start = 0
-        for item, outcome in zip(items, outcomes, strict=True):
-            if not item.ticket.cancelled:
-                item.ticket.deliver(outcome, shared, start)
-            start += item.rows
+        if outcomes is None:
+            # One call's outputs, shared by its requests (each gets them with where its rows
+            # start): what is worked out from them once serves every answer.
+            assert arrays is not None
+            shared = BatchOutputs(arrays[1])
+            start = 0
+            for item in items:
+                if not item.ticket.cancelled:
+                    item.ticket.deliver(None, shared, start, item.rows)
+                start += item.rows
+        else:
+            for item, outcome in zip(items, outcomes, strict=True):
+                if not item.ticket.cancelled:
+                    item.ticket.deliver(outcome, None, 0, item.size)
         observer = self.observer
         if observer is not None:  # after the answers: watching never delays them
             try:

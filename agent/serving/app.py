@@ -44,7 +44,7 @@ import orjson
 from agent import __version__
 from agent.errors import AgentError, NotFound, RequestError
 from agent.metrics import Metrics
-from agent.runtime.batcher import BatchArrays, BatchOutputs, Tensors
+from agent.runtime.batcher import BatchArrays, BatchOutputs, Tensors, outcome_of
 from agent.runtime.cache import ResponseCache, input_key, metric_families
 from agent.runtime.registry import LoadedVersion, ModelRegistry
 from agent.serving.http import Deferred, Request, Response, error_response, json_response
@@ -120,18 +120,25 @@ class _InferTicket(Deferred):
         # the monitor files predictions by them (App._prediction_id).
         self.prediction_id, self.prediction_seq = prediction
 
-    def deliver(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> None:
-        self.resolve(self._respond(outcome, batch, start))
+    def deliver(
+        self, outcome: Tensors | BaseException | None, batch: BatchOutputs | None, start: int, count: int
+    ) -> None:
+        self.resolve(self._respond(outcome, batch, start, count))
         route = self.shadow
         if route is not None and not isinstance(outcome, BaseException) and route.shadow_wanted():
             # After the answer: the copy runs on the candidate's batcher, its result only compared.
+            primary = outcome_of(outcome, batch, start, count)
+            assert not isinstance(primary, BaseException)
             arm = route.arm
-            shadow = _ShadowTicket(arm, outcome, self.prediction_id + SHADOW_ID_SUFFIX)
+            shadow = _ShadowTicket(arm, primary, self.prediction_id + SHADOW_ID_SUFFIX)
             arm.batcher.submit_ticket(self.parsed.inputs, self.parsed.rows, shadow)
 
-    def _respond(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> Response:
+    def _respond(
+        self, given: Tensors | BaseException | None, batch: BatchOutputs | None, start: int, count: int
+    ) -> Response:
         lv = self.lv
         vm = lv.metrics
+        outcome = given
         if isinstance(outcome, BaseException):
             vm.failed()
             status, message = _runtime_status(outcome)
@@ -152,8 +159,11 @@ class _InferTicket(Deferred):
                 rendered = batch.rendered
                 if not isinstance(rendered, JsonRows):
                     rendered = batch.rendered = JsonRows(lv.name, lv.version_str, batch.arrays)
-                body = rendered.answer(self.prediction_id, start, parsed.rows)
+                body = rendered.answer(self.prediction_id, start, count)
             if body is None:
+                if outcome is None:  # rows of a shared call, cut out only now that they are needed
+                    assert batch is not None
+                    outcome = batch.rows(start, count)
                 body, header_len = encode_infer_response(
                     lv.name, lv.version_str, self.prediction_id, outcome, parsed.outputs, parsed.binary_output
                 )
@@ -166,6 +176,9 @@ class _InferTicket(Deferred):
         if lv.observer is not None:
             lv.observer(True, elapsed)
         if self.cache_key is not None and lv.cache is not None:
+            if outcome is None:
+                assert batch is not None
+                outcome = batch.rows(start, count)
             lv.cache.put(self.cache_key, outcome)
         return _ok(body, header_len)
 
@@ -212,7 +225,7 @@ class _CacheHit:
         return self
 
     def deliver(
-        self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int
+        self, outcome: Tensors | BaseException | None, batch: BatchOutputs | None, start: int, count: int
     ) -> None:  # answered already: nothing to do
         pass
 
@@ -230,9 +243,12 @@ class _ShadowTicket:
         self.prediction_id = prediction_id
         self.started = time.perf_counter()
 
-    def deliver(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> None:
+    def deliver(
+        self, given: Tensors | BaseException | None, batch: BatchOutputs | None, start: int, count: int
+    ) -> None:
         arm = self.arm
         monitor = arm.monitor
+        outcome = outcome_of(given, batch, start, count)
         if isinstance(outcome, BaseException):
             arm.metrics.failed()
             if monitor is not None:

@@ -31,17 +31,46 @@ _NUMPY_OPT: Final = orjson.OPT_SERIALIZE_NUMPY
 _ROW_BREAK: Final = b"],["
 
 
+# The fixed text of answers, the same for every batch of a version: made once, not per batch (about
+# 2 µs a batch). Keyed by what it is made of; bounded, as a device serves a handful of versions.
+_MAX_CACHED: Final = 256
+_heads: dict[tuple[str, str], bytes] = {}
+_frames: dict[tuple[str, str, tuple[int, ...]], tuple[bytes, bytes, bytes]] = {}
+
+
+def _head(model_name: str, model_version: str) -> bytes:
+    key = (model_name, model_version)
+    head = _heads.get(key)
+    if head is None:
+        if len(_heads) >= _MAX_CACHED:
+            _heads.clear()
+        head = b'{"model_name":' + _dumps(model_name) + b',"model_version":' + _dumps(model_version)
+        _heads[key] = head
+    return head
+
+
+def _frame(name: str, datatype: str, rest_shape: tuple[int, ...]) -> tuple[bytes, bytes, bytes]:
+    """An output entry's text before the row count, between it and the data, and before one row's
+    data: {"name":...,"datatype":...,"shape":[ROWS,REST...],"data":[...]}."""
+    key = (name, datatype, rest_shape)
+    frame = _frames.get(key)
+    if frame is None:
+        if len(_frames) >= _MAX_CACHED:
+            _frames.clear()
+        opening = b'{"name":' + _dumps(name) + b',"datatype":' + _dumps(datatype) + b',"shape":['
+        rest = b"".join([b",%d" % d for d in rest_shape]) + b'],"data":['
+        frame = _frames[key] = (opening, rest, opening + b"1" + rest)  # the last: a one-row answer
+    return frame
+
+
 class _Output:
     """One output of the batch: its entry's fixed text around the shape and the data, and the text
     of each row's numbers."""
 
     __slots__ = ("one_row", "open", "rest", "rows")
 
-    def __init__(self, name: str, datatype: str, rest_shape: tuple[int, ...], rows: list[bytes]) -> None:
-        # {"name":...,"datatype":...,"shape":[ROWS,REST...],"data":[...]}
-        self.open = b'{"name":' + _dumps(name) + b',"datatype":' + _dumps(datatype) + b',"shape":['
-        self.rest = b"".join([b",%d" % d for d in rest_shape]) + b'],"data":['
-        self.one_row = self.open + b"1" + self.rest  # the commonest answer: one row
+    def __init__(self, frame: tuple[bytes, bytes, bytes], rows: list[bytes]) -> None:
+        self.open, self.rest, self.one_row = frame
         self.rows = rows
 
 
@@ -69,7 +98,7 @@ def _outputs(arrays: Mapping[str, np.ndarray]) -> list[_Output] | None:
         rows = _row_texts(arr)
         if rows is None:
             return None
-        outputs.append(_Output(name, from_numpy(arr.dtype), arr.shape[1:], rows))
+        outputs.append(_Output(_frame(name, from_numpy(arr.dtype), arr.shape[1:]), rows))
     return outputs
 
 
@@ -79,7 +108,7 @@ class JsonRows:
     __slots__ = ("_head", "_outputs")
 
     def __init__(self, model_name: str, model_version: str, arrays: Mapping[str, np.ndarray]) -> None:
-        self._head = b'{"model_name":' + _dumps(model_name) + b',"model_version":' + _dumps(model_version)
+        self._head = _head(model_name, model_version)
         self._outputs = _outputs(arrays)
 
     def answer(self, request_id: str, start: int, count: int) -> bytes | None:

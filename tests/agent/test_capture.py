@@ -187,6 +187,35 @@ def test_every_sampled_request_is_sent_with_its_inputs_outputs_and_version() -> 
     assert (status["sampled"], status["captured"], status["sent"], status["messages"]) == (25, 25, 25, 3)
 
 
+def test_requests_that_shared_a_call_are_captured_with_their_own_rows() -> None:
+    """The batcher hands a shared call's batch over without per-request outcomes: each request's
+    rows are cut from the outputs, past the rows of the requests before it (of 1, 2 and 1 rows)."""
+    capture, sink, clock = make(batch_rows=10)
+    sizes = [1, 2, 1]
+    items = [
+        SimpleNamespace(
+            ticket=SimpleNamespace(prediction_id=f"p{k}"),
+            inputs={"input": np.full((n, 2), k, np.float32)},
+            size=n,
+        )
+        for k, n in enumerate(sizes)
+    ]
+    inputs = {"input": np.concatenate([i.inputs["input"] for i in items])}
+    outputs = {
+        "label": np.array([0, 1, 2, 3], np.int64),
+        "probabilities": np.arange(8, dtype=np.float32).reshape(4, 2),
+    }
+    capture.observe("wine", 1, items, None, (inputs, outputs))
+    clock.t += 61
+    capture.tick()
+    by_id = {r["id"]: r for r in sink.rows}
+    assert by_id["p0"]["outputs"] == {"label": [0], "probabilities": [[0.0, 1.0]]}
+    assert by_id["p1"]["outputs"] == {"label": [1, 2], "probabilities": [[2.0, 3.0], [4.0, 5.0]]}
+    assert by_id["p1"]["inputs"] == {"input": [[1.0, 1.0], [1.0, 1.0]]}
+    assert by_id["p2"]["outputs"] == {"label": [3], "probabilities": [[6.0, 7.0]]}
+    assert capture.errors == 0
+
+
 def test_other_models_failed_requests_and_shadow_copies_are_not_captured() -> None:
     capture, sink, _ = make()
     feed(capture, 5, model="other")

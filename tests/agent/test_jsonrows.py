@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.runtime.batcher import Batcher, BatchOutputs, Tensors
+from agent.runtime.batcher import Batcher, BatchOutputs, Tensors, outcome_of
 from agent.serving.jsonrows import JsonRows
 from agent.serving.oip import encode_infer_response
 
@@ -97,15 +97,18 @@ class _Recorder:
     prediction_seq = -1
 
     def __init__(self) -> None:
-        self.got: list[tuple[Tensors | BaseException, BatchOutputs | None, int]] = []
+        self.got: list[tuple[Tensors | BaseException | None, BatchOutputs | None, int, int]] = []
 
-    def deliver(self, outcome: Tensors | BaseException, batch: BatchOutputs | None, start: int) -> None:
-        self.got.append((outcome, batch, start))
+    def deliver(
+        self, outcome: Tensors | BaseException | None, batch: BatchOutputs | None, start: int, count: int
+    ) -> None:
+        self.got.append((outcome, batch, start, count))
 
 
 def test_the_batcher_hands_each_request_the_shared_outputs_and_its_first_row() -> None:
-    """Requests that shared a call get the same BatchOutputs and where their rows start; their
-    outcome is those rows. A request that ran alone gets None."""
+    """Requests that shared a call get the same BatchOutputs, where their rows start and how many,
+    and no outcome (it is those rows, cut out by whoever needs them). A request that ran alone
+    gets its outcome and no BatchOutputs."""
 
     def model(inputs: Any) -> dict[str, np.ndarray]:
         return {"y": inputs["x"] * 2}
@@ -125,11 +128,14 @@ def test_the_batcher_hands_each_request_the_shared_outputs_and_its_first_row() -
     shared = {id(t.got[0][1]) for t in tickets[:3]}
     assert len(shared) == 1
     start = 0
-    for n, t in zip(sizes, tickets, strict=False):
-        [(outcome, batch, first)] = t.got
-        assert batch is not None and not isinstance(outcome, BaseException)
-        assert first == start
-        np.testing.assert_array_equal(outcome["y"], batch.arrays["y"][start : start + n])
+    for k, (n, t) in enumerate(zip(sizes, tickets, strict=False)):
+        [(outcome, batch, first, count)] = t.got
+        assert batch is not None and outcome is None
+        assert (first, count) == (start, n)
+        mine = outcome_of(outcome, batch, first, count)
+        assert not isinstance(mine, BaseException)
+        np.testing.assert_array_equal(mine["y"], np.full((n, 2), 2 * k, np.float32))
         start += n
-    [(_outcome, alone, _start)] = tickets[-1].got
-    assert alone is None
+    [(alone_outcome, alone, _start, _count)] = tickets[-1].got
+    assert alone is None and not isinstance(alone_outcome, BaseException) and alone_outcome is not None
+    np.testing.assert_array_equal(alone_outcome["y"], np.full((1, 2), 2, np.float32))
