@@ -179,7 +179,10 @@ def bridge_max_sf(x: float, points: Sequence[float] | NDArray[np.float64]) -> fl
     carried from point to point by Gaussian kernels on a grid (midpoint rule), then weighed by the
     density of coming back to 0 at time 1: P(max < x) = integral f_k(y) phi(y; 1 - t_k) dy / phi(0; 1).
     """
-    t = np.unique(np.asarray(points, dtype=np.float64))
+    # Sorted, not np.unique: its check for masked arrays imports numpy.ma, 1.2 MB of RSS for the
+    # rest of the agent's life from the first window's drift test on. Repeats go below (a step of
+    # 0 is under `finest`).
+    t = np.sort(np.asarray(points, dtype=np.float64).ravel())
     t = t[(t > 0.0) & (t < 1.0)]
     if t.size == 0 or not x > 0.0:
         return 1.0

@@ -484,3 +484,15 @@ def test_agent_monitor_imports_neither_scipy_nor_hub() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_drift_test_leaves_numpy_ma_unloaded() -> None:
+    """A closing window's drift test must not load numpy.ma (np.unique's masked-array check does):
+    1.2 MB of RSS for the rest of the agent's life."""
+    code = (
+        "import sys\n"
+        "from agent.monitor.drift import binned_ks\n"
+        "binned_ks([40, 30, 20, 10], [10, 20, 30, 40])\n"
+        "assert 'numpy.ma' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
