@@ -308,8 +308,12 @@ def bare_process(packages: Packages) -> dict[str, Any]:
 
 def run_server(key: str, start: Callable[[str, list[Path]], Server], packages: Packages,
                wl: Workload, st: Settings, binary: bool, switch: bool,
-               notes: list[str]) -> dict[str, Any]:
-    """Every figure of one server contender; raises Unavailable if it cannot start at all."""
+               notes: list[str],
+               start_windowed: Callable[[str, list[Path]], Server] | None = None) -> dict[str, Any]:
+    """Every figure of one server contender; raises Unavailable if it cannot start at all.
+    `start_windowed`: the same server with its monitoring windows closing every second, for
+    the memory it holds once they do (a window closes every 5 minutes by default: a run of
+    seconds never sees one)."""
     figs: dict[str, Any] = {}
     with start(f"{key}-tab", [packages.tabular]) as srv:
         figs["startup"] = {"status": "ok", "seconds": srv.startup_s}
@@ -326,6 +330,15 @@ def run_server(key: str, start: Callable[[str, list[Path]], Server], packages: P
             figs["switch"] = switch_and_rollback(srv, packages, wl, st)
         srv.stop()
         notes += srv.notes
+    if start_windowed is not None:
+        with start_windowed(f"{key}-win", [packages.tabular]) as srv:
+            fig = measure(srv, wl.tab_json, TABULAR, wl.tab_expected, 16, st)
+            if fig.get("status") == "ok":
+                figs["memory"]["rss_windows_steady_mb"] = fig.get("rss_median_mb")
+                figs["memory"]["rss_windows_peak_mb"] = srv.peak_rss_bytes() / MB
+            else:
+                notes.append(f"memory with windows closing: {fig.get('status')}")
+            srv.stop()
     with start(f"{key}-conv", [packages.conv]) as srv:
         figs["conv_json_c1"] = measure(srv, wl.conv_json, CONV, wl.conv_expected, 1, st)
         if binary:
@@ -588,7 +601,9 @@ def _run_contender(key: str, packages: Packages, wl: Workload, st: Settings, wor
     env = plain_agent_env(workdir) if key == "agent_plain" else None
     return run_server(
         key, lambda name, pkgs: start_agent(workdir, name, info["label"], pkgs, runtime, extra_env=env),
-        packages, wl, st, binary=True, switch=key == "agent", notes=notes)
+        packages, wl, st, binary=True, switch=key == "agent", notes=notes,
+        start_windowed=lambda name, pkgs: start_agent(
+            workdir, name, info["label"], pkgs, runtime, {"monitor": {"window_s": 1}}, extra_env=env))
 
 
 if __name__ == "__main__":
