@@ -505,75 +505,45 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     agents = [k for k in ("agent", "agent_tuned", "agent_plain") if k in wanted]
     results["targets"] = report.evaluate(results["figures"], agents) if "peer" in wanted else []
-    if "paired" in args.only.split(","):
-        print("- agent and peer head to head, in turns ...", flush=True)
-        workdir = Path(tempfile.mkdtemp(prefix="ob-"))
+    workload: tuple[Packages, Workload] | None = (packages, wl) if wanted else None
+
+    def needed() -> tuple[Packages, Workload]:
+        """The packages and requests, built once for whichever section needs them first."""
+        nonlocal workload
+        if workload is None:
+            built = build_packages(args.out / "packages")
+            workload = (built, make_workload(built))
+        return workload
+
+    # (key for --only, what it measures, its key in results, the measurement, its target rows)
+    sections: list[tuple[str, str, str, Callable[[], dict[str, Any]],
+                         Callable[[dict[str, Any]], list[dict[str, Any]]]]] = [
+        ("paired", "agent and peer head to head, in turns", "paired",
+         lambda: _in_scratch(lambda d: paired.run(*needed(), st, d, args.quick)),
+         lambda r: paired.verdicts(r, results["targets"])),
+        ("monitor", "monitoring cost (agent, monitor on vs off)", "monitor_cost",
+         lambda: _in_scratch(lambda d: monitor_cost.run(*needed(), st, d, args.quick)),
+         lambda r: [monitor_cost.verdict(r)]),
+        ("shadow", "shadow experiment cost (agent with a hub)", "shadow_cost",
+         lambda: shadow_cost.run(*needed(), st, args.quick), lambda r: [shadow_cost.verdict(r)]),
+        ("mqtt", "inference over MQTT vs the socket", "mqtt_cost",
+         lambda: mqtt_cost.run(*needed(), st, args.quick), lambda r: [mqtt_cost.verdict(r)]),
+        ("cache", "response cache, off vs on (80% repeats)", "cache_cost",
+         lambda: cache_cost.run(*needed(), st, args.quick), lambda r: [cache_cost.verdict(r)]),
+        ("drift", "drift detection power", "drift_power",
+         lambda: drift_power.run(drift_power.QUICK if args.quick else None),
+         lambda r: [drift_power.verdict(r)]),
+    ]
+    for key, title, name, measure, verdicts in sections:
+        if key not in args.only.split(","):
+            continue
+        print(f"- {title} ...", flush=True)
         try:
-            if not wanted:
-                packages = build_packages(args.out / "packages")
-                wl = make_workload(packages)
-            results["paired"] = paired.run(packages, wl, st, workdir, args.quick)
+            results[name] = measure()
         except Exception as exc:  # a failure here must not lose the other figures
             traceback.print_exc()
-            results["paired"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        results["targets"] += paired.verdicts(results["paired"], results["targets"])
-    if "monitor" in args.only.split(","):
-        print("- monitoring cost (agent, monitor on vs off) ...", flush=True)
-        workdir = Path(tempfile.mkdtemp(prefix="ob-"))
-        try:
-            if not wanted:
-                packages = build_packages(args.out / "packages")
-                wl = make_workload(packages)
-            results["monitor_cost"] = monitor_cost.run(packages, wl, st, workdir, args.quick)
-        except Exception as exc:  # a failure here must not lose the other figures
-            traceback.print_exc()
-            results["monitor_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        results.setdefault("targets", []).append(monitor_cost.verdict(results["monitor_cost"]))
-    if "shadow" in args.only.split(","):
-        print("- shadow experiment cost (agent with a hub) ...", flush=True)
-        try:
-            if not wanted and "monitor" not in args.only.split(","):
-                packages = build_packages(args.out / "packages")
-                wl = make_workload(packages)
-            results["shadow_cost"] = shadow_cost.run(packages, wl, st, args.quick)
-        except Exception as exc:  # a failure here must not lose the other figures
-            traceback.print_exc()
-            results["shadow_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
-        results.setdefault("targets", []).append(shadow_cost.verdict(results["shadow_cost"]))
-    if "mqtt" in args.only.split(","):
-        print("- inference over MQTT vs the socket ...", flush=True)
-        try:
-            if not wanted and not {"monitor", "shadow"} & set(args.only.split(",")):
-                packages = build_packages(args.out / "packages")
-                wl = make_workload(packages)
-            results["mqtt_cost"] = mqtt_cost.run(packages, wl, st, args.quick)
-        except Exception as exc:  # a failure here must not lose the other figures
-            traceback.print_exc()
-            results["mqtt_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
-        results.setdefault("targets", []).append(mqtt_cost.verdict(results["mqtt_cost"]))
-    if "cache" in args.only.split(","):
-        print("- response cache, off vs on (80% repeats) ...", flush=True)
-        try:
-            if not wanted and not {"monitor", "shadow", "mqtt"} & set(args.only.split(",")):
-                packages = build_packages(args.out / "packages")
-                wl = make_workload(packages)
-            results["cache_cost"] = cache_cost.run(packages, wl, st, args.quick)
-        except Exception as exc:  # a failure here must not lose the other figures
-            traceback.print_exc()
-            results["cache_cost"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
-        results.setdefault("targets", []).append(cache_cost.verdict(results["cache_cost"]))
-    if "drift" in args.only.split(","):
-        print("- drift detection power ...", flush=True)
-        try:
-            results["drift_power"] = drift_power.run(drift_power.QUICK if args.quick else None)
-        except Exception as exc:  # a failure here must not lose the servers' figures
-            traceback.print_exc()
-            results["drift_power"] = {"status": f"failed: {type(exc).__name__}: {exc}"}
-        results["targets"].append(drift_power.verdict(results["drift_power"]))
+            results[name] = {"status": f"failed: {type(exc).__name__}: {exc}"}
+        results["targets"] += verdicts(results[name])
     with contextlib.suppress(OSError):
         results["machine"]["loadavg_at_end"] = " ".join(
             Path("/proc/loadavg").read_text().split()[:3])
@@ -583,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = report.write(results, args.out)
     print(f"\nwrote {json_path} and {md_path} ({results['elapsed_s']:.0f} s)")
     return 0
+
+
+def _in_scratch(run: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """`run` with a temporary directory (short: Unix socket paths are < 108 bytes), removed after."""
+    with tempfile.TemporaryDirectory(prefix="ob-", ignore_cleanup_errors=True) as scratch:
+        return run(Path(scratch))
 
 
 def _run_contender(key: str, packages: Packages, wl: Workload, st: Settings, workdir: Path,
